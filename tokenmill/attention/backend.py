@@ -1,0 +1,94 @@
+"""The attention backend interface: per-step metadata and the two operations a backend provides.
+
+KV cache layout, one tensor per layer, allocated once:
+
+    kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]
+                      ^ 0 = keys, 1 = values
+
+A token at position `pos` of a request lives in slot
+`block_table[pos // block_size] * block_size + pos % block_size`; flat slot `s` is
+`kv_cache[:, s // block_size, s % block_size]`.
+
+Tokens of one step are packed request after request ("varlen"):
+
+    query:           [num_tokens, num_heads, head_dim]
+    query_start_loc: [num_reqs + 1]   request i owns query rows query_start_loc[i] : query_start_loc[i+1]
+    seq_lens:        [num_reqs]       tokens in the cache for request i once this step's keys are written
+                                      (cached prefix + new tokens); its new tokens sit at the end, so
+                                      query row j of request i has position seq_lens[i] - q_len_i + j
+    block_table:     [num_reqs, max_blocks_per_seq]
+    slot_mapping:    [num_tokens]     where each new key/value goes; -1 means "padding, write nothing"
+
+Attention is causal: a query at position p sees keys at positions 0..p of its own request.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_actual_tokens: int  # rows of `query` that are real tokens; rows past it are padding
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, on the model's device
+    seq_lens: torch.Tensor  # [num_reqs] int32, on the model's device
+    block_table: torch.Tensor  # [num_reqs, max_blocks_per_seq] int32, on the model's device
+    slot_mapping: torch.Tensor  # [num_tokens] int64, on the model's device
+    query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host copy
+    seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host copy
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """A way to write new keys/values into the paged cache and to attend over it."""
+
+    name: str = ""
+
+    @abstractmethod
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped."""
+
+    @abstractmethod
+    def forward(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """Causal attention of query [num_tokens, num_heads, head_dim] over the paged cache.
+
+        Keys of this step must already be written. Returns [num_tokens, num_heads, head_dim];
+        rows past `metadata.num_actual_tokens` are unspecified.
+        """
+
+
+_BACKENDS: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _BACKENDS:
+        # Importing the modules registers their backends.
+        from tokenmill.attention import torch_ref  # noqa: F401
+
+        if name == "triton":
+            from tokenmill.attention import triton_paged  # noqa: F401
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def default_backend_name(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"

@@ -1,0 +1,77 @@
+"""Pure-PyTorch attention over the paged KV cache: the CPU backend and the oracle for the kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+
+
+def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `seq_len` keys and values of one request: [seq_len, num_kv_heads, head_dim] each."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv = kv_cache[:, block_ids].reshape(2, -1, num_kv_heads, head_dim)
+    return kv[0, :seq_len], kv[1, :seq_len]
+
+
+@register_backend
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        num_tokens = slot_mapping.shape[0]
+        valid = slot_mapping >= 0
+        slots = slot_mapping[valid]
+        flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
+        flat[0, slots] = key[:num_tokens][valid]
+        flat[1, slots] = value[:num_tokens][valid]
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        out = torch.zeros_like(query)
+        block_size = kv_cache.shape[2]
+        starts = metadata.query_start_loc_cpu.tolist()
+        seq_lens = metadata.seq_lens_cpu.tolist()
+        decode_rows = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
+        if decode_rows:
+            self._decode(query, kv_cache, metadata, scale, decode_rows, starts, seq_lens, out)
+        for i in range(metadata.num_reqs):
+            q_len = starts[i + 1] - starts[i]
+            if q_len <= 1:
+                continue
+            num_blocks = -(-seq_lens[i] // block_size)
+            k, v = gather_keys_values(kv_cache, metadata.block_table[i, :num_blocks], seq_lens[i])
+            q = query[starts[i]:starts[i + 1]]
+            q_pos = torch.arange(seq_lens[i] - q_len, seq_lens[i], device=q.device)
+            mask = torch.arange(seq_lens[i], device=q.device)[None, :] <= q_pos[:, None]
+            out[starts[i]:starts[i + 1]] = _sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                                 mask.unsqueeze(0), scale)[0]
+        return out
+
+    def _decode(self, query, kv_cache, metadata, scale, rows, starts, seq_lens, out) -> None:
+        """All single-token queries at once, keys padded to the longest and masked."""
+        block_size = kv_cache.shape[2]
+        lens = [seq_lens[i] for i in rows]
+        max_blocks = -(-max(lens) // block_size)
+        row_index = torch.tensor(rows, device=query.device)
+        block_ids = metadata.block_table[row_index, :max_blocks].long()  # [B, max_blocks]
+        kv = kv_cache[:, block_ids]  # [2, B, max_blocks, block_size, H_kv, D]
+        kv = kv.reshape(2, len(rows), max_blocks * block_size, *kv_cache.shape[-2:])
+        lens_t = torch.tensor(lens, device=query.device)
+        mask = torch.arange(max_blocks * block_size, device=query.device)[None, :] < lens_t[:, None]
+        token_index = torch.tensor([starts[i] for i in rows], device=query.device)
+        q = query[token_index].unsqueeze(1)  # [B, 1, H, D]
+        out[token_index] = _sdpa(q, kv[0], kv[1], mask.unsqueeze(1), scale)[:, 0]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, Lq, H, D], k/v: [B, Lk, H_kv, D], mask: [B, Lq, Lk] (True = attend) -> [B, Lq, H, D]."""
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    if num_heads != num_kv_heads:
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=2)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask.unsqueeze(1), scale=scale)
+    return o.transpose(1, 2)

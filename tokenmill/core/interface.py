@@ -1,0 +1,89 @@
+"""Plain-data messages between the scheduler, the model runner and the frontend (no tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.sampling_params import SamplingParams
+
+# One position's logprobs: token ids and logprobs, the sampled (or prompt) token first, then the
+# top-k in descending order; and the rank of the first token among all tokens (1 = most likely).
+TokenLogprobs = tuple[list[int], list[float], int]
+
+
+@dataclass
+class EngineCoreRequest:
+    """What the frontend sends the engine core: tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float | None = None
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen, or one resumed after preemption, sent in full."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty only when resumed after preemption
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    preempted_req_ids: set[str]  # the runner drops their rows and blocks, keeps their state
+    finished_req_ids: set[str]  # the runner forgets them entirely
+
+    @classmethod
+    def make_empty(cls) -> "SchedulerOutput":
+        return cls([], [], {}, 0, set(), set())
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]  # the scheduled requests, in batch order
+    sampled_token_ids: list[list[int]]  # [num_reqs][0 or 1]; empty while a prompt is still being chunked
+    logprobs: list[TokenLogprobs | None]  # [num_reqs], for requests that asked
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # new prompt positions
+
+
+@dataclass
+class EngineCoreOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    new_prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative tokens
+    prefix_cache_hits: int = 0  # cumulative tokens

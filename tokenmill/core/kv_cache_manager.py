@@ -1,0 +1,113 @@
+"""Per-request block tables on top of the block pool: prefix lookup, allocation, free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
+from tokenmill.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found in the cache
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_to_hashes: dict[str, list[BlockHash]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+        self.prefix_stats = PrefixCacheStats()
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def _block_hashes(self, request: Request) -> list[BlockHash]:
+        """The hash chain over the request's full blocks, extended as its tokens grow."""
+        hashes = self.req_to_hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        num_full = request.num_tokens // bs
+        tokens = request.all_token_ids
+        for i in range(len(hashes), num_full):
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+        return hashes
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """The longest cached prefix of whole blocks; at least the last token is left to compute."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = self._block_hashes(request)[:max_hit_blocks]
+        hits: list[KVCacheBlock] = []
+        for block_hash in hashes:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        if self.enable_caching:
+            self.prefix_stats.queries += num_queried_tokens
+            self.prefix_stats.hits += num_hit_tokens
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
+        """Makes room for `num_new_tokens` more tokens; returns the new blocks, or None if short."""
+        new_computed_blocks = new_computed_blocks or []
+        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_required = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_new_blocks = max(0, num_required - len(req_blocks) - len(new_computed_blocks))
+        # Hit blocks that nobody holds sit in the free queue: taking them shrinks it too.
+        num_evictable_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_evictable_hits:
+            return None
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            req_blocks.extend(new_computed_blocks)
+        new_blocks = self.pool.get_new_blocks(num_new_blocks)
+        req_blocks.extend(new_blocks)
+        if self.enable_caching:
+            # Blocks full once this step's tokens are written become findable now: a request that hits
+            # them in this same step reads them after this step's keys are written in each layer.
+            num_full = (num_computed + num_new_tokens) // self.block_size
+            num_cached = self.num_cached_blocks.get(request.request_id, 0)
+            if num_full > num_cached:
+                hashes = self._block_hashes(request)
+                self.pool.cache_full_blocks(req_blocks, hashes, num_cached, num_full)
+                self.num_cached_blocks[request.request_id] = num_full
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Returns the request's blocks to the pool, tail first (so tails are evicted first)."""
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.pool.free_blocks(reversed(blocks))
+        self.num_cached_blocks.pop(request.request_id, None)
+        if request.is_finished:
+            self.req_to_hashes.pop(request.request_id, None)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
+        held: dict[int, int] = {}
+        for blocks in self.req_to_blocks.values():
+            for block in blocks:
+                held[block.block_id] = held.get(block.block_id, 0) + 1
+        for block in self.pool.blocks:
+            assert block.ref_cnt == held.get(block.block_id, 0), (block, held.get(block.block_id, 0))

@@ -1,0 +1,210 @@
+"""The unified scheduler: each step hands out a token budget as {request_id: num_tokens}.
+
+There are no prefill and decode phases. A request has `num_tokens` (prompt + output so far) and
+`num_computed_tokens`; each step it gets up to the difference, limited by the budget. A long prompt
+thus runs in chunks over several steps, mixed with other requests' decodes in the same batch.
+
+Order of a step:
+  1. running requests, oldest first; when blocks run out, the newest running request is preempted
+     (blocks freed, state reset, back to the front of the waiting queue) until the allocation fits;
+  2. if nothing was preempted, waiting requests in FCFS order, each after a prefix-cache lookup,
+     while the budget, `max_num_seqs` and free blocks allow.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.interface import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()  # to tell the runner next step
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_prompt_tokens > self.max_model_len:
+            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens is longer than "
+                             f"max_model_len={self.max_model_len}")
+        if not self.enable_chunked_prefill and request.num_prompt_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens exceeds max_num_batched_tokens="
+                             f"{self.max_num_batched_tokens} and chunked prefill is off")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Ends requests from outside (abort, or a stop string the frontend found)."""
+        finished = []
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted_ids: set[str] = set()
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while True:
+                new_blocks = self.kv.allocate_slots(request, num_new)
+                if new_blocks is not None:
+                    break
+                # Running requests are visited oldest first, so the newest one is never scheduled yet.
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_ids.add(victim.request_id)
+                if victim is request:
+                    break
+            if new_blocks is None:
+                break
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            cached_reqs.append(CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
+                                                 request.num_computed_tokens))
+            index += 1
+
+        while self.waiting and budget > 0 and not preempted_ids and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_hit_tokens = [], 0
+            if request.num_computed_tokens == 0:
+                computed_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - request.num_computed_tokens - num_hit_tokens
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            if request.num_computed_tokens == 0:
+                self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens += num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(NewRequestData(
+                request.request_id, request.prompt_token_ids, list(request.output_token_ids),
+                request.sampling_params, self.kv.block_ids(request.request_id), request.num_computed_tokens))
+
+        for request_id, num_new in num_scheduled.items():
+            self.requests[request_id].num_computed_tokens += num_new
+        output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
+                                 preempted_ids, self.finished_req_ids)
+        self.finished_req_ids = set()
+        return output
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for i, request_id in enumerate(runner_output.req_ids):
+            request = self.requests.get(request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            new_token_ids = runner_output.sampled_token_ids[i]
+            prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
+            if not new_token_ids and prompt_logprobs is None:
+                continue  # a prompt chunk that produced nothing to report
+            for token_id in new_token_ids:
+                request.append_output_token(token_id)
+                if self._check_stop(request, token_id):
+                    break
+            logprobs = runner_output.logprobs[i]
+            outputs.append(EngineCoreOutput(
+                request_id, new_token_ids,
+                new_logprobs=[logprobs] if logprobs is not None and new_token_ids else None,
+                new_prompt_logprobs=prompt_logprobs,
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0)))
+            if request.is_finished:
+                self.running.remove(request)
+                self._free(request)
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id if token_id in params.stop_token_ids else None
+        elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        return request.is_finished
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,
+                              self.kv.prefix_stats.queries, self.kv.prefix_stats.hits)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        for request in self.running:
+            assert request.status == RequestStatus.RUNNING, request
+        for request in self.waiting:
+            assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), request
+        assert len(self.running) + len(self.waiting) == len(self.requests)

@@ -1,0 +1,77 @@
+"""EngineCore: the step loop, schedule -> execute -> update. It sees token ids, never text."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.loader import ModelSource
+from tokenmill.worker.memory import determine_num_blocks
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_max_model_len(hf_config, requested: int | None) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is None:
+        if limit is None:
+            raise ValueError("the model config has no max_position_embeddings; pass max_model_len")
+        return int(limit)
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_model_len={requested} is larger than the model's max_position_embeddings={limit}")
+    return requested
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        config.scheduler.max_model_len = resolve_max_model_len(source.hf_config, config.model.max_model_len)
+        started = time.perf_counter()
+        self.runner = ModelRunner(config, source)
+        block_size = config.cache.block_size
+        num_blocks = determine_num_blocks(self.runner, config.cache)
+        max_model_len = config.scheduler.max_model_len
+        if num_blocks * block_size < max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
+                f"fewer than one sequence of max_model_len={max_model_len}; raise gpu_memory_utilization or "
+                "kv_cache_memory_bytes, or lower max_model_len")
+        self.runner.initialize_kv_cache(num_blocks)
+        self.num_blocks = num_blocks
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens), max concurrency %.1f at max_model_len=%d; "
+                    "engine ready in %.1f s", num_blocks, block_size, num_blocks * block_size,
+                    num_blocks * block_size / max_model_len, max_model_len, time.perf_counter() - started)
+        self.scheduler = Scheduler(config.scheduler,
+                                   KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching))
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        params = request.sampling_params
+        num_prompt = len(request.prompt_token_ids)
+        room = self.config.scheduler.max_model_len - num_prompt
+        max_tokens = max(1, room if params.max_tokens is None else min(params.max_tokens, room))
+        self.scheduler.add_request(Request(request.request_id, request.prompt_token_ids, params, max_tokens,
+                                           request.arrival_time))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute_model(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()

@@ -1,0 +1,43 @@
+"""Token embedding and LM head, split over the vocabulary across tensor-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // self.tp_size)
+        self.vocab_start = self.tp_rank * self.shard_size
+        rows = min(self.shard_size, vocab_size - self.vocab_start)
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        shard = loaded.narrow(0, self.vocab_start, param.shape[0])
+        if shard.shape != param.shape:
+            raise ValueError(f"embedding shape mismatch: parameter {tuple(param.shape)}, "
+                             f"checkpoint {tuple(loaded.shape)}")
+        param.data.copy_(shard)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mask = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(mask, 0), self.weight).masked_fill(mask.unsqueeze(-1), 0)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states to logits over the whole vocabulary (gathered across ranks)."""
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return tp_all_gather(F.linear(hidden_states, self.weight))

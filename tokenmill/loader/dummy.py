@@ -1,0 +1,13 @@
+"""Random weights for any supported config: benchmarks at real model sizes with no checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high: float = 1e-3) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(low, high, generator=generator)

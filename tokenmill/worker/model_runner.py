@@ -1,0 +1,271 @@
+"""The model runner: holds the model, the KV cache and the persistent batch; runs one step.
+
+execute_model(SchedulerOutput):
+  1. apply the scheduler's differences to the persistent batch (finished, preempted, new, new blocks)
+  2. build this step's flat inputs with numpy over the batch rows: token ids, positions, slots,
+     query_start_loc, seq_lens, block table
+  3. forward under the attention context; logits only at each request's last scheduled token
+  4. sample; requests whose prompt is not yet fully computed discard their sample
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from tokenmill.attention.backend import AttentionMetadata, default_backend_name, get_backend
+from tokenmill.config import EngineConfig
+from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from tokenmill.forward_context import set_forward_context
+from tokenmill.layers.attention import Attention
+from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
+from tokenmill.loader import ModelSource, config_dtype, load_model
+from tokenmill.worker.input_batch import CachedRequestState, InputBatch
+
+logger = logging.getLogger(__name__)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        self.config = config
+        self.device = config.resolve_device()
+        self.dtype = config.model.resolve_dtype(config_dtype(source.hf_config), self.device)
+        self.block_size = config.cache.block_size
+        self.max_model_len = config.scheduler.max_model_len
+        self.max_num_reqs = config.scheduler.max_num_seqs
+        self.max_num_tokens = config.scheduler.max_num_batched_tokens
+        self.vocab_size = source.hf_config.vocab_size
+        started = time.perf_counter()
+        self.model = load_model(source, config.model.load_format, self.dtype, self.device,
+                                self.max_model_len, config.model.seed)
+        logger.info("model loaded in %.1f s (%s, %s)", time.perf_counter() - started, self.dtype, self.device)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = get_backend(config.attention_backend or default_backend_name(self.device))
+        self.sampler = Sampler()
+        self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
+        self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.seed_generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
+
+    # ---- KV cache ------------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        layer = self.attn_layers[0]
+        per_layer = 2 * self.block_size * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        return per_layer * len(self.attn_layers)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        layer = self.attn_layers[0]
+        # Zeroed once: padded key slots must hold finite numbers, since masked scores times NaN are NaN.
+        cache = torch.zeros(len(self.attn_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
+                            layer.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_caches = list(cache.unbind(0))
+        for attn, kv_cache in zip(self.attn_layers, self.kv_caches):
+            attn.kv_cache = kv_cache
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A worst-case step for memory profiling: max_num_batched_tokens prompt tokens, then
+        max_num_seqs rows of logits through the sampler with every filter on."""
+        num_tokens, bs = self.max_num_tokens, self.block_size
+        num_blocks = cdiv(num_tokens, bs)
+        layer = self.attn_layers[0]
+        scratch = torch.zeros(2, num_blocks, bs, layer.num_kv_heads, layer.head_dim, dtype=self.dtype,
+                              device=self.device)
+        for attn in self.attn_layers:
+            attn.kv_cache = scratch
+        qsl = torch.tensor([0, num_tokens], dtype=torch.int32)
+        lens = torch.tensor([num_tokens], dtype=torch.int32)
+        metadata = AttentionMetadata(
+            num_actual_tokens=num_tokens, num_reqs=1, max_query_len=num_tokens, max_seq_len=num_tokens,
+            query_start_loc=qsl.to(self.device), seq_lens=lens.to(self.device),
+            block_table=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
+            slot_mapping=torch.arange(num_tokens, device=self.device), query_start_loc_cpu=qsl, seq_lens_cpu=lens)
+        input_ids = torch.randint(0, self.vocab_size, (num_tokens,), device=self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        with set_forward_context(metadata, self.backend):
+            hidden_states = self.model(input_ids, positions)
+        num_rows = min(self.max_num_reqs, num_tokens)
+        logits = self.model.compute_logits(hidden_states[:num_rows])
+        ones = torch.ones(num_rows, device=self.device)
+        self.sampler(logits, SamplingMetadata(
+            temperature=ones, top_p=ones * 0.9, top_k=torch.full((num_rows,), 50, device=self.device),
+            min_p=ones * 0.05, all_greedy=False, max_num_logprobs=20))
+        for attn in self.attn_layers:
+            attn.kv_cache = torch.empty(0)
+        del scratch, hidden_states, logits
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput([], [], [])
+        batch = self.batch
+        rows = np.array(sorted(batch.index[r] for r in scheduler_output.num_scheduled_tokens), dtype=np.int64)
+        num_scheduled = np.array([scheduler_output.num_scheduled_tokens[batch.req_ids[r]] for r in rows],
+                                 dtype=np.int64)
+        attn_metadata, input_ids, positions = self._prepare_inputs(rows, num_scheduled)
+        with set_forward_context(attn_metadata, self.backend):
+            hidden_states = self.model(input_ids, positions)
+        logits_indices = torch.from_numpy(np.cumsum(num_scheduled) - 1).to(self.device)
+        logits = self.model.compute_logits(hidden_states[logits_indices])
+        sampler_output = self.sampler(logits, self._sampling_metadata(rows))
+        prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states)
+        return self._collect(rows, num_scheduled, sampler_output, prompt_logprobs)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        batch = self.batch
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+            if req_id in batch.index:
+                batch.remove(req_id)
+        for req_id in so.preempted_req_ids:
+            if req_id in batch.index:
+                batch.remove(req_id)
+        for new in so.scheduled_new_reqs:
+            state = self.requests.get(new.req_id)
+            if state is None:
+                params = new.sampling_params
+                generator = None
+                if params.seed is not None:
+                    generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                state = CachedRequestState(new.req_id, new.prompt_token_ids, list(new.output_token_ids), params,
+                                           generator)
+                self.requests[new.req_id] = state
+            state.block_ids = list(new.block_ids)
+            state.num_computed_tokens = new.num_computed_tokens
+            batch.add(state)
+        for cached in so.scheduled_cached_reqs:
+            row = batch.index[cached.req_id]
+            batch.num_computed_tokens[row] = cached.num_computed_tokens
+            if cached.new_block_ids:
+                batch.states[row].block_ids.extend(cached.new_block_ids)
+                batch.append_blocks(row, cached.new_block_ids)
+
+    def _prepare_inputs(self, rows: np.ndarray, num_scheduled: np.ndarray):
+        batch, bs = self.batch, self.block_size
+        cu_num_tokens = np.cumsum(num_scheduled)
+        num_tokens = int(cu_num_tokens[-1])
+        req_index = np.repeat(rows, num_scheduled)
+        offsets = np.arange(num_tokens) - np.repeat(cu_num_tokens - num_scheduled, num_scheduled)
+        positions = batch.num_computed_tokens[req_index] + offsets
+        input_ids = batch.token_ids[req_index, positions]
+        slots = batch.block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = (batch.num_computed_tokens[rows] + num_scheduled).astype(np.int32)
+        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
+        query_start_loc[1:] = cu_num_tokens
+        max_blocks = cdiv(int(seq_lens.max()), bs)
+        block_table = batch.block_table[rows, :max_blocks]
+        to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
+        query_start_loc_cpu, seq_lens_cpu = torch.from_numpy(query_start_loc), torch.from_numpy(seq_lens)
+        metadata = AttentionMetadata(
+            num_actual_tokens=num_tokens, num_reqs=len(rows), max_query_len=int(num_scheduled.max()),
+            max_seq_len=int(seq_lens.max()), query_start_loc=query_start_loc_cpu.to(self.device),
+            seq_lens=seq_lens_cpu.to(self.device), block_table=to_device(block_table),
+            slot_mapping=to_device(slots), query_start_loc_cpu=query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu)
+        return metadata, to_device(input_ids.astype(np.int64)), to_device(positions.astype(np.int64))
+
+    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+        batch = self.batch
+        as_tensor = lambda a: torch.from_numpy(a[rows]).to(self.device, non_blocking=True)
+        temperature = batch.temperature[rows]
+        states = [batch.states[r] for r in rows]
+        meta = SamplingMetadata(
+            temperature=as_tensor(batch.temperature),
+            top_p=as_tensor(batch.top_p) if (batch.top_p[rows] < 1.0).any() else None,
+            top_k=None, min_p=as_tensor(batch.min_p) if (batch.min_p[rows] > 0).any() else None,
+            all_greedy=bool((temperature == 0).all()))
+        top_k = batch.top_k[rows]
+        if (top_k > 0).any():
+            meta.top_k = torch.from_numpy(np.where(top_k > 0, top_k, self.vocab_size)).to(self.device)
+        wants_penalties = False
+        for i, state in enumerate(states):
+            params = state.sampling_params
+            if state.generator is not None:
+                meta.generators[i] = state.generator
+            if params.logprobs is not None:
+                meta.max_num_logprobs = max(meta.max_num_logprobs or 0, params.logprobs)
+            if params.logit_bias:
+                meta.logit_bias.append((i, list(params.logit_bias), list(params.logit_bias.values())))
+            if len(state.output_token_ids) < params.min_tokens and params.all_stop_token_ids:
+                meta.min_tokens_masks.append((i, sorted(params.all_stop_token_ids)))
+            wants_penalties |= (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                                or params.presence_penalty != 0.0)
+        if wants_penalties:
+            self._penalty_metadata(meta, rows, states)
+        return meta
+
+    def _penalty_metadata(self, meta: SamplingMetadata, rows: np.ndarray, states: list[CachedRequestState]) -> None:
+        batch = self.batch
+        pad = self.vocab_size
+        num_prompt, num_tokens = batch.num_prompt_tokens[rows], batch.num_tokens[rows]
+        prompt = np.full((len(rows), max(1, int(num_prompt.max()))), pad, dtype=np.int64)
+        output = np.full((len(rows), max(1, int((num_tokens - num_prompt).max()))), pad, dtype=np.int64)
+        for i, row in enumerate(rows):
+            prompt[i, :num_prompt[i]] = batch.token_ids[row, :num_prompt[i]]
+            output[i, :num_tokens[i] - num_prompt[i]] = batch.token_ids[row, num_prompt[i]:num_tokens[i]]
+        to = lambda a: torch.from_numpy(a).to(self.device)
+        meta.prompt_token_ids, meta.output_token_ids = to(prompt), to(output)
+        meta.repetition_penalties = to(batch.repetition_penalty[rows])
+        meta.frequency_penalties = to(batch.frequency_penalty[rows])
+        meta.presence_penalties = to(batch.presence_penalty[rows])
+
+    def _prompt_logprobs(self, rows: np.ndarray, num_scheduled: np.ndarray,
+                         hidden_states: torch.Tensor) -> dict[str, list[TokenLogprobs]]:
+        """Logprobs of the prompt tokens whose predecessors are computed this step."""
+        batch = self.batch
+        result: dict[str, list[TokenLogprobs]] = {}
+        start = 0
+        for row, count in zip(rows.tolist(), num_scheduled.tolist()):
+            state = batch.states[row]
+            token_start, start = start, start + count
+            k = state.sampling_params.prompt_logprobs
+            # positions p in [first, last) predict prompt token p + 1; after a preemption the
+            # recomputed positions that were already reported are skipped
+            first = max(int(batch.num_computed_tokens[row]), state.num_prompt_logprobs_done)
+            last = min(int(batch.num_computed_tokens[row]) + count, int(batch.num_prompt_tokens[row]) - 1)
+            if k is None or last <= first:
+                continue
+            skip = first - int(batch.num_computed_tokens[row])
+            logits = self.model.compute_logits(hidden_states[token_start + skip:token_start + skip + last - first])
+            targets = torch.from_numpy(batch.token_ids[row, first + 1:last + 1].astype(np.int64)).to(self.device)
+            ids, values, ranks = gather_logprobs(torch.log_softmax(logits.float(), dim=-1), targets, k)
+            result[state.req_id] = list(zip(ids.tolist(), values.tolist(), ranks.tolist()))
+            state.num_prompt_logprobs_done = last
+        return result
+
+    def _collect(self, rows: np.ndarray, num_scheduled: np.ndarray, out: SamplerOutput,
+                 prompt_logprobs: dict[str, list[TokenLogprobs]]) -> ModelRunnerOutput:
+        batch = self.batch
+        sampled = out.sampled_token_ids.tolist()
+        logprob_lists = None
+        if out.logprobs is not None:
+            logprob_lists = (out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist())
+        req_ids, sampled_ids, logprobs = [], [], []
+        done = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
+        for i, row in enumerate(rows.tolist()):
+            state = batch.states[row]
+            req_ids.append(state.req_id)
+            if not done[i]:
+                sampled_ids.append([])
+                logprobs.append(None)
+                continue
+            batch.append_token(row, sampled[i])
+            sampled_ids.append([sampled[i]])
+            k = state.sampling_params.logprobs
+            if k is not None and logprob_lists is not None:
+                ids, values, ranks = logprob_lists
+                logprobs.append((ids[i][:1 + k], values[i][:1 + k], ranks[i]))
+            else:
+                logprobs.append(None)
+        return ModelRunnerOutput(req_ids, sampled_ids, logprobs, prompt_logprobs)
