@@ -5,3 +5,73 @@ import torch
 # Without a GPU, Triton kernels run in its interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded model's tokenizer (converted from its GGUF once, then cached on disk)."""
+    from tokenmill.loader.default_model import default_model_path
+    from tokenmill.loader.gguf import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(default_model_path())
+
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _tiny_config(arch: str):
+    import transformers
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  initializer_range=0.1, tie_word_embeddings=arch == "qwen3", bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                "original_max_position_embeddings": 128})
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    return transformers.Qwen3Config(**common, head_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Callable[[str], str]:
+    """A factory: architecture name -> a HF-format directory with random float32 weights and a tokenizer."""
+    import torch
+    import transformers
+
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            torch.manual_seed(0)
+            config = _tiny_config(arch)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.save_pretrained(path)
+            smol_tokenizer.save_pretrained(path)
+            with open(path / "config.json") as f:
+                assert json.load(f)["vocab_size"] == 49152
+            made[arch] = str(path)
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture
+def assert_pool_free() -> Callable:
+    """Checks that after generate() returns every KV block is free again and the pool is consistent."""
+
+    def check(llm) -> None:
+        scheduler = llm.llm_engine.core.scheduler
+        scheduler.check_integrity()
+        assert not scheduler.has_unfinished_requests()
+        assert scheduler.kv.pool.num_free_blocks == scheduler.kv.pool.num_blocks
+
+    return check

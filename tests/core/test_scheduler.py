@@ -1,0 +1,176 @@
+"""CPU tests of the block pool, KV cache manager and scheduler with exact block ids and queue order."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.core.block_pool import BlockPool, hash_block_tokens
+from tokenmill.core.interface import ModelRunnerOutput
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.request import Request, RequestStatus
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.sampling_params import SamplingParams
+
+BS = 4
+
+
+def make_request(request_id: str, num_prompt: int, max_tokens: int = 8, first_token: int = 100, **params) -> Request:
+    sampling = SamplingParams(max_tokens=max_tokens, **params)
+    return Request(request_id, list(range(first_token, first_token + num_prompt)), sampling, max_tokens, 0.0)
+
+
+def make_scheduler(num_blocks: int, max_num_batched_tokens: int = 64, max_num_seqs: int = 8,
+                   caching: bool = False, max_model_len: int = 64) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             max_model_len=max_model_len)
+    return Scheduler(config, KVCacheManager(num_blocks, BS, caching))
+
+
+def run_step(scheduler: Scheduler, token: int = 7):
+    """One scheduler step with a fake runner that samples `token` for every request that completes."""
+    out = scheduler.schedule()
+    req_ids, sampled = [], []
+    for request_id, num in out.num_scheduled_tokens.items():
+        request = scheduler.requests[request_id]
+        req_ids.append(request_id)
+        sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])
+    results = scheduler.update_from_output(out, ModelRunnerOutput(req_ids, sampled, [None] * len(req_ids)))
+    scheduler.check_integrity()
+    return out, results
+
+
+def test_block_pool_free_queue_order_and_eviction():
+    pool = BlockPool(4, enable_caching=True)
+    a, b = pool.get_new_blocks(2)
+    assert (a.block_id, b.block_id) == (0, 1)
+    h = hash_block_tokens(None, [1, 2, 3, 4])
+    pool.cache_full_blocks([a, b], [h], 0, 1)
+    pool.free_blocks([b, a])  # tail first
+    # b had no hash: it goes to the front; a (hashed) to the back, so it is evicted last
+    assert list(pool.free_queue) == [1, 2, 3, 0]
+    assert pool.get_cached_block(h) is a
+    pool.touch([a])
+    assert a.ref_cnt == 1 and 0 not in pool.free_queue
+    pool.free_blocks([a])
+    taken = pool.get_new_blocks(4)
+    assert [blk.block_id for blk in taken] == [1, 2, 3, 0]
+    assert pool.get_cached_block(h) is None  # evicted when reused
+    pool.check_integrity()
+
+
+def test_hash_chain_depends_on_parent_and_tokens():
+    h1 = hash_block_tokens(None, [1, 2, 3, 4])
+    assert hash_block_tokens(None, [1, 2, 3, 4]) == h1
+    assert hash_block_tokens(h1, [5, 6, 7, 8]) != hash_block_tokens(None, [5, 6, 7, 8])
+    assert hash_block_tokens(None, [1, 2, 3, 5]) != h1
+
+
+def test_fcfs_admission_and_exact_block_ids():
+    scheduler = make_scheduler(num_blocks=16)
+    scheduler.add_request(make_request("a", 6))
+    scheduler.add_request(make_request("b", 3))
+    out, results = run_step(scheduler)
+    assert out.num_scheduled_tokens == {"a": 6, "b": 3}
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["a", "b"]
+    assert [r.block_ids for r in out.scheduled_new_reqs] == [[0, 1], [2]]
+    assert [r.new_token_ids for r in results] == [[7], [7]]
+    out, _ = run_step(scheduler)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}  # positions 6 and 3: no new block
+    assert {c.req_id: c.new_block_ids for c in out.scheduled_cached_reqs} == {"a": [], "b": []}
+    out, _ = run_step(scheduler)  # b's position 4 opens its second block; a's position 7 fits in block 1
+    assert {c.req_id: c.new_block_ids for c in out.scheduled_cached_reqs} == {"a": [], "b": [3]}
+
+
+def test_chunked_prefill_mixes_with_decode():
+    scheduler = make_scheduler(num_blocks=16, max_num_batched_tokens=5)
+    scheduler.add_request(make_request("a", 2))
+    scheduler.add_request(make_request("b", 12))
+    out, results = run_step(scheduler)
+    assert out.num_scheduled_tokens == {"a": 2, "b": 3}
+    assert [r.request_id for r in results] == ["a"]  # b's chunk produces no token
+    out, _ = run_step(scheduler)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 4}
+    out, results = run_step(scheduler)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 4}
+    assert scheduler.requests["b"].num_computed_tokens == 11
+    out, results = run_step(scheduler)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert {r.request_id for r in results} == {"a", "b"}
+
+
+def test_preemption_of_newest_and_recompute():
+    scheduler = make_scheduler(num_blocks=4, max_model_len=16)
+    scheduler.add_request(make_request("old", 4, max_tokens=8))
+    scheduler.add_request(make_request("new", 4, max_tokens=8))
+    run_step(scheduler)  # old: blocks [0], new: [1]; both at 5 tokens next step
+    out, _ = run_step(scheduler)  # each needs a second block: old [0, 2], new [1, 3]
+    assert scheduler.kv.pool.num_free_blocks == 0
+    out, _ = run_step(scheduler)  # 6 tokens each, still fits
+    out, _ = run_step(scheduler)  # 7 tokens each
+    out, _ = run_step(scheduler)  # old computes 8 tokens: fits; then 9th token needs a 3rd block
+    out, _ = run_step(scheduler)
+    assert out.preempted_req_ids == {"new"}
+    assert out.num_scheduled_tokens == {"old": 1}
+    new = scheduler.requests["new"]
+    assert new.status == RequestStatus.PREEMPTED and new.num_computed_tokens == 0
+    assert list(scheduler.waiting) == [new]
+    for _ in range(40):
+        if not scheduler.has_unfinished_requests():
+            break
+        run_step(scheduler)
+    assert not scheduler.has_unfinished_requests()
+    assert scheduler.num_preemptions >= 1
+    assert scheduler.kv.pool.num_free_blocks == 4
+
+
+def test_stop_conditions():
+    scheduler = make_scheduler(num_blocks=16)
+    scheduler.add_request(make_request("eos", 2, max_tokens=8))
+    scheduler.requests["eos"].sampling_params.all_stop_token_ids = {7}
+    scheduler.add_request(make_request("min", 2, max_tokens=8, min_tokens=3))
+    scheduler.requests["min"].sampling_params.all_stop_token_ids = {7}
+    scheduler.add_request(make_request("len", 2, max_tokens=2))
+    _, results = run_step(scheduler)
+    finished = {r.request_id: r.finish_reason for r in results if r.finished}
+    assert finished == {"eos": "stop"}
+    _, results = run_step(scheduler)
+    assert {r.request_id: r.finish_reason for r in results if r.finished} == {"len": "length"}
+    _, results = run_step(scheduler)
+    assert {r.request_id: r.finish_reason for r in results if r.finished} == {"min": "stop"}
+    assert scheduler.kv.pool.num_free_blocks == 16
+
+
+def test_max_num_seqs_and_abort():
+    scheduler = make_scheduler(num_blocks=16, max_num_seqs=2)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 3))
+    out, _ = run_step(scheduler)
+    assert set(out.num_scheduled_tokens) == {"a", "b"}
+    scheduler.finish_requests(["a", "c"], RequestStatus.FINISHED_ABORTED)
+    out, _ = run_step(scheduler)
+    assert out.finished_req_ids == {"a", "c"}
+    assert set(out.num_scheduled_tokens) == {"b"}
+    scheduler.check_integrity()
+
+
+def test_prefix_hits_with_exact_accounting():
+    scheduler = make_scheduler(num_blocks=32, caching=True)
+    prompt = 10  # 2 full blocks + 2 tokens
+    scheduler.add_request(make_request("first", prompt, max_tokens=1))
+    run_step(scheduler)
+    assert not scheduler.requests  # finished, blocks cached but free
+    scheduler.add_request(make_request("second", prompt, max_tokens=1))
+    out, results = run_step(scheduler)
+    (new,) = out.scheduled_new_reqs
+    assert new.num_computed_tokens == 8 and out.num_scheduled_tokens == {"second": 2}
+    assert new.block_ids[:2] == [0, 1]
+    assert results[0].num_cached_tokens == 8
+    stats = scheduler.stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (20, 8)
+
+
+def test_rejects_overlong_prompt():
+    scheduler = make_scheduler(num_blocks=16, max_model_len=8)
+    with pytest.raises(ValueError, match="max_model_len=8"):
+        scheduler.add_request(make_request("long", 9))

@@ -1,0 +1,30 @@
+"""`tokenmill SUBCOMMAND ...`: each subcommand lives in its own module with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module defining register(subparsers) -> None; the parser's `func` runs it
+SUBCOMMANDS = {
+    "generate": "tokenmill.entrypoints.cli.generate",
+    "chat": "tokenmill.entrypoints.cli.chat",
+    "serve": "tokenmill.entrypoints.cli.serve",
+    "bench": "tokenmill.entrypoints.cli.bench",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="tokenmill", description="tokenmill LLM inference engine")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).register(subparsers)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
