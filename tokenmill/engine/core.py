@@ -17,6 +17,10 @@ from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+# Decode graphs keep their activations (and the [batch, vocab] logits) in a private pool, taken after
+# the KV cache is sized.
+GRAPH_MEMORY_RESERVE = 512 << 20
+
 
 def resolve_max_model_len(hf_config, requested: int | None) -> int:
     limit = getattr(hf_config, "max_position_embeddings", None)
@@ -36,7 +40,8 @@ class EngineCore:
         started = time.perf_counter()
         self.runner = ModelRunner(config, source)
         block_size = config.cache.block_size
-        num_blocks = determine_num_blocks(self.runner, config.cache)
+        graph_reserve = GRAPH_MEMORY_RESERVE if self.runner.graphs.sizes else 0
+        num_blocks = determine_num_blocks(self.runner, config.cache, graph_reserve)
         max_model_len = config.scheduler.max_model_len
         if num_blocks * block_size < max_model_len:
             raise ValueError(
@@ -44,6 +49,7 @@ class EngineCore:
                 f"fewer than one sequence of max_model_len={max_model_len}; raise gpu_memory_utilization or "
                 "kv_cache_memory_bytes, or lower max_model_len")
         self.runner.initialize_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%d tokens), max concurrency %.1f at max_model_len=%d; "
                     "engine ready in %.1f s", num_blocks, block_size, num_blocks * block_size,

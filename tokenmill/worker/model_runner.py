@@ -23,6 +23,8 @@ from tokenmill.forward_context import set_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
 from tokenmill.loader import ModelSource, config_dtype, load_model
+from tokenmill.worker.buffers import StagedBuffer
+from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,16 @@ class ModelRunner:
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         self.requests: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        num_rows = max(self.max_num_tokens, self.max_num_reqs)
+        self.input_ids = StagedBuffer(num_rows, torch.int64, self.device)
+        self.positions = StagedBuffer(num_rows, torch.int64, self.device)
+        self.slot_mapping = StagedBuffer(num_rows, torch.int64, self.device)
+        self.seq_lens = StagedBuffer(self.max_num_reqs, torch.int32, self.device)
+        self.query_start_loc = StagedBuffer(self.max_num_reqs + 1, torch.int32, self.device)
+        self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
+        self._arange = np.arange(num_rows + 1, dtype=np.int64)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.graphs = DecodeGraphs(capture_sizes(self.max_num_reqs) if use_graphs else [])
         self.seed_generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
 
     # ---- KV cache ------------------------------------------------------------------------------
@@ -103,6 +115,31 @@ class ModelRunner:
             attn.kv_cache = torch.empty(0)
         del scratch, hidden_states, logits
 
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> float:
+        """Captures decode graphs over the static buffers (needs the KV cache); returns seconds taken."""
+        if not self.graphs.sizes:
+            return 0.0
+        size = self.graphs.max_size
+        self.input_ids.gpu[:size].zero_()
+        self.positions.gpu[:size].zero_()
+        self.slot_mapping.gpu[:size].fill_(-1)
+        self.seq_lens.gpu[:size].fill_(1)
+        self.query_start_loc.gpu[:size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
+        self.block_table.gpu[:size].zero_()
+
+        def run(n: int) -> torch.Tensor:
+            metadata = AttentionMetadata(
+                num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=self.max_model_len,
+                query_start_loc=self.query_start_loc.gpu[:n + 1], seq_lens=self.seq_lens.gpu[:n],
+                block_table=self.block_table.gpu[:n], slot_mapping=self.slot_mapping.gpu[:n],
+                query_start_loc_cpu=self.query_start_loc.cpu[:n + 1], seq_lens_cpu=self.seq_lens.cpu[:n])
+            with set_forward_context(metadata, self.backend):
+                hidden_states = self.model(self.input_ids.gpu[:n], self.positions.gpu[:n])
+            return self.model.compute_logits(hidden_states)
+
+        return self.graphs.capture(run)
+
     # ---- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -114,13 +151,26 @@ class ModelRunner:
         rows = np.array(sorted(batch.index[r] for r in scheduler_output.num_scheduled_tokens), dtype=np.int64)
         num_scheduled = np.array([scheduler_output.num_scheduled_tokens[batch.req_ids[r]] for r in rows],
                                  dtype=np.int64)
-        attn_metadata, input_ids, positions = self._prepare_inputs(rows, num_scheduled)
-        with set_forward_context(attn_metadata, self.backend):
-            hidden_states = self.model(input_ids, positions)
-        logits_indices = torch.from_numpy(np.cumsum(num_scheduled) - 1).to(self.device)
-        logits = self.model.compute_logits(hidden_states[logits_indices])
-        sampler_output = self.sampler(logits, self._sampling_metadata(rows))
-        prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states)
+        num_reqs, num_tokens = len(rows), int(num_scheduled.sum())
+        # Graphs cover steps where every row computes one token that is not a prompt position whose
+        # logprob is still to report.
+        decode_only = num_tokens == num_reqs and bool(
+            (batch.num_computed_tokens[rows] >= batch.num_prompt_tokens[rows] - 1).all())
+        graph_size = self.graphs.padded_size(num_reqs) if self.graphs.graphs and decode_only else None
+        padded_reqs = graph_size or num_reqs
+        attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs)
+        sampling_metadata = self._sampling_metadata(rows)
+        if graph_size is not None:
+            logits = self.graphs.replay(graph_size)[:num_reqs]
+            hidden_states = None
+        else:
+            with set_forward_context(attn_metadata, self.backend):
+                hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
+            logits_indices = torch.from_numpy(np.cumsum(num_scheduled) - 1).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden_states[logits_indices])
+        sampler_output = self.sampler(logits, sampling_metadata)
+        prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) if hidden_states is not None \
+            else {}
         return self._collect(rows, num_scheduled, sampler_output, prompt_logprobs)
 
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -152,28 +202,46 @@ class ModelRunner:
                 batch.states[row].block_ids.extend(cached.new_block_ids)
                 batch.append_blocks(row, cached.new_block_ids)
 
-    def _prepare_inputs(self, rows: np.ndarray, num_scheduled: np.ndarray):
+    def _prepare_inputs(self, rows: np.ndarray, num_scheduled: np.ndarray, padded_reqs: int) -> AttentionMetadata:
+        """Fills the staged buffers for this step; rows past the real ones (graph padding) are 1-token
+        dummies that write no KV (slot -1) and read one slot."""
         batch, bs = self.batch, self.block_size
+        num_reqs = len(rows)
         cu_num_tokens = np.cumsum(num_scheduled)
         num_tokens = int(cu_num_tokens[-1])
+        padded_tokens = num_tokens + padded_reqs - num_reqs
         req_index = np.repeat(rows, num_scheduled)
-        offsets = np.arange(num_tokens) - np.repeat(cu_num_tokens - num_scheduled, num_scheduled)
-        positions = batch.num_computed_tokens[req_index] + offsets
-        input_ids = batch.token_ids[req_index, positions]
-        slots = batch.block_table[req_index, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = (batch.num_computed_tokens[rows] + num_scheduled).astype(np.int32)
-        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
-        query_start_loc[1:] = cu_num_tokens
-        max_blocks = cdiv(int(seq_lens.max()), bs)
-        block_table = batch.block_table[rows, :max_blocks]
-        to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)
-        query_start_loc_cpu, seq_lens_cpu = torch.from_numpy(query_start_loc), torch.from_numpy(seq_lens)
-        metadata = AttentionMetadata(
-            num_actual_tokens=num_tokens, num_reqs=len(rows), max_query_len=int(num_scheduled.max()),
-            max_seq_len=int(seq_lens.max()), query_start_loc=query_start_loc_cpu.to(self.device),
-            seq_lens=seq_lens_cpu.to(self.device), block_table=to_device(block_table),
-            slot_mapping=to_device(slots), query_start_loc_cpu=query_start_loc_cpu, seq_lens_cpu=seq_lens_cpu)
-        return metadata, to_device(input_ids.astype(np.int64)), to_device(positions.astype(np.int64))
+        positions = self.positions.np[:padded_tokens]
+        np.add(batch.num_computed_tokens[req_index], self._arange[:num_tokens]
+               - np.repeat(cu_num_tokens - num_scheduled, num_scheduled), out=positions[:num_tokens])
+        self.input_ids.np[:num_tokens] = batch.token_ids[req_index, positions[:num_tokens]]
+        slots = self.slot_mapping.np
+        slots[:num_tokens] = batch.block_table[req_index, positions[:num_tokens] // bs]
+        slots[:num_tokens] = slots[:num_tokens] * bs + positions[:num_tokens] % bs
+        seq_lens = self.seq_lens.np
+        seq_lens[:num_reqs] = batch.num_computed_tokens[rows] + num_scheduled
+        query_start_loc = self.query_start_loc.np
+        query_start_loc[0] = 0
+        query_start_loc[1:num_reqs + 1] = cu_num_tokens
+        max_blocks = cdiv(int(seq_lens[:num_reqs].max()), bs)
+        self.block_table.np[:num_reqs, :max_blocks] = batch.block_table[rows, :max_blocks]
+        if padded_reqs > num_reqs:
+            pad = slice(num_tokens, padded_tokens)
+            positions[pad], self.input_ids.np[pad], slots[pad] = 0, 0, -1
+            seq_lens[num_reqs:padded_reqs] = 1
+            query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + self._arange[1:padded_reqs - num_reqs + 1]
+            self.block_table.np[num_reqs:padded_reqs, 0] = 0
+        self.input_ids.to_device(padded_tokens)
+        self.positions.to_device(padded_tokens)
+        self.slot_mapping.to_device(padded_tokens)
+        self.block_table.to_device(padded_reqs)
+        return AttentionMetadata(
+            num_actual_tokens=num_tokens, num_reqs=padded_reqs, max_query_len=int(num_scheduled.max()),
+            max_seq_len=int(seq_lens[:num_reqs].max()),
+            query_start_loc=self.query_start_loc.to_device(padded_reqs + 1),
+            seq_lens=self.seq_lens.to_device(padded_reqs), block_table=self.block_table.gpu[:padded_reqs],
+            slot_mapping=self.slot_mapping.gpu[:padded_tokens],
+            query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs])
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch

@@ -1,0 +1,26 @@
+"""`tokenmill generate "prompt" ...`: one completion, printed."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenmill.entrypoints.cli.engine_args import add_engine_args, add_sampling_args, engine_kwargs, sampling_kwargs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="complete a prompt and print the result")
+    parser.add_argument("prompt", nargs="+", help="one or more prompts")
+    parser.add_argument("--chat-template-off", action="store_true", help="complete raw text (default)")
+    add_engine_args(parser)
+    add_sampling_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    outputs = llm.generate(args.prompt, SamplingParams(**sampling_kwargs(args)), use_tqdm=False)
+    for output in outputs:
+        print(output.prompt + output.outputs[0].text)
+    return 0
