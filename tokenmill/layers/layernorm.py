@@ -19,7 +19,14 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Returns norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        """Returns norm(x), or with a residual: (norm(x + residual), x + residual).
+
+        On GPU one fused kernel does both, updating `residual` in place."""
+        if x.is_cuda:
+            from tokenmill.layers.triton_ops import rms_norm
+
+            out = rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual
