@@ -1,0 +1,229 @@
+"""Triton paged-attention kernels at Llama-3.1-8B shapes: correctness vs float64, then time vs roofline.
+
+    python benchmarks/kernel_bench.py            # check + time, about half a minute on an H100
+    python benchmarks/kernel_bench.py --tune     # also sweep tile settings (slower)
+
+Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16; block ids shuffled across a
+cache with twice the blocks needed. Decode rows are timed eagerly with triton.testing.do_bench (median,
+L2 flushed between runs, so launch overhead hides behind the flush) and as a CUDA-graph replay (what
+the engine runs). The floor is the larger of bytes / bandwidth and FLOPs / tensor-core rate; bytes count
+the KV cache read once plus q and out. The peer is torch's scaled_dot_product_attention over the same
+keys stored contiguously (no paging), which is the bar a paged kernel should come close to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenmill.attention import triton_paged  # noqa: E402
+from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
+
+PEAK_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, as measured by a large device-to-device copy
+PEAK_FLOPS = 7.9e14  # H100 dense bf16 tensor cores
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+
+
+class Case:
+    """One attention step: requests with (context, new tokens), laid out in a shuffled paged cache."""
+
+    def __init__(self, name: str, seq_lens: list[int], q_lens: list[int], extra_table_columns: int = 0):
+        self.name, self.seq_lens_list, self.q_lens_list = name, seq_lens, q_lens
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        blocks_needed = [-(-s // BLOCK_SIZE) for s in seq_lens]
+        num_blocks = 2 * sum(blocks_needed) + 1
+        order = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+        width = max(blocks_needed) + extra_table_columns
+        self.block_table = torch.zeros((len(seq_lens), width), dtype=torch.int32, device="cuda")
+        starts = [0] + torch.tensor(blocks_needed).cumsum(0).tolist()
+        for i, n in enumerate(blocks_needed):
+            self.block_table[i, :n] = order[starts[i] : starts[i] + n]
+        self.kv_cache = torch.randn(
+            (2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), device="cuda", dtype=DTYPE, generator=gen
+        )
+        self.query = torch.randn((sum(q_lens), NUM_HEADS, HEAD_DIM), device="cuda", dtype=DTYPE, generator=gen)
+        self.query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                                            device="cuda")  # fmt: skip
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+        self.scale = HEAD_DIM**-0.5
+        self.out = torch.empty_like(self.query)
+
+    def run(self) -> torch.Tensor:
+        return paged_attention(self.query, self.kv_cache, self.query_start_loc, self.seq_lens, self.block_table,
+                               self.scale, max(self.q_lens_list), out=self.out)  # fmt: skip
+
+    def kv_bytes(self) -> int:
+        kv = sum(self.seq_lens_list) * NUM_KV_HEADS * HEAD_DIM * 2 * self.kv_cache.element_size()
+        return kv + 2 * self.query.numel() * self.query.element_size()
+
+    def flops(self) -> int:
+        pairs = sum(sum(s - q + j + 1 for j in range(q)) for s, q in zip(self.seq_lens_list, self.q_lens_list))
+        return 4 * NUM_HEADS * HEAD_DIM * pairs
+
+    def contiguous_kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Request i's keys and values gathered out of the cache: [num_kv_heads, seq_len, head_dim]."""
+        pos = torch.arange(self.seq_lens_list[i], device="cuda")
+        blocks = self.block_table[i, pos // BLOCK_SIZE].long()
+        k = self.kv_cache[0, blocks, pos % BLOCK_SIZE].transpose(0, 1)
+        v = self.kv_cache[1, blocks, pos % BLOCK_SIZE].transpose(0, 1)
+        return k, v
+
+    def max_rel_err(self, out: torch.Tensor, request_ids: list[int]) -> float:
+        """‖out − ref‖/‖ref‖ against float64, over the given requests (all of them would not fit)."""
+        errs = []
+        starts = self.query_start_loc.tolist()
+        group = NUM_HEADS // NUM_KV_HEADS
+        for i in request_ids:
+            s, q_len = self.seq_lens_list[i], self.q_lens_list[i]
+            k, v = self.contiguous_kv(i)
+            q = self.query[starts[i] : starts[i] + q_len].transpose(0, 1).double()  # [heads, q, d]
+            ref = torch.empty_like(q)
+            query_pos = s - q_len + torch.arange(q_len, device="cuda")
+            causal = torch.arange(s, device="cuda")[None, :] > query_pos[:, None]
+            for h in range(NUM_HEADS):  # one head at a time keeps the float64 scores small
+                scores = (q[h] @ k[h // group].double().T) * self.scale
+                ref[h] = scores.masked_fill(causal, float("-inf")).softmax(-1) @ v[h // group].double()
+            got = out[starts[i] : starts[i] + q_len].transpose(0, 1).double()
+            errs.append(((got - ref).norm() / ref.norm()).item())
+        return max(errs)
+
+    def peer(self):
+        """torch SDPA over contiguous copies of the same keys (made once, outside the timing)."""
+        F = torch.nn.functional
+        if len(set(self.seq_lens_list)) == 1 and len(set(self.q_lens_list)) == 1:
+            kvs = [self.contiguous_kv(i) for i in range(len(self.seq_lens_list))]
+            k = torch.stack([kv[0] for kv in kvs])
+            v = torch.stack([kv[1] for kv in kvs])
+            q = self.query.view(len(kvs), self.q_lens_list[0], NUM_HEADS, HEAD_DIM).transpose(1, 2)
+            causal = self.q_lens_list[0] > 1
+            if causal:
+                assert self.q_lens_list[0] == self.seq_lens_list[0], "peer handles whole prompts only"
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale, enable_gqa=True)
+        return None
+
+
+def bench_graph(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
+def measure_copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    del src, dst
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def decode_cases() -> list[Case]:
+    cases = []
+    for batch in (1, 32, 256):
+        for ctx in (1024, 4096):
+            # 256 blocks of slack in the table: the split count comes from its width, not from seq_lens.
+            cases.append(Case(f"decode b={batch} ctx={ctx}", [ctx] * batch, [1] * batch, extra_table_columns=256))
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tune", action="store_true", help="sweep decode/prefill tile settings")
+    args = parser.parse_args()
+    t0 = time.time()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    copy_bw = measure_copy_bandwidth()
+    print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); roofline uses "
+          f"{PEAK_BYTES_PER_S / 1e12:.1f} TB/s and {PEAK_FLOPS / 1e12:.0f} TFLOP/s")  # fmt: skip
+
+    cases = decode_cases() + [
+        Case("prefill 4096", [4096], [4096]),
+        Case("mixed 512-chunk + 255 decodes", [2048] + [1024] * 255, [512] + [1] * 255),
+    ]
+    rows = []
+    for case in cases:
+        is_decode = max(case.q_lens_list) == 1
+        out = case.run().clone()
+        n = len(case.seq_lens_list)
+        err = case.max_rel_err(out, sorted({0, n // 2, n - 1}))
+        assert err < 1e-2, f"{case.name}: rel err {err:.2e}"
+        ms = triton.testing.do_bench(case.run, warmup=25, rep=100, return_mode="median")
+        graph_ms = bench_graph(case.run) if is_decode else float("nan")
+        peer = case.peer()
+        peer_ms = triton.testing.do_bench(peer, warmup=25, rep=100, return_mode="median") if peer else float("nan")
+        floor_ms = max(case.kv_bytes() / PEAK_BYTES_PER_S, case.flops() / PEAK_FLOPS) * 1e3
+        best = min(ms, graph_ms) if is_decode else ms
+        rows.append((case.name, err, ms, graph_ms, peer_ms, case.kv_bytes() / (best * 1e-3) / 1e9,
+                     case.flops() / (best * 1e-3) / 1e12, floor_ms, best / floor_ms))  # fmt: skip
+
+    if args.tune:
+        tune(cases)
+
+    print(f"\n{'case':32s} {'relerr':>8s} {'ms':>8s} {'graph ms':>9s} {'sdpa ms':>8s} {'GB/s':>7s} {'TFLOP/s':>8s} "
+          f"{'floor ms':>9s} {'x floor':>8s}")  # fmt: skip
+    for name, err, ms, graph_ms, peer_ms, gbs, tflops, floor_ms, ratio in rows:
+        print(f"{name:32s} {err:8.1e} {ms:8.4f} {graph_ms:9.4f} {peer_ms:8.4f} {gbs:7.0f} {tflops:8.1f} "
+              f"{floor_ms:9.4f} {ratio:8.2f}")  # fmt: skip
+    print(f"\n(total {time.time() - t0:.0f} s)")
+
+
+def tune(cases: list[Case]) -> None:
+    """Sweep launch settings by overriding the config and split policy; prints ms per setting
+    (decode: CUDA-graph replays; prefill: eager)."""
+    base_config = triton_paged._launch_config
+    base_programs = triton_paged.PROGRAMS_PER_SM
+    decode = [c for c in cases if max(c.q_lens_list) == 1]
+    prefill = [c for c in cases if max(c.q_lens_list) > 1]
+    print("\ndecode sweep (ms, graph replay):", ", ".join(c.name for c in decode))
+    for block_n, warps, stages, per_sm in [(64, 4, 3, 4), (64, 4, 2, 4), (128, 4, 2, 4), (128, 4, 3, 4),
+                                           (64, 4, 3, 8), (128, 4, 2, 8), (32, 4, 3, 8), (64, 2, 3, 4),
+                                           (64, 8, 3, 4), (128, 8, 2, 4), (64, 4, 3, 16)]:  # fmt: skip
+        def cfg(dtype, hd, gp, mql, *rest, _b=block_n, _w=warps, _s=stages):
+            c = base_config(dtype, hd, gp, mql, *rest)
+            return dict(c, BLOCK_N=_b, num_warps=_w, num_stages=_s) if mql == 1 else c
+
+        triton_paged._launch_config, triton_paged.PROGRAMS_PER_SM = cfg, per_sm
+        triton_paged._decode_num_splits.cache_clear()
+        print(f"  BLOCK_N={block_n:3d} warps={warps} stages={stages} per_sm={per_sm:2d}: " + _time_all(decode, True))
+    triton_paged._launch_config, triton_paged.PROGRAMS_PER_SM = base_config, base_programs
+    triton_paged._decode_num_splits.cache_clear()
+    print("prefill sweep (ms):", ", ".join(c.name for c in prefill))
+    for block_m, block_n, warps, stages in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3),
+                                            (128, 128, 8, 2), (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3),
+                                            (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3)]:  # fmt: skip
+        def cfg(dtype, hd, gp, mql, *rest, _m=block_m, _b=block_n, _w=warps, _s=stages):
+            c = base_config(dtype, hd, gp, mql, *rest)
+            if mql == 1:
+                return c
+            m = max(16, gp, min(_m, triton.next_power_of_2(mql) * gp))
+            return dict(c, BLOCK_M=m, BLOCK_Q=m // gp, BLOCK_N=_b, num_warps=_w, num_stages=_s)
+
+        triton_paged._launch_config = cfg
+        print(f"  BLOCK_M={block_m:3d} BLOCK_N={block_n:3d} warps={warps} stages={stages}: " + _time_all(prefill))
+    triton_paged._launch_config = base_config
+
+
+def _time_all(cases: list[Case], graph: bool = False) -> str:
+    try:
+        if graph:
+            return " ".join(f"{bench_graph(c.run):.4f}" for c in cases)
+        return " ".join(f"{triton.testing.do_bench(c.run, warmup=10, rep=40, return_mode='median'):.4f}" for c in cases)
+    except Exception as e:  # a setting that does not fit (shared memory, registers) is just reported
+        return f"failed: {type(e).__name__}: {str(e)[:80]}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,640 @@
+"""Paged attention in Triton: writing new keys/values into the cache, and causal attention over it.
+
+Layouts (see backend.py):
+
+    query            [num_tokens, num_heads, head_dim]              any strides, head_dim contiguous preferred
+    key, value       [num_tokens, num_kv_heads, head_dim]           any strides (views of a fused qkv projection)
+    kv_cache         [2, num_blocks, block_size, num_kv_heads, head_dim]
+    block_table      [num_reqs, max_blocks_per_seq]                 int32
+    seq_lens         [num_reqs]                                     int32, cached prefix + this step's tokens
+    query_start_loc  [num_reqs + 1]                                 int32
+
+One attention kernel, `_paged_attention_kernel`, covers decode, prefill and mixed steps. A program
+owns one KV head and a *query tile* of BLOCK_M rows: BLOCK_Q consecutive query tokens of one request
+times the GROUP query heads that share the KV head (GQA), the group padded to a power of two:
+
+    row r of the tile  ->  token  q_start + q_tile * BLOCK_Q + r // GROUP_PAD
+                           head   kv_head * GROUP + r % GROUP_PAD          (masked when >= GROUP)
+
+so each K/V tile is loaded once for all the query heads of its KV head. Keys are walked in tiles of
+BLOCK_N positions, each gathered from BLOCK_N / block_size paged blocks through the block table.
+Tiles that lie entirely below the tile's first query position need no causal mask and take an
+unmasked loop; the rest (the diagonal, and the partial last block) take a masked one.
+
+Query tiles are numbered request after request without a host-side table: with BLOCK_Q > 1, request
+i owns tile ids [query_start_loc[i] // BLOCK_Q + i, query_start_loc[i+1] // BLOCK_Q + i + 1), so
+num_tokens // BLOCK_Q + num_reqs tiles cover any batch (a program finds its request by binary search
+and returns at once when its tile is past the request's queries); with BLOCK_Q == 1 a tile is a token.
+
+Split-KV (flash-decoding): with more than one split, a second grid axis divides each query tile's
+keys into contiguous ranges of whole key tiles. Each split writes a partial (max, sum, unnormalised acc) per row in
+fp32, and `_reduce_splits_kernel` merges them. The split's key range is computed on the device from
+seq_lens, and splits with nothing to do write the neutral partial (max = -inf, sum = 0), so the
+decode path's grid and constexprs depend only on tensor shapes: CUDA graphs can replay it with any
+sequence lengths.
+
+Softmax runs in base 2 in fp32: scores are scaled by scale * log2(e) and exponentiated with exp2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+
+LOG2E = 1.4426950408889634
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Decode splits aim for this many programs per streaming multiprocessor (enough resident programs
+# to keep the memory system busy while each one waits on its loads).
+PROGRAMS_PER_SM = 4
+MAX_NUM_SPLITS = 64
+# Used where there is no CUDA device (the interpreter): small, so CPU tests exercise several splits.
+CPU_NUM_SMS = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# write_kv
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_k_tok,
+    stride_k_head,
+    stride_k_dim,
+    stride_v_tok,
+    stride_v_head,
+    stride_v_dim,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    stride_c_dim,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
+
+    k = tl.load(
+        key_ptr + token * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :] * stride_k_dim, mask=mask
+    )
+    v = tl.load(
+        value_ptr + token * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :] * stride_v_dim, mask=mask
+    )
+    block_id = slot // BLOCK_SIZE
+    offset_in_block = slot % BLOCK_SIZE
+    cache_offsets = (
+        block_id * stride_c_block
+        + offset_in_block * stride_c_slot
+        + heads[:, None] * stride_c_head
+        + dims[None, :] * stride_c_dim
+    )
+    tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value [num_tokens, num_kv_heads, head_dim] into kv_cache [2, num_blocks, block_size,
+    num_kv_heads, head_dim] at flat slots slot_mapping [num_tokens] (int64; -1 = skip).
+
+    key/value may have any strides. Grid: (num_tokens, cdiv(num_kv_heads, BLOCK_H)).
+    """
+    num_tokens, num_kv_heads, head_dim = key.shape
+    assert value.shape == key.shape, f"value {tuple(value.shape)} != key {tuple(key.shape)}"
+    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, ...]"
+    assert kv_cache.shape[3:] == (num_kv_heads, head_dim), f"kv_cache {tuple(kv_cache.shape)} != key heads/dim"
+    assert slot_mapping.shape == (num_tokens,), f"slot_mapping {tuple(slot_mapping.shape)} != ({num_tokens},)"
+    assert slot_mapping.dtype in (torch.int32, torch.int64), f"slot_mapping dtype {slot_mapping.dtype}"
+    assert key.device == value.device == kv_cache.device == slot_mapping.device
+    if num_tokens == 0:
+        return
+    block_size = kv_cache.shape[2]
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    block_d = _next_power_of_2(head_dim)
+    # Up to 2048 elements of key (and of value) per program.
+    block_h = min(_next_power_of_2(num_kv_heads), max(1, 2048 // block_d))
+    grid = (num_tokens, _cdiv(num_kv_heads, block_h))
+    _write_kv_kernel[grid](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        *key.stride(),
+        *value.stride(),
+        *k_cache.stride(),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        num_warps=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    tile,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_row_ptr,
+    row_pos,
+    seq_len,
+    qk_scale,
+    stride_c_block,
+    stride_c_slot,
+    dim_offsets,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """One step of online softmax over keys [tile * BLOCK_N, (tile + 1) * BLOCK_N)."""
+    key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MASKED:
+        key_valid = key_pos < seq_len
+        block_ids = tl.load(block_table_row_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+    else:
+        block_ids = tl.load(block_table_row_ptr + key_pos // BLOCK_SIZE)
+    key_offsets = block_ids.to(tl.int64) * stride_c_block + (key_pos % BLOCK_SIZE) * stride_c_slot
+    kv_offsets = key_offsets[:, None] + dim_offsets[None, :]
+    if MASKED:
+        if HEAD_DIM_PAD != HEAD_DIM:
+            kv_mask = key_valid[:, None] & (dim_offsets[None, :] < HEAD_DIM)
+        else:
+            kv_mask = key_valid[:, None]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    elif HEAD_DIM_PAD != HEAD_DIM:
+        dim_mask = dim_offsets[None, :] < HEAD_DIM
+        k = tl.load(k_cache_ptr + kv_offsets, mask=dim_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=dim_mask, other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offsets)
+        v = tl.load(v_cache_ptr + kv_offsets)
+
+    if DOT_IN_FP32:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        visible = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_IN_FP32:
+        pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=DOT_PRECISION)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,
+    q_ptr,
+    kv_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    partials_ptr,
+    qk_scale,
+    num_reqs,
+    min_q_len,
+    max_q_len,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    stride_bt_req,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PARTIAL_ROW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # Programs are numbered last query tile first: within a request later tiles see more keys, so the
+    # longest programs start first and the short ones fill the tail.
+    program = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile_id = program // NUM_KV_HEADS
+    kv_head = program % NUM_KV_HEADS
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+
+    # Find the request owning this query tile: the last i with first_tile(i) <= tile_id.
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + num_reqs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if BLOCK_Q == 1:
+            first_tile = tl.load(query_start_loc_ptr + mid)
+        else:
+            first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile_id:
+            lo = mid
+        else:
+            hi = mid - 1
+    req = lo
+    req_valid = req < num_reqs
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1, mask=req_valid, other=0) - q_start
+    if BLOCK_Q == 1:
+        q_tile = tile_id - q_start
+    else:
+        q_tile = tile_id - (q_start // BLOCK_Q + req)
+    # Past the last request (padding tokens), past this request's queries, or filtered out.
+    if (req >= num_reqs) | (q_tile * BLOCK_Q >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
+        return
+
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - q_len
+    rows = tl.arange(0, BLOCK_M)
+    q_in_tile = rows // GROUP_PAD
+    head_in_group = rows % GROUP_PAD
+    q_idx = q_tile * BLOCK_Q + q_in_tile  # query index within the request
+    row_valid = (head_in_group < GROUP) & (q_in_tile < BLOCK_Q) & (q_idx < q_len)
+    row_pos = context_len + q_idx
+    tokens = (q_start + q_idx).to(tl.int64)
+    heads = kv_head * GROUP + head_in_group
+    dim_offsets = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dim_offsets < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + tokens[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dim_offsets[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+
+    # Keys this query tile may see: [0, kv_end); the first num_full_tiles key tiles are visible to every row.
+    first_pos = context_len + q_tile * BLOCK_Q
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    num_full_tiles = (first_pos + 1) // BLOCK_N
+    if SPLIT:
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
+        tile_lo = split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt_req
+    k_head_ptr = kv_cache_ptr + kv_head * stride_c_head
+    v_head_ptr = k_head_ptr + stride_c_kv
+
+    for tile in range(tile_lo, tl.minimum(tile_hi, num_full_tiles)):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
+            stride_c_block, stride_c_slot, dim_offsets,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+    for tile in range(tl.maximum(tile_lo, num_full_tiles), tile_hi):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
+            stride_c_block, stride_c_slot, dim_offsets,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_IN_FP32,
+        )  # fmt: skip
+
+    if SPLIT:
+        # Partial results in fp32, one row of PARTIAL_ROW floats per (token, head, split): the
+        # unnormalised acc in [0, HEAD_DIM), the running max at HEAD_DIM, the sum at HEAD_DIM + 1.
+        # A split with no keys writes only (max = -inf, sum = 0).
+        part_rows = ((tokens * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split) * PARTIAL_ROW
+        tl.store(partials_ptr + part_rows + HEAD_DIM, m_i, mask=row_valid)
+        tl.store(partials_ptr + part_rows + HEAD_DIM + 1, l_i, mask=row_valid)
+        # (A [BLOCK_M] comparison rather than a scalar one: the interpreter mis-types scalar & tensor masks.)
+        rows_with_work = row_valid & (tile_lo < tile_hi + 0 * rows)
+        tl.store(
+            partials_ptr + part_rows[:, None] + dim_offsets[None, :],
+            acc,
+            mask=rows_with_work[:, None] & dim_valid[None, :],
+        )
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_offsets = tokens[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dim_offsets[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    out_ptr,
+    partials_ptr,
+    query_start_loc_ptr,
+    num_reqs,
+    stride_o_tok,
+    stride_o_head,
+    NUM_HEADS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    PARTIAL_ROW: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_reqs):
+        return  # padding token: no request wrote its partials
+    splits = tl.arange(0, NUM_SPLITS_PAD)
+    split_valid = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    part_rows = ((token * NUM_HEADS + head) * NUM_SPLITS + splits) * PARTIAL_ROW
+    m = tl.load(partials_ptr + part_rows + HEAD_DIM, mask=split_valid, other=float("-inf"))
+    l = tl.load(partials_ptr + part_rows + HEAD_DIM + 1, mask=split_valid, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    has_keys = m > float("-inf")
+    weight = tl.where(has_keys, tl.exp2(m - m_max), 0.0)
+    acc = tl.load(
+        partials_ptr + part_rows[:, None] + dims[None, :],
+        mask=(split_valid & has_keys)[:, None] & (dims[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    l_total = tl.sum(weight * l, 0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(l_total == 0.0, 1.0, l_total)
+    out_ptrs = out_ptr + token * stride_o_tok + head * stride_o_head + dims
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+# Host-side helpers in plain Python: triton.cdiv / triton.next_power_of_2 unwrap constexprs on each
+# call, which costs microseconds per call on this per-layer path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_NUM_SMS
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(
+    dtype: torch.dtype, head_dim_pad: int, group_pad: int, max_query_len: int, num_tokens: int, num_kv_heads: int,
+    device: torch.device,
+) -> dict:
+    """Tile sizes and launch settings (measured on an H100, see benchmarks/kernel_bench.py --tune).
+
+    Decode: one token's GQA group per query tile (padded to 16 rows for tl.dot). Prefill: up to 128
+    rows (BLOCK_Q tokens x the group), where the tensor cores bound the time, unless that leaves too
+    few programs to fill the GPU (a short chunk), then 64. Under the interpreter (CPU) the smallest
+    tiles tl.dot takes, so that tiny tests walk several query and key tiles.
+    """
+    if device.type != "cuda":
+        block_m = max(16, group_pad)
+        return dict(BLOCK_Q=block_m // group_pad if max_query_len > 1 else 1, BLOCK_M=block_m, BLOCK_N=16,
+                    num_warps=4, num_stages=1)  # fmt: skip
+    if max_query_len == 1:
+        block_m = max(16, group_pad)
+        return dict(BLOCK_Q=1, BLOCK_M=block_m, BLOCK_N=64 if head_dim_pad <= 128 else 32, num_warps=4, num_stages=2)
+    big_tiles = head_dim_pad <= 128 and dtype != torch.float32
+    if big_tiles and (num_tokens * group_pad // 128) * num_kv_heads >= 2 * _num_sms(device):
+        rows, block_n, num_warps = 128, 128, 8
+    elif head_dim_pad <= 128:
+        rows, block_n, num_warps = 64, 64, 4
+    else:
+        rows, block_n, num_warps = 64, 32, 8
+    block_m = max(16, group_pad, min(rows, _next_power_of_2(max_query_len) * group_pad))
+    return dict(BLOCK_Q=block_m // group_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=3)
+
+
+def decode_num_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor) -> int:
+    """Key splits per query token on the decode path: a power of two chosen from tensor shapes only
+    (never from sequence lengths, so CUDA graphs stay valid). Enough programs to fill the GPU, at most
+    MAX_NUM_SPLITS, and no more than the key tiles the block table can address (rounded up)."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    return _decode_num_splits(
+        query.dtype, query.device, num_tokens, num_heads, head_dim, num_kv_heads, block_size, block_table.shape[1],
+        PROGRAMS_PER_SM,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_num_splits(
+    dtype: torch.dtype, device: torch.device, num_tokens: int, num_heads: int, head_dim: int, num_kv_heads: int,
+    block_size: int, table_width: int, programs_per_sm: int,
+) -> int:  # fmt: skip
+    group_pad = _next_power_of_2(num_heads // num_kv_heads)
+    head_dim_pad = max(16, _next_power_of_2(head_dim))
+    block_n = _launch_config(dtype, head_dim_pad, group_pad, 1, num_tokens, num_kv_heads, device)["BLOCK_N"]
+    target_programs = programs_per_sm * _num_sms(device)
+    wanted = _next_power_of_2(_cdiv(target_programs, max(1, num_tokens * num_kv_heads)))
+    max_tiles = _next_power_of_2(max(1, _cdiv(table_width * block_size, block_n)))
+    return min(wanted, max_tiles, MAX_NUM_SPLITS)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    min_q_len: int = 0,
+    max_q_len: int = 2**31 - 1,
+) -> torch.Tensor:
+    """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
+    [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
+
+    Request i's queries are rows query_start_loc[i]:query_start_loc[i+1]; query j of it sits at position
+    seq_lens[i] - q_len_i + j and sees keys 0..that position through block_table[i]. Rows past
+    query_start_loc[num_reqs] are not written. `max_query_len` (host int, an upper bound on q_len_i) picks
+    the tile shape: 1 selects the decode path, whose grid and constexprs depend only on tensor shapes
+    (CUDA-graph safe) and which splits keys across `num_splits` programs (default: decode_num_splits).
+    Requests with q_len outside [min_q_len, max_q_len] are skipped (their rows are left as they were).
+
+    Grid: (query tiles x num_kv_heads, num_splits), query tiles = num_tokens // BLOCK_Q + num_reqs, or
+    num_tokens when BLOCK_Q == 1; then, when num_splits > 1, (num_tokens, num_heads) for the reduction.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, ...]"
+    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    assert cache_head_dim == head_dim, f"kv_cache head_dim {cache_head_dim} != query head_dim {head_dim}"
+    assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}"
+    assert query.dtype == kv_cache.dtype, f"query {query.dtype} != kv_cache {kv_cache.dtype}"
+    assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {query.dtype}"
+    assert query.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous in query and kv_cache"
+    num_reqs = seq_lens.shape[0]
+    assert query_start_loc.shape == (num_reqs + 1,), f"query_start_loc {tuple(query_start_loc.shape)}, {num_reqs} reqs"
+    assert block_table.dim() == 2 and block_table.shape[0] == num_reqs, f"block_table {tuple(block_table.shape)}"
+    assert block_table.stride(1) == 1, "block_table rows must be contiguous"
+    for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens), ("block_table", block_table)):
+        assert t.dtype in (torch.int32, torch.int64), f"{name} dtype {t.dtype}"
+        assert t.device == query.device, f"{name} on {t.device}, query on {query.device}"
+    assert max_query_len >= 1
+    if out is None:
+        out = torch.empty_like(query)
+    assert out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1, "bad out tensor"
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    group_pad = _next_power_of_2(group)
+    head_dim_pad = max(16, _next_power_of_2(head_dim))
+    cfg = _launch_config(query.dtype, head_dim_pad, group_pad, max_query_len, num_tokens, num_kv_heads, query.device)
+    block_q = cfg["BLOCK_Q"]
+    num_query_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_reqs
+    if num_splits is None:
+        num_splits = decode_num_splits(query, kv_cache, block_table) if max_query_len == 1 else 1
+    split = num_splits > 1
+    assert not (split and (min_q_len > 0 or max_q_len < max_query_len)), "split-KV does not filter requests"
+    # Rows of 16-float multiples keep the partial accumulators 64-byte aligned.
+    partial_row = head_dim_pad + 16
+    if split:
+        partial_shape = (num_tokens, num_heads, num_splits, partial_row)
+        partials = torch.empty(partial_shape, dtype=torch.float32, device=query.device)
+    else:
+        partials = out  # unused
+    # Triton's interpreter multiplies bf16 operands of tl.dot as raw uint16 bits; there, upcast the
+    # (already bf16-rounded) operands to fp32, which gives the same products as the GPU's bf16 dot.
+    dot_in_fp32 = query.dtype == torch.bfloat16 and INTERPRETED
+    stride_q_tok, stride_q_head, _ = query.stride()
+    stride_o_tok, stride_o_head, _ = out.stride()
+    stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, _ = kv_cache.stride()
+    _paged_attention_kernel[(num_query_tiles * num_kv_heads, num_splits)](
+        out,
+        query,
+        kv_cache,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        partials,
+        scale * LOG2E,
+        num_reqs,
+        min_q_len,
+        max_q_len,
+        stride_q_tok,
+        stride_q_head,
+        stride_o_tok,
+        stride_o_head,
+        stride_c_kv,
+        stride_c_block,
+        stride_c_slot,
+        stride_c_head,
+        block_table.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_Q=block_q,
+        BLOCK_M=cfg["BLOCK_M"],
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=cfg["BLOCK_N"],
+        SPLIT=split,
+        PARTIAL_ROW=partial_row,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_in_fp32 else "tf32",
+        DOT_IN_FP32=dot_in_fp32,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if split:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            out,
+            partials,
+            query_start_loc,
+            num_reqs,
+            stride_o_tok,
+            stride_o_head,
+            NUM_HEADS=num_heads,
+            NUM_SPLITS=num_splits,
+            NUM_SPLITS_PAD=_next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            PARTIAL_ROW=partial_row,
+            num_warps=4,
+        )
+    return out
+
+
+@register_backend
+class TritonPagedAttentionBackend(AttentionBackend):
+    """Paged attention through the Triton kernels above (GPU; on CPU they run under TRITON_INTERPRET=1).
+
+    Decode-only steps (max_query_len == 1) take the split-KV path, whose launch depends only on tensor
+    shapes, so it can be captured in a CUDA graph. Mixed steps launch twice over disjoint rows: the
+    decode tile shape for requests with one new token, the prefill tile shape for the others.
+    """
+
+    name = "triton"
+
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        write_kv(key, value, kv_cache, slot_mapping)
+
+    def forward(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
+        if metadata.max_query_len == 1:
+            return paged_attention(*args, max_query_len=1)
+        # Requests with a single new token would waste most rows of a prefill-sized query tile, so they
+        # get their own launch with decode tiles (no split: the prefill launch fills the GPU anyway).
+        qsl = metadata.query_start_loc_cpu
+        has_decodes = bool(((qsl[1:] - qsl[:-1]) == 1).any())
+        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2 if has_decodes else 0)
+        if has_decodes:
+            paged_attention(*args, max_query_len=1, out=out, num_splits=1, max_q_len=1)
+        return out
