@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
+# Usage (device tool, repo root): bash benchmarks/device_run.sh [correctness] [qwen] [llama] [latency] [hf]
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+TM="python3 -m tokenmill.entrypoints.cli"
+want() { [ $# -eq 0 ] || [[ " $STEPS " == *" $1 "* ]]; }
+STEPS=" ${*:-correctness qwen llama latency} "
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+if want correctness; then
+  timeout 240 python3 -m pytest -q -x -n 4 tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
+fi
+if want qwen; then
+  timeout 200 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --output-json "$OUT/nano-qwen3-0.6b-tokenmill.json" 2>&1 | grep -vE "^INFO .*(step|Processed)" | tail -12
+fi
+if want llama; then
+  timeout 240 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
+fi
+if want latency; then
+  timeout 150 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
+  timeout 100 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
+  timeout 120 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
+fi
+if want hf; then
+  timeout 400 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --backend hf --output-json "$OUT/nano-qwen3-0.6b-hf.json" 2>&1 | tail -4
+fi
+python3 - "$OUT" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    for r in json.load(open(path)):
+        keys = ["output_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "startup_to_first_token_s", "seconds"]
+        print(f"{r['workload']:<22} {r['model']:<14} {r['backend']:<9} " + " ".join(f"{k}={r[k]:.1f}" for k in keys if k in r))
+PY
