@@ -57,11 +57,11 @@ def test_float32_greedy_matches_hf_and_graphs_match_eager(model_dir):
         expected.append(out[0, len(p):].tolist())
     graphs = engine_greedy(model_dir, "float32", enforce_eager=False)
     eager = engine_greedy(model_dir, "float32", enforce_eager=True)
-    assert graphs == eager
-    assert graphs == expected
     chunked = engine_greedy(model_dir, "float32", enforce_eager=False, max_num_batched_tokens=64,
                             enable_prefix_caching=False)
-    assert chunked == expected
+    mismatches = {name: [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+                  for name, got in (("graphs", graphs), ("eager", eager), ("chunked", chunked))}
+    assert mismatches == {"graphs": [], "eager": [], "chunked": []}, (mismatches, graphs, expected)
 
 
 def test_bf16_teacher_forced_top1_agreement(model_dir):
@@ -76,9 +76,10 @@ def test_bf16_teacher_forced_top1_agreement(model_dir):
         if len(seq) < 2:
             continue
         with torch.no_grad():
-            ref_top1 = hf(torch.tensor([seq], device="cuda")).logits[0].argmax(-1).tolist()
+            ref = hf(torch.tensor([seq], device="cuda")).logits[0].float()
         for pos in range(1, len(seq)):
             top1 = next(t for t, lp in out.prompt_logprobs[pos].items() if lp.rank == 1)
-            agree += int(top1 == ref_top1[pos - 1])
+            # bf16 logits tie often; our top-1 agrees if it is one of HF's (possibly tied) maxima
+            agree += int(ref[pos - 1, top1] == ref[pos - 1].max())
             total += 1
     assert agree / total >= 0.99, (agree, total)

@@ -16,9 +16,10 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 def determine_num_blocks(runner, cache: CacheConfig, graph_reserve_bytes: int = 0) -> int:
     """KV blocks for `runner`'s model.
 
-    On GPU: gpu_memory_utilization x total memory, minus what the process holds outside PyTorch's
-    allocator (CUDA context, libraries), minus the peak of a profiling forward pass at
-    max_num_batched_tokens (weights included), minus the CUDA-graph reserve.
+    On GPU: gpu_memory_utilization x total memory, minus what was in use before this engine started
+    (other processes), minus what this engine holds outside PyTorch's allocator since then, minus the
+    peak of a profiling forward pass at max_num_batched_tokens (weights included), minus the CUDA-graph
+    reserve; and never more than is free now.
     """
     per_block = runner.kv_bytes_per_block()
     if cache.kv_cache_memory_bytes is not None:
@@ -31,11 +32,14 @@ def determine_num_blocks(runner, cache: CacheConfig, graph_reserve_bytes: int = 
         runner.profile_run()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        free, total = torch.cuda.mem_get_info()
-        non_torch = total - free - torch.cuda.memory_reserved()
-        budget = int(total * cache.gpu_memory_utilization) - peak - non_torch - graph_reserve_bytes
-        logger.info("memory: total %.1f GiB, peak during profiling %.2f GiB, outside torch %.2f GiB, "
-                    "graphs %.2f GiB -> KV cache %.2f GiB", total / 2**30, peak / 2**30, non_torch / 2**30,
-                    graph_reserve_bytes / 2**30, budget / 2**30)
         torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        non_torch = max(0, total - free - runner.initial_gpu_used - torch.cuda.memory_reserved())
+        budget = int(total * cache.gpu_memory_utilization) - runner.initial_gpu_used - peak - non_torch \
+            - graph_reserve_bytes
+        budget = min(budget, free - graph_reserve_bytes - (256 << 20))
+        logger.info("memory: total %.1f GiB, in use before start %.2f GiB, profiling peak %.2f GiB, outside "
+                    "torch %.2f GiB, graphs %.2f GiB -> KV cache %.2f GiB", total / 2**30,
+                    runner.initial_gpu_used / 2**30, peak / 2**30, non_torch / 2**30, graph_reserve_bytes / 2**30,
+                    budget / 2**30)
     return max(0, budget // per_block)

@@ -44,6 +44,9 @@ class ModelRunner:
         self.max_num_reqs = config.scheduler.max_num_seqs
         self.max_num_tokens = config.scheduler.max_num_batched_tokens
         self.vocab_size = source.hf_config.vocab_size
+        # GPU memory in use before this engine allocates anything (other processes, our CUDA context).
+        self.initial_gpu_used = (lambda free, total: total - free)(*torch.cuda.mem_get_info()) \
+            if self.device.type == "cuda" else 0
         started = time.perf_counter()
         self.model = load_model(source, config.model.load_format, self.dtype, self.device,
                                 self.max_model_len, config.model.seed)
@@ -88,21 +91,30 @@ class ModelRunner:
         """A worst-case step for memory profiling: max_num_batched_tokens prompt tokens, then
         max_num_seqs rows of logits through the sampler with every filter on."""
         num_tokens, bs = self.max_num_tokens, self.block_size
-        num_blocks = cdiv(num_tokens, bs)
+        # As many requests of at most max_model_len tokens as the budget holds.
+        seq_lens = [min(self.max_model_len, num_tokens - start) for start in range(0, num_tokens, self.max_model_len)]
+        blocks_per_seq = [cdiv(n, bs) for n in seq_lens]
+        num_blocks = sum(blocks_per_seq)
         layer = self.attn_layers[0]
         scratch = torch.zeros(2, num_blocks, bs, layer.num_kv_heads, layer.head_dim, dtype=self.dtype,
                               device=self.device)
         for attn in self.attn_layers:
             attn.kv_cache = scratch
-        qsl = torch.tensor([0, num_tokens], dtype=torch.int32)
-        lens = torch.tensor([num_tokens], dtype=torch.int32)
+        qsl = torch.tensor([0] + np.cumsum(seq_lens).tolist(), dtype=torch.int32)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        block_table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+        slots, first_block = [], 0
+        for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+            block_table[i, :nb] = torch.arange(first_block, first_block + nb)
+            slots.append(torch.arange(n) + first_block * bs)
+            first_block += nb
         metadata = AttentionMetadata(
-            num_actual_tokens=num_tokens, num_reqs=1, max_query_len=num_tokens, max_seq_len=num_tokens,
-            query_start_loc=qsl.to(self.device), seq_lens=lens.to(self.device),
-            block_table=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
-            slot_mapping=torch.arange(num_tokens, device=self.device), query_start_loc_cpu=qsl, seq_lens_cpu=lens)
+            num_actual_tokens=num_tokens, num_reqs=len(seq_lens), max_query_len=max(seq_lens),
+            max_seq_len=max(seq_lens), query_start_loc=qsl.to(self.device), seq_lens=lens.to(self.device),
+            block_table=block_table.to(self.device), slot_mapping=torch.cat(slots).to(self.device),
+            query_start_loc_cpu=qsl, seq_lens_cpu=lens)
+        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
         input_ids = torch.randint(0, self.vocab_size, (num_tokens,), device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)
         with set_forward_context(metadata, self.backend):
             hidden_states = self.model(input_ids, positions)
         num_rows = min(self.max_num_reqs, num_tokens)
