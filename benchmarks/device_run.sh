@@ -8,22 +8,22 @@ TM="python3 -m tokenmill.entrypoints.cli"
 want() { [ $# -eq 0 ] || [[ " $STEPS " == *" $1 "* ]]; }
 STEPS=" ${*:-correctness qwen llama latency} "
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
-if want correctness; then
-  timeout 240 python3 -m pytest -q -x -n 4 tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
-fi
 if want qwen; then
-  timeout 200 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --output-json "$OUT/nano-qwen3-0.6b-tokenmill.json" 2>&1 | grep -vE "^INFO .*(step|Processed)" | tail -12
+  timeout 120 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --output-json "$OUT/nano-qwen3-0.6b-tokenmill.json" 2>&1 | grep -vE "^INFO .*(step|Processed)" | tail -12
 fi
 if want llama; then
-  timeout 240 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
+  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
 fi
 if want latency; then
   timeout 150 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
-  timeout 100 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
-  timeout 120 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
+  timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
+  timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
 fi
 if want hf; then
   timeout 400 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --backend hf --output-json "$OUT/nano-qwen3-0.6b-hf.json" 2>&1 | tail -4
+fi
+if want correctness; then
+  timeout 150 python3 -m pytest -q -x -n 2 tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
 fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
