@@ -15,7 +15,7 @@ if want llama; then
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
 fi
 if want latency; then
-  timeout 150 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
+  timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
   timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
   timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
 fi
