@@ -16,8 +16,8 @@ DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
 def determine_num_blocks(runner, cache: CacheConfig, graph_reserve_bytes: int = 0) -> int:
     """KV blocks for `runner`'s model.
 
-    On GPU: gpu_memory_utilization x total memory, minus what was in use before this engine started
-    (other processes), minus what this engine holds outside PyTorch's allocator since then, minus the
+    On GPU: gpu_memory_utilization x total memory is this engine's share; from it go what the engine
+    holds outside PyTorch's allocator (measured against the memory in use before it started), the
     peak of a profiling forward pass at max_num_batched_tokens (weights included), minus the CUDA-graph
     reserve; and never more than is free now.
     """
@@ -35,8 +35,7 @@ def determine_num_blocks(runner, cache: CacheConfig, graph_reserve_bytes: int = 
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         non_torch = max(0, total - free - runner.initial_gpu_used - torch.cuda.memory_reserved())
-        budget = int(total * cache.gpu_memory_utilization) - runner.initial_gpu_used - peak - non_torch \
-            - graph_reserve_bytes
+        budget = int(total * cache.gpu_memory_utilization) - peak - non_torch - graph_reserve_bytes
         budget = min(budget, free - graph_reserve_bytes - (256 << 20))
         logger.info("memory: total %.1f GiB, in use before start %.2f GiB, profiling peak %.2f GiB, outside "
                     "torch %.2f GiB, graphs %.2f GiB -> KV cache %.2f GiB", total / 2**30,
