@@ -67,8 +67,15 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
         """Makes room for `num_new_tokens` more tokens; returns the new blocks, or None if short."""
-        new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        if not new_computed_blocks:
+            # The common decode step: the tokens fit in the blocks held and no block becomes full.
+            num_after = request.num_computed_tokens + num_new_tokens
+            if num_after <= len(req_blocks) * self.block_size and (
+                    not self.enable_caching
+                    or num_after // self.block_size <= self.num_cached_blocks.get(request.request_id, 0)):
+                return []
+        new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_required = cdiv(num_computed + num_new_tokens, self.block_size)
         num_new_blocks = max(0, num_required - len(req_blocks) - len(new_computed_blocks))

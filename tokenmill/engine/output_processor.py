@@ -36,10 +36,11 @@ class ParentRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     children: dict[int, "RequestState"] = field(default_factory=dict)
+    num_finished: int = 0
 
     @property
     def finished(self) -> bool:
-        return len(self.children) == self.params.n and all(c.finish_reason for c in self.children.values())
+        return self.num_finished == self.params.n
 
 
 class RequestState:
@@ -160,6 +161,7 @@ class OutputProcessor:
                 to_abort.append(out.request_id)
             if state.finish_reason is not None:
                 del self.states[out.request_id]
+                state.parent.num_finished += 1
             result = self._make_output(state)
             if result is not None:
                 results.append(result)
