@@ -85,7 +85,8 @@ class SamplingParams:
             if value is not None:
                 check(isinstance(value, int) and value >= 0, name, "must be a non-negative integer")
         if self.seed is not None:
-            check(isinstance(self.seed, int), "seed", "must be an integer")
+            check(isinstance(self.seed, int) and -2**63 <= self.seed < 2**64, "seed",
+                  "must be an integer in [-2**63, 2**64)")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}.")

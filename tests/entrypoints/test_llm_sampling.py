@@ -158,7 +158,7 @@ def test_text_prompts_and_chat(llm, smol_tokenizer):
     ({"n": 0}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"top_k": -3}, "top_k"), ({"min_p": 2}, "min_p"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"logprobs": -1}, "logprobs"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-    ({"temperature": float("nan")}, "temperature"), ({"stop": [""]}, "stop"),
+    ({"temperature": float("nan")}, "temperature"), ({"stop": [""]}, "stop"), ({"seed": 2**64}, "seed"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

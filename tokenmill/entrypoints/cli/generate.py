@@ -10,7 +10,6 @@ from tokenmill.entrypoints.cli.engine_args import add_engine_args, add_sampling_
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="complete a prompt and print the result")
     parser.add_argument("prompt", nargs="+", help="one or more prompts")
-    parser.add_argument("--chat-template-off", action="store_true", help="complete raw text (default)")
     add_engine_args(parser)
     add_sampling_args(parser)
     parser.set_defaults(func=run)

@@ -1,0 +1,94 @@
+"""A real `tokenmill serve` subprocess on the embedded model, for the OpenAI server tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+STARTUP_TIMEOUT_S = 300.0
+# Short contexts keep the long-prompt tests fast on CPU; 256 MiB of KV is ~5.8k tokens (45 KiB each).
+MAX_MODEL_LEN = 512
+SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "64",
+               "--disable-uvicorn-access-log"]
+CUSTOM_CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, log_path: Path, extra_args: list[str] = (), env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--host", "127.0.0.1", "--port",
+                   str(self.port), *SERVER_ARGS, *extra_args]
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self._wait_ready()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-5000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log()[-5000:]}")
+
+    @property
+    def core_pid(self) -> int:
+        match = re.search(r"engine core process started \(pid (\d+)\)", self.log())
+        assert match, "the server did not log its engine core pid"
+        return int(match.group(1))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> ServerProcess:
+    process = ServerProcess(tmp_path_factory.mktemp("server") / "server.log")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory) -> ServerProcess:
+    """A second server: an API key from the environment and a --chat-template file; test_engine_core_death
+    kills its core."""
+    directory = tmp_path_factory.mktemp("keyed")
+    (directory / "template.jinja").write_text(CUSTOM_CHAT_TEMPLATE)
+    process = ServerProcess(directory / "server.log", ["--chat-template", str(directory / "template.jinja")],
+                            env={"TOKENMILL_API_KEY": "s3cret"})
+    yield process
+    process.stop()

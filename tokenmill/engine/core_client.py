@@ -1,0 +1,307 @@
+"""The engine core in its own process, and the frontend's handle on it.
+
+    frontend process                                 engine core process (spawn)
+    ----------------                                 ---------------------------
+    EngineCoreClient.add_request ----+
+    EngineCoreClient.abort_requests -+-- input pipe --> drain messages (block only while idle)
+    EngineCoreClient.call_utility ---+                  step(): schedule -> execute -> update
+                                                        |
+    reader thread <------------------- output pipe ----+  one CoreOutputs per step (+ SchedulerStats)
+      -> on_message(...) in the event loop                 UtilityResult per utility call
+
+Messages are plain dataclasses pickled by multiprocessing.Connection: no extra dependencies, and a
+step's message is small (a few token ids per request). The reader thread waits on the output pipe
+and on the process sentinel together, so a core that dies -- crash, OOM kill, SIGKILL -- is noticed
+at once and reported as CoreDead, never as a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from tokenmill.loader import ModelSource
+
+logger = logging.getLogger(__name__)
+
+STARTUP_POLL_S = 0.5
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+# ---- frontend -> core ------------------------------------------------------------------------------
+
+@dataclass
+class AbortRequests:
+    request_ids: list[str]
+
+
+@dataclass
+class UtilityCall:
+    call_id: int
+    method: str  # "stats" | "reset_prefix_cache"
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# ---- core -> frontend ------------------------------------------------------------------------------
+
+@dataclass
+class CoreReady:
+    pid: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclass
+class CoreOutputs:
+    outputs: list[EngineCoreOutput]  # one step's outputs; empty for a stats-only update
+    stats: SchedulerStats
+
+
+@dataclass
+class UtilityResult:
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class CoreFailed:
+    """The core raised: sent once, right before its process exits non-zero."""
+
+    message: str
+
+
+@dataclass
+class CoreDead:
+    """Not sent by the core: the reader thread's report that the process is gone."""
+
+    message: str
+
+
+CoreMessage = CoreOutputs | UtilityResult | CoreDead
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process is gone; nothing in flight will finish."""
+
+
+# ---- the core process ------------------------------------------------------------------------------
+
+class EngineCoreProc:
+    """The loop run in the core process: drain messages, step, send outputs."""
+
+    def __init__(self, core: Any, input_conn: Connection, output_conn: Connection) -> None:
+        self.core = core
+        self.input = input_conn
+        self.output = output_conn
+
+    def run(self) -> None:
+        while True:
+            num_handled = 0
+            if not self.core.has_unfinished_requests():
+                if not self._handle(self.input.recv()):  # idle: block until there is something to do
+                    return
+                num_handled += 1
+            while self.input.poll(0):
+                if not self._handle(self.input.recv()):
+                    return
+                num_handled += 1
+            if self.core.has_unfinished_requests():
+                outputs = self.core.step()
+                self.output.send(CoreOutputs(outputs, self.core.stats()))
+            elif num_handled:
+                # Aborts that emptied the engine change the stats without a step: report them.
+                self.output.send(CoreOutputs([], self.core.stats()))
+
+    def _handle(self, message: Any) -> bool:
+        """Applies one message; False means shut down."""
+        if isinstance(message, EngineCoreRequest):
+            try:
+                self.core.add_request(message)
+            except ValueError as e:  # the frontend validates first; this only guards the core
+                logger.error("rejected request %s: %s", message.request_id, e)
+                self.output.send(CoreOutputs([EngineCoreOutput(message.request_id, [], finish_reason="abort")],
+                                             self.core.stats()))
+        elif isinstance(message, AbortRequests):
+            self.core.abort_requests(message.request_ids)
+        elif isinstance(message, UtilityCall):
+            self.output.send(self._utility(message))
+        elif isinstance(message, Shutdown):
+            return False
+        else:
+            raise TypeError(f"unknown message {type(message).__name__}")
+        return True
+
+    def _utility(self, call: UtilityCall) -> UtilityResult:
+        if call.method == "stats":
+            return UtilityResult(call.call_id, self.core.stats())
+        if call.method == "reset_prefix_cache":
+            return UtilityResult(call.call_id, self.core.reset_prefix_cache())
+        return UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
+
+
+def run_engine_core(config: EngineConfig, source: ModelSource, input_conn: Connection,
+                    output_conn: Connection) -> None:
+    """Entry point of the spawned core process."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(levelname)s %(asctime)s EngineCore[{os.getpid()}] %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group; the frontend decides when the core stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    try:
+        from tokenmill.engine.core import EngineCore
+
+        core = EngineCore(config, source)
+        output_conn.send(CoreReady(os.getpid(), config.scheduler.max_model_len, core.num_blocks,
+                                   config.cache.block_size))
+        EngineCoreProc(core, input_conn, output_conn).run()
+    except (EOFError, BrokenPipeError):
+        pass  # the frontend is gone: nothing left to serve
+    except BaseException as e:  # noqa: BLE001 - report anything, then die loudly
+        logger.exception("engine core failed")
+        try:
+            output_conn.send(CoreFailed(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(1)
+
+
+# ---- the frontend's client -------------------------------------------------------------------------
+
+class EngineCoreClient:
+    """Starts the core process and moves messages to and from it.
+
+    `on_message` is called from the reader thread with CoreOutputs, UtilityResult, and finally
+    CoreDead if the process goes away without being asked to.
+    """
+
+    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._input_recv, self._input_send = context.Pipe(duplex=False)
+        self._output_recv, self._output_send = context.Pipe(duplex=False)
+        self.process = context.Process(target=run_engine_core, name="EngineCore",
+                                       args=(config, source, self._input_recv, self._output_send), daemon=True)
+        self.process.start()
+        # Only the child holds these ends now, so its death closes them and our reads see EOF.
+        self._input_recv.close()
+        self._output_send.close()
+        self._closing = False
+        self.ready: CoreReady | None = None
+        # Sends go through a writer thread: a full pipe (the core is mid-step) never blocks the event loop.
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="EngineCoreInputWriter", daemon=True)
+        self._writer.start()
+        self._reader: threading.Thread | None = None
+        logger.info("engine core process started (pid %d)", self.process.pid)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout_s: float | None = None) -> CoreReady:
+        """Blocks until the core has loaded the model; raises if it failed or died first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while deadline is None or time.monotonic() < deadline:
+            ready = wait([self._output_recv, self.process.sentinel], STARTUP_POLL_S)
+            if self._output_recv in ready:
+                try:
+                    message = self._output_recv.recv()
+                except EOFError:
+                    message = None
+                if isinstance(message, CoreReady):
+                    self.ready = message
+                    return message
+                if isinstance(message, CoreFailed):
+                    self.process.join(SHUTDOWN_TIMEOUT_S)
+                    raise EngineDeadError(f"engine core failed to start: {message.message}")
+            if self.process.sentinel in ready or not self.process.is_alive():
+                self.process.join(SHUTDOWN_TIMEOUT_S)
+                raise EngineDeadError(f"engine core process exited during startup (exit code "
+                                      f"{self.process.exitcode})")
+        raise TimeoutError(f"engine core not ready after {timeout_s} s")
+
+    def start_reader(self, on_message: Callable[[CoreMessage], None]) -> None:
+        self._reader = threading.Thread(target=self._read_loop, args=(on_message,), name="EngineCoreOutputReader",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read_loop(self, on_message: Callable[[CoreMessage], None]) -> None:
+        while True:
+            ready = wait([self._output_recv, self.process.sentinel])
+            if self._output_recv in ready:
+                try:
+                    message = self._output_recv.recv()
+                except (EOFError, OSError):
+                    message = None
+                if isinstance(message, (CoreOutputs, UtilityResult)):
+                    on_message(message)
+                    continue
+                detail = message.message if isinstance(message, CoreFailed) else None
+            else:
+                detail = None
+            if self._closing:
+                return
+            self.process.join(SHUTDOWN_TIMEOUT_S)
+            reason = detail or f"exit code {self.process.exitcode}"
+            on_message(CoreDead(f"the engine core process died unexpectedly ({reason.splitlines()[0]})"))
+            return
+
+    def _write_loop(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self._input_send.send(message)
+            except (BrokenPipeError, OSError):
+                return  # the core is gone; the reader thread reports it
+
+    def _send(self, message: Any) -> None:
+        if self._closing:
+            raise EngineDeadError("the engine core client is shut down")
+        self._outbox.put(message)
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._send(AbortRequests(list(request_ids)))
+
+    def call_utility(self, call_id: int, method: str) -> None:
+        self._send(UtilityCall(call_id, method))
+
+    def shutdown(self) -> None:
+        """Asks the core to stop, then makes sure it has: terminate, then kill."""
+        if self._closing:
+            return
+        self._closing = True
+        self._outbox.put(Shutdown())
+        self._outbox.put(None)
+        self.process.join(SHUTDOWN_TIMEOUT_S)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(SHUTDOWN_TIMEOUT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        # The process is gone, so both threads are about to return; close the pipes after them.
+        for thread in (self._writer, self._reader):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(SHUTDOWN_TIMEOUT_S)
+        for conn in (self._input_send, self._output_recv):
+            conn.close()

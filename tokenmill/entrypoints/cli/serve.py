@@ -1,0 +1,36 @@
+"""`tokenmill serve [MODEL]`: the OpenAI-compatible HTTP server (vLLM's flags)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from tokenmill.entrypoints.cli.engine_args import add_engine_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                                   description="Serve a model over an OpenAI-compatible HTTP API: /v1/completions, "
+                                               "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, "
+                                               "/detokenize, /version.")
+    add_engine_args(parser, model_positional=True)
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on every route but /health "
+                             "(default: $TOKENMILL_API_KEY)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model name(s) the API accepts; the first is the one responses report "
+                             "(default: the model argument, or SmolLM2-135M-Instruct for the embedded model)")
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tokenmill.entrypoints.openai.api_server import run_server
+
+    return asyncio.run(run_server(args))

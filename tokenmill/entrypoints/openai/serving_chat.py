@@ -1,0 +1,172 @@
+"""POST /v1/chat/completions: render the messages with the chat template, then generate.
+
+The rendered prompt is tokenized with add_special_tokens=False: the template already wrote every
+special token it wants, and a tokenizer that adds a BOS would otherwise add a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+
+import jinja2
+from fastapi.responses import Response, StreamingResponse
+
+from tokenmill.engine.async_llm import AsyncLLM
+from tokenmill.engine.core_client import EngineDeadError
+from tokenmill.entrypoints.openai.errors import OpenAIError
+from tokenmill.entrypoints.openai.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    DeltaMessage,
+    ResponseMessage,
+    TokenLogprob,
+    TopLogprob,
+    random_id,
+)
+from tokenmill.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    MIN_LOGPROB,
+    SSE_HEADERS,
+    OpenAIServing,
+    clamp,
+    final_outputs,
+    json_response,
+    sse,
+    sse_error,
+)
+from tokenmill.outputs import PositionLogprobs, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+_RESERVED_TEMPLATE_KWARGS = {"conversation", "chat_template", "tokenize", "add_generation_prompt",
+                             "continue_final_message", "return_dict"}
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's path, or the template itself (vLLM accepts both)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if any(c in value for c in "{}\n"):
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a template")
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None) -> None:
+        super().__init__(engine, served_model_names)
+        self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+
+    def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+               continue_final_message: bool = False, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """The prompt text and its token ids."""
+        if not self.chat_template:
+            raise OpenAIError("this model has no chat template; start the server with --chat-template FILE")
+        try:
+            conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as e:
+            raise OpenAIError(str(e), param="messages") from None
+        extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, **extra)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+            raise OpenAIError(f"the chat template could not render these messages: {e}", param="messages") from None
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def create_chat_completion(self, request: ChatCompletionRequest) -> Response:
+        self.check_model(request.model)
+        text, token_ids = self.render(request.messages, request.add_generation_prompt,
+                                      request.continue_final_message, request.chat_template_kwargs)
+        max_tokens = self.resolve_max_tokens(len(token_ids), request.requested_max_tokens)
+        params = self.sampling_params(request.to_sampling_params, max_tokens)
+        request_id = random_id("chatcmpl")
+        stream = self.add_requests(request_id, [(text, token_ids)], [params])[0]
+        if request.stream:
+            return StreamingResponse(self._stream(request, request_id, len(token_ids), stream),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        output = (await final_outputs([stream]))[0]
+        return json_response(self._response(request, request_id, output))
+
+    def _logprobs(self, token_ids: list[int], positions: list[PositionLogprobs] | None,
+                  num_top: int) -> ChatCompletionLogProbs:
+        content = []
+        for token_id, position in zip(token_ids, positions or []):
+            chosen = position.get(token_id)
+            token = self.token_text(token_id, chosen)
+            ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:num_top]
+            tops = []
+            for top_id, top in ranked:
+                top_token = self.token_text(top_id, top)
+                tops.append(TopLogprob(token=top_token, logprob=clamp(top.logprob),
+                                       bytes=list(top_token.encode("utf-8", errors="replace"))))
+            content.append(TokenLogprob(token=token, logprob=clamp(chosen.logprob) if chosen else MIN_LOGPROB,
+                                        bytes=list(token.encode("utf-8", errors="replace")), top_logprobs=tops))
+        return ChatCompletionLogProbs(content=content)
+
+    def _response(self, request: ChatCompletionRequest, request_id: str,
+                  output: RequestOutput) -> ChatCompletionResponse:
+        choices = []
+        for completion in output.outputs:
+            logprobs = (self._logprobs(completion.token_ids, completion.logprobs, request.top_logprobs or 0)
+                        if request.logprobs else None)
+            choices.append(ChatCompletionChoice(
+                index=completion.index, message=ResponseMessage(content=completion.text), logprobs=logprobs,
+                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+        choices.sort(key=lambda c: c.index)
+        num_completion = sum(len(c.token_ids) for c in output.outputs)
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
+                                      usage=self.usage(len(output.prompt_token_ids), num_completion,
+                                                       output.num_cached_tokens))
+
+    async def _stream(self, request: ChatCompletionRequest, request_id: str, num_prompt: int,
+                      stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionChunkChoice], usage=None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=choices,
+                                           usage=usage))
+
+        num_completion = [0] * request.n
+        num_cached = 0
+        continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
+        try:
+            for index in range(request.n):  # OpenAI opens each choice with the role
+                yield chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+            async for output in stream:
+                num_cached = output.num_cached_tokens
+                for completion in output.outputs:
+                    num_completion[completion.index] += len(completion.token_ids)
+                    if not completion.token_ids and not completion.text and completion.finish_reason is None:
+                        continue
+                    logprobs = (self._logprobs(completion.token_ids, completion.logprobs, request.top_logprobs or 0)
+                                if request.logprobs else None)
+                    choice = ChatCompletionChunkChoice(index=completion.index,
+                                                       delta=DeltaMessage(content=completion.text), logprobs=logprobs,
+                                                       finish_reason=completion.finish_reason,
+                                                       stop_reason=completion.stop_reason)
+                    usage = self.usage(num_prompt, sum(num_completion), num_cached) if continuous else None
+                    yield chunk([choice], usage)
+            if request.include_usage:
+                yield chunk([], self.usage(num_prompt, sum(num_completion), num_cached))
+        except EngineDeadError as e:
+            yield sse_error(f"the engine is dead: {e}", HTTPStatus.INTERNAL_SERVER_ERROR)
+        except Exception as e:  # noqa: BLE001 - the status line is sent: say it in the stream
+            logger.exception("chat completion stream failed")
+            yield sse_error(f"internal error: {type(e).__name__}: {e}")
+        finally:
+            await stream.aclose()
+        yield SSE_DONE
+
