@@ -20,7 +20,7 @@ LENGTHS = (1, 5, 16, 17, 40, 100, 130, 257)
 def tiny_dir(tmp_path_factory, arch: str) -> str:
     common = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
-                  initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+                  initializer_range=0.2, bos_token_id=1, eos_token_id=2)
     config = (transformers.LlamaConfig(**common) if arch == "llama"
               else transformers.Qwen3Config(**common, head_dim=64, tie_word_embeddings=True))
     torch.manual_seed(0)
@@ -65,21 +65,26 @@ def test_float32_greedy_matches_hf_and_graphs_match_eager(model_dir):
 
 
 def test_bf16_teacher_forced_top1_agreement(model_dir):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    """Our bf16 top-1 is one of HF bf16's (tied) top-1 tokens at >= 99 % of prompt positions. The failure
+    message also gives each side's agreement with HF float32, the noise floor of bf16 itself."""
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    hf32 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     llm = LLM(model_dir, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
               gpu_memory_utilization=0.3, max_num_seqs=16)
-    seqs = prompts()
+    seqs = [s for s in prompts() if len(s) >= 2]
     outs = llm.generate([{"prompt_token_ids": p} for p in seqs],
                         SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
-    agree = total = 0
+    agree = ours_vs_fp32 = hf16_vs_fp32 = total = 0
     for seq, out in zip(seqs, outs):
-        if len(seq) < 2:
-            continue
+        ids = torch.tensor([seq], device="cuda")
         with torch.no_grad():
-            ref = hf(torch.tensor([seq], device="cuda")).logits[0].float()
+            ref16 = hf16(ids).logits[0].float()
+            top32 = hf32(ids).logits[0].argmax(-1)
         for pos in range(1, len(seq)):
             top1 = next(t for t, lp in out.prompt_logprobs[pos].items() if lp.rank == 1)
-            # bf16 logits tie often; our top-1 agrees if it is one of HF's (possibly tied) maxima
-            agree += int(ref[pos - 1, top1] == ref[pos - 1].max())
+            agree += int(ref16[pos - 1, top1] == ref16[pos - 1].max())  # bf16 logits tie often
+            ours_vs_fp32 += int(top1 == top32[pos - 1])
+            hf16_vs_fp32 += int(ref16[pos - 1].argmax() == top32[pos - 1])
             total += 1
-    assert agree / total >= 0.99, (agree, total)
+    report = dict(vs_hf_bf16=agree / total, ours_vs_fp32=ours_vs_fp32 / total, hf_bf16_vs_fp32=hf16_vs_fp32 / total)
+    assert agree / total >= 0.99, report

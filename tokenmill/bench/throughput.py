@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from tokenmill.bench.common import Workload, base_record, make_workload, print_table, write_records
@@ -70,9 +71,12 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_model(args.model)
     dtype = ModelConfig(dtype=args.dtype).resolve_dtype(config_dtype(source.hf_config), device)
-    if args.load_format == "dummy" or source.is_gguf:
+    if args.load_format == "dummy":
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(source.hf_config, dtype=dtype)
+    elif source.is_gguf:
+        folder, name = os.path.split(source.path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).to(device)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device)
     model.eval()
