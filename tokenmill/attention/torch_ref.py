@@ -67,11 +67,17 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, Lq, H, D], k/v: [B, Lk, H_kv, D], mask: [B, Lq, Lk] (True = attend) -> [B, Lq, H, D]."""
-    num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    if num_heads != num_kv_heads:
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=2)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=2)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=mask.unsqueeze(1), scale=scale)
-    return o.transpose(1, 2)
+    """q: [B, Lq, H, D], k/v: [B, Lk, H_kv, D], mask: [B, Lq, Lk] (True = attend) -> [B, Lq, H, D].
+
+    Grouped-query attention without copying K/V: the G query heads that share a KV head become G times
+    as many query rows of that head ([B, H_kv, G * Lq, D]), each with its position's mask row.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    q = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(batch, num_kv_heads, group * q_len, head_dim)
+    mask = mask.unsqueeze(1).expand(batch, group, q_len, mask.shape[-1]).reshape(batch, 1, group * q_len, -1)
+    o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    o = o.view(batch, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
+    return o.reshape(batch, q_len, num_heads, head_dim)

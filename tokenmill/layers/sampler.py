@@ -8,8 +8,9 @@ Order of operations, per row of logits [num_reqs, vocab]:
   5. greedy rows (temperature 0) take the argmax here
   6. temperature
   7. min_p, then top_k, then top_p (on the sorted distribution)
-  8. sample by the exponential race argmax(p / q), q ~ Exp(1); seeded rows draw q from their own
-     generator, so a seeded request samples the same tokens whatever batch it runs in
+  8. sample: on GPU by the exponential race argmax(p / q), q ~ Exp(1); on CPU by multinomial (one
+     uniform per row instead of one per vocab entry); seeded rows draw from their own generator, so a
+     seeded request samples the same tokens whatever batch it runs in
 There is one device-to-host copy per step: the caller's `.tolist()` of the result.
 """
 
@@ -87,6 +88,14 @@ class Sampler:
         if meta.top_k is not None or meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
         probs = logits.softmax(dim=-1)
+        if not probs.is_cuda:
+            # On CPU drawing one uniform per row (multinomial) is far cheaper than one per vocab entry.
+            sampled = torch.multinomial(probs, 1).squeeze(1) if len(meta.generators) < probs.shape[0] else None
+            if sampled is None:
+                sampled = torch.empty(probs.shape[0], dtype=torch.long)
+            for row, generator in meta.generators.items():
+                sampled[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
+            return sampled
         q = torch.empty_like(probs)
         if len(meta.generators) < probs.shape[0]:
             q.exponential_()
