@@ -8,7 +8,7 @@ Order of operations, per row of logits [num_reqs, vocab]:
   5. greedy rows (temperature 0) take the argmax here
   6. temperature
   7. min_p, then top_k, then top_p (on the sorted distribution)
-  8. sample: on GPU by the exponential race argmax(p / q), q ~ Exp(1); on CPU by multinomial (one
+  8. sample: on GPU by the exponential race argmax(p / q), q ~ Exp(1); on CPU by the inverse CDF (one
      uniform per row instead of one per vocab entry); seeded rows draw from their own generator, so a
      seeded request samples the same tokens whatever batch it runs in
 There is one device-to-host copy per step: the caller's `.tolist()` of the result.
@@ -89,13 +89,12 @@ class Sampler:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
         probs = logits.softmax(dim=-1)
         if not probs.is_cuda:
-            # On CPU drawing one uniform per row (multinomial) is far cheaper than one per vocab entry.
-            sampled = torch.multinomial(probs, 1).squeeze(1) if len(meta.generators) < probs.shape[0] else None
-            if sampled is None:
-                sampled = torch.empty(probs.shape[0], dtype=torch.long)
+            # On CPU, inverse-CDF sampling draws one uniform per row instead of one per vocab entry.
+            u = 1.0 - torch.rand(probs.shape[0], 1)  # in (0, 1], so a zero-probability first token is never hit
             for row, generator in meta.generators.items():
-                sampled[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
-            return sampled
+                u[row] = 1.0 - torch.rand(1, generator=generator)
+            cdf = probs.cumsum(dim=-1)
+            return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
         q = torch.empty_like(probs)
         if len(meta.generators) < probs.shape[0]:
             q.exponential_()
