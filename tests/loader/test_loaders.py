@@ -1,0 +1,68 @@
+"""HF-directory loading (single and sharded), random weights, hub errors and KV-cache sizing errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from tokenmill import LLM, SamplingParams
+
+PROMPT = {"prompt_token_ids": [11, 22, 33, 44, 55]}
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def generate(llm: LLM) -> list[int]:
+    return llm.generate([PROMPT], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_sharded_safetensors_load_like_a_single_file(tiny_model_dir, tmp_path):
+    single = tiny_model_dir("qwen2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(single, dtype=torch.float32)
+    model.save_pretrained(tmp_path, max_shard_size="2MB")
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    kwargs = dict(skip_tokenizer_init=True, dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=256)
+    assert generate(LLM(str(tmp_path), **kwargs)) == generate(LLM(single, **kwargs))
+
+
+def test_dummy_weights_need_only_a_config(tmp_path):
+    config = transformers.Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      max_position_embeddings=128)
+    config.save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == ["config.json"]
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 20)
+    tokens = generate(llm)
+    assert len(tokens) == 8 and all(0 <= t < 300 for t in tokens)
+    with pytest.raises(FileNotFoundError, match="dummy"):
+        LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 20)
+
+
+def test_unreachable_hub_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not get model 'no-such-org/no-such-model'"):
+        LLM("no-such-org/no-such-model")
+
+
+def test_too_small_kv_cache_is_a_startup_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="fewer than one sequence of max_model_len=512"):
+        LLM(tiny_model_dir("llama"), skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 12, max_model_len=512)
+
+
+def test_cli_generate_and_chat():
+    common = ["--max-tokens", "8", "--max-model-len", "512", "--kv-cache-memory-bytes", str(32 << 20)]
+    out = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "generate", "The capital of France is",
+                          *common], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The capital of France is") and len(out.stdout.strip()) > len("The capital of France is")
+    chat = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "chat", *common],
+                          input="Hello!\n\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.startswith("> ") and len(chat.stdout.strip()) > 2
