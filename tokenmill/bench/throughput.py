@@ -9,6 +9,7 @@ import time
 from tokenmill.bench.common import Workload, base_record, make_workload, print_table, write_records
 from tokenmill.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
+from tokenmill.metrics import step_timer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
               "output_tokens_per_s": workload.num_output_tokens / seconds,
               "total_tokens_per_s": (workload.num_prompt_tokens + workload.num_output_tokens) / seconds,
               **base_record()}
+    if step_timer.ENABLED and args.backend == "tokenmill":
+        record["step_phases"] = step_timer.summary()
+        for name, row in record["step_phases"].items():
+            print(f"step phase {name:<13} {row['seconds']:8.2f} s  {row['calls']:6d} calls  {row['mean_ms']:7.3f} ms")
     print_table([record], ["workload", "model", "backend", "num_requests", "seconds", "output_tokens_per_s",
                            "total_tokens_per_s", "device"])
     write_records([record], args.output_json)
@@ -50,9 +55,11 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload) -> float:
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up: kernels compiled, caches touched
+    step_timer.reset()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - started
+
     produced = sum(len(o.outputs[0].token_ids) for o in outputs)
     if produced != workload.num_output_tokens:
         raise RuntimeError(f"generated {produced} tokens, the workload asks for {workload.num_output_tokens}")

@@ -12,6 +12,7 @@ from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.loader import ModelSource
+from tokenmill.metrics import step_timer
 from tokenmill.worker.memory import determine_num_blocks
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -72,9 +73,11 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
+        with step_timer.phase("schedule"):
+            scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute_model(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        with step_timer.phase("update"):
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -11,6 +11,7 @@ from tokenmill.engine.core import EngineCore
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.processor import Processor, PromptType
 from tokenmill.loader import ModelSource, load_tokenizer, resolve_model
+from tokenmill.metrics import step_timer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -48,7 +49,9 @@ class LLMEngine:
             self.core.abort_requests(self.output_processor.abort(request_id))
 
     def step(self) -> list[RequestOutput]:
-        outputs, to_abort = self.output_processor.process_outputs(self.core.step())
+        core_outputs = self.core.step()
+        with step_timer.phase("frontend"):
+            outputs, to_abort = self.output_processor.process_outputs(core_outputs)
         if to_abort:
             self.core.abort_requests(to_abort)
         return outputs

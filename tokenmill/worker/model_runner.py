@@ -23,6 +23,7 @@ from tokenmill.forward_context import set_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
 from tokenmill.loader import ModelSource, config_dtype, load_model
+from tokenmill.metrics import step_timer
 from tokenmill.worker.buffers import StagedBuffer
 from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch
@@ -170,20 +171,25 @@ class ModelRunner:
             (batch.num_computed_tokens[rows] >= batch.num_prompt_tokens[rows] - 1).all())
         graph_size = self.graphs.padded_size(num_reqs) if self.graphs.graphs and decode_only else None
         padded_reqs = graph_size or num_reqs
-        attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs)
-        sampling_metadata = self._sampling_metadata(rows)
-        if graph_size is not None:
-            logits = self.graphs.replay(graph_size)[:num_reqs]
-            hidden_states = None
-        else:
-            with set_forward_context(attn_metadata, self.backend):
-                hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
-            logits_indices = torch.from_numpy(np.cumsum(num_scheduled) - 1).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden_states[logits_indices])
-        sampler_output = self.sampler(logits, sampling_metadata)
-        prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) if hidden_states is not None \
-            else {}
-        return self._collect(rows, num_scheduled, sampler_output, prompt_logprobs)
+        with step_timer.phase("prepare"):
+            attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs)
+            sampling_metadata = self._sampling_metadata(rows)
+        with step_timer.phase("launch_graph" if graph_size is not None else "launch_eager"):
+            if graph_size is not None:
+                logits = self.graphs.replay(graph_size)[:num_reqs]
+                hidden_states = None
+            else:
+                with set_forward_context(attn_metadata, self.backend):
+                    hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
+                logits_indices = torch.from_numpy(np.cumsum(num_scheduled) - 1).to(self.device, non_blocking=True)
+                logits = self.model.compute_logits(hidden_states[logits_indices])
+            sampler_output = self.sampler(logits, sampling_metadata)
+            prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
+                if hidden_states is not None else {}
+        with step_timer.phase("wait"):
+            sampled = sampler_output.sampled_token_ids.tolist()
+        with step_timer.phase("collect"):
+            return self._collect(rows, num_scheduled, sampled, sampler_output, prompt_logprobs)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.batch
@@ -324,10 +330,9 @@ class ModelRunner:
             state.num_prompt_logprobs_done = last
         return result
 
-    def _collect(self, rows: np.ndarray, num_scheduled: np.ndarray, out: SamplerOutput,
+    def _collect(self, rows: np.ndarray, num_scheduled: np.ndarray, sampled: list[int], out: SamplerOutput,
                  prompt_logprobs: dict[str, list[TokenLogprobs]]) -> ModelRunnerOutput:
         batch = self.batch
-        sampled = out.sampled_token_ids.tolist()
         logprob_lists = None
         if out.logprobs is not None:
             logprob_lists = (out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist())
