@@ -65,8 +65,12 @@ def test_float32_greedy_matches_hf_and_graphs_match_eager(model_dir):
 
 
 def test_bf16_teacher_forced_top1_agreement(model_dir):
-    """Our bf16 top-1 is one of HF bf16's (tied) top-1 tokens at >= 99 % of prompt positions. The failure
-    message also gives each side's agreement with HF float32, the noise floor of bf16 itself."""
+    """bf16 is as accurate as HF's bf16: our top-1 agrees with HF float32's at least as often as HF
+    bf16's does (less one point), and with HF bf16's (tied) top-1 at >= 95 % of positions.
+
+    On these tiny random models two bf16 implementations cannot agree at 99 %: bf16 rounding alone moves
+    the top-1 at ~8 % of positions (measured on the H100: HF bf16 vs HF float32 91.9 %, ours vs HF float32
+    91.8 %, ours vs HF bf16 96.6 %)."""
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     hf32 = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     llm = LLM(model_dir, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=1024,
@@ -87,4 +91,5 @@ def test_bf16_teacher_forced_top1_agreement(model_dir):
             hf16_vs_fp32 += int(ref16[pos - 1].argmax() == top32[pos - 1])
             total += 1
     report = dict(vs_hf_bf16=agree / total, ours_vs_fp32=ours_vs_fp32 / total, hf_bf16_vs_fp32=hf16_vs_fp32 / total)
-    assert agree / total >= 0.99, report
+    assert ours_vs_fp32 / total >= hf16_vs_fp32 / total - 0.01, report
+    assert agree / total >= 0.95, report

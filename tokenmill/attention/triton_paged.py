@@ -224,7 +224,9 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+# Sizes that change from step to step are not specialized on (== 1, divisible by 16): otherwise each new
+# batch composition compiles another variant in the middle of serving.
+@triton.jit(do_not_specialize=["num_reqs", "min_q_len", "max_q_len"])
 def _paged_attention_kernel(
     out_ptr,
     q_ptr,
@@ -367,7 +369,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _reduce_splits_kernel(
     out_ptr,
     partials_ptr,

@@ -65,6 +65,7 @@ class ModelRunner:
         self.slot_mapping = StagedBuffer(num_rows, torch.int64, self.device)
         self.seq_lens = StagedBuffer(self.max_num_reqs, torch.int32, self.device)
         self.query_start_loc = StagedBuffer(self.max_num_reqs + 1, torch.int32, self.device)
+        self.logits_indices = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
         self._arange = np.arange(num_rows + 1, dtype=np.int64)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
@@ -181,8 +182,8 @@ class ModelRunner:
             else:
                 with set_forward_context(attn_metadata, self.backend):
                     hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
-                logits_indices = torch.from_numpy(np.cumsum(num_scheduled) - 1).to(self.device, non_blocking=True)
-                logits = self.model.compute_logits(hidden_states[logits_indices])
+                self.logits_indices.np[:num_reqs] = self.query_start_loc.np[1:num_reqs + 1] - 1
+                logits = self.model.compute_logits(hidden_states[self.logits_indices.to_device(num_reqs)])
             sampler_output = self.sampler(logits, sampling_metadata)
             prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
                 if hidden_states is not None else {}
