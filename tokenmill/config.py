@@ -74,6 +74,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
+    # Schedule step N+1 while step N runs on the device, its sampled tokens fed to N+1 on the device.
+    async_scheduling: bool = False
     max_model_len: int = 0  # filled in from the model config
 
     def __post_init__(self) -> None:

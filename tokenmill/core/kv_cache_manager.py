@@ -73,7 +73,8 @@ class KVCacheManager:
             num_after = request.num_computed_tokens + num_new_tokens
             if num_after <= len(req_blocks) * self.block_size and (
                     not self.enable_caching
-                    or num_after // self.block_size <= self.num_cached_blocks.get(request.request_id, 0)):
+                    or min(num_after, request.num_tokens) // self.block_size
+                    <= self.num_cached_blocks.get(request.request_id, 0)):
                 return []
         new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
@@ -91,7 +92,9 @@ class KVCacheManager:
         if self.enable_caching:
             # Blocks full once this step's tokens are written become findable now: a request that hits
             # them in this same step reads them after this step's keys are written in each layer.
-            num_full = (num_computed + num_new_tokens) // self.block_size
+            # Only blocks whose tokens are all known can be hashed (async scheduling computes a token
+            # before its value reaches the host); the rest are registered on a later call.
+            num_full = min(num_computed + num_new_tokens, request.num_tokens) // self.block_size
             num_cached = self.num_cached_blocks.get(request.request_id, 0)
             if num_full > num_cached:
                 hashes = self._block_hashes(request)

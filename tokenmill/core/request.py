@@ -45,6 +45,8 @@ class Request:
         # prompt + output, the sequence whose KV the cache holds
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Async scheduling: tokens scheduled to be sampled whose values have not come back yet.
+        self.num_output_placeholders = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
@@ -56,6 +58,14 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def needs_sync_scheduling(self) -> bool:
+        """Sampling that reads this request's latest tokens on the host (penalties, min_tokens) or reports
+        prompt logprobs cannot run a step ahead of the known tokens."""
+        p = self.sampling_params
+        return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+                or p.min_tokens > 0 or p.prompt_logprobs is not None)
 
     @property
     def num_output_tokens(self) -> int:

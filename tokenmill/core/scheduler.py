@@ -35,12 +35,14 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.async_scheduling = config.async_scheduling
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_req_ids: set[str] = set()  # to tell the runner next step
         self.num_preemptions = 0
+        self.num_sync_only_requests = 0  # requests that async scheduling cannot run ahead of
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -55,6 +57,7 @@ class Scheduler:
                              f"{self.max_num_batched_tokens} and chunked prefill is off")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_sync_only_requests += request.needs_sync_scheduling
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Ends requests from outside (abort, or a stop string the frontend found)."""
@@ -73,6 +76,7 @@ class Scheduler:
         return finished
 
     def _free(self, request: Request) -> None:
+        self.num_sync_only_requests -= request.needs_sync_scheduling
         self.kv.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
@@ -96,7 +100,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
+            if request.num_output_placeholders and (
+                    request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+                    or request.num_tokens + request.num_output_placeholders >= self.max_model_len):
+                num_new = 0  # its last token is already in flight: it finishes when that comes back
             if num_new <= 0:
                 index += 1
                 continue
@@ -120,6 +128,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted_ids and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: admitted once its value is known
             computed_blocks, num_hit_tokens = [], 0
             if request.num_computed_tokens == 0:
                 computed_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -145,7 +155,11 @@ class Scheduler:
                 request.sampling_params, self.kv.block_ids(request.request_id), request.num_computed_tokens))
 
         for request_id, num_new in num_scheduled.items():
-            self.requests[request_id].num_computed_tokens += num_new
+            request = self.requests[request_id]
+            request.num_computed_tokens += num_new
+            if self.async_scheduling and request.num_computed_tokens >= request.num_tokens + \
+                    request.num_output_placeholders:
+                request.num_output_placeholders += 1
         output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                                  preempted_ids, self.finished_req_ids)
         self.finished_req_ids = set()
@@ -172,8 +186,10 @@ class Scheduler:
             prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
             if not new_token_ids and prompt_logprobs is None:
                 continue  # a prompt chunk that produced nothing to report
+            queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
             for token_id in new_token_ids:
                 request.append_output_token(token_id)
+                request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
                 if self._check_stop(request, token_id):
                     break
             logprobs = runner_output.logprobs[i]
@@ -184,7 +200,7 @@ class Scheduler:
                 finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0)))
             if request.is_finished:
-                self.running.remove(request)
+                queue.remove(request)
                 self._free(request)
         return outputs
 
@@ -196,6 +212,9 @@ class Scheduler:
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return request.is_finished
+
+    def needs_sync_scheduling(self) -> bool:
+        return self.num_sync_only_requests > 0
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,

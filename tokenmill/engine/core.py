@@ -55,6 +55,8 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens (%d tokens), max concurrency %.1f at max_model_len=%d; "
                     "engine ready in %.1f s", num_blocks, block_size, num_blocks * block_size,
                     num_blocks * block_size / max_model_len, max_model_len, time.perf_counter() - started)
+        self.async_scheduling = config.scheduler.async_scheduling
+        self.pending: tuple | None = None  # (SchedulerOutput, PendingStep) launched, not yet finished
         self.scheduler = Scheduler(config.scheduler,
                                    KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching))
 
@@ -70,12 +72,31 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.pending is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        """One step. With async scheduling the next step is scheduled and launched before the previous
+        one's tokens are processed, so the host work of one overlaps the device work of the other."""
+        if not self.async_scheduling or self.scheduler.needs_sync_scheduling():
+            outputs = self._finish_pending()
+            with step_timer.phase("schedule"):
+                scheduler_output = self.scheduler.schedule()
+            runner_output = self.runner.execute_model(scheduler_output)
+            with step_timer.phase("update"):
+                return outputs + self.scheduler.update_from_output(scheduler_output, runner_output)
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute_model(scheduler_output)
+        launched = self.runner.launch_step(scheduler_output)
+        outputs = self._finish_pending()
+        self.pending = (scheduler_output, launched)
+        return outputs
+
+    def _finish_pending(self) -> list[EngineCoreOutput]:
+        if self.pending is None:
+            return []
+        scheduler_output, launched = self.pending
+        self.pending = None
+        runner_output = self.runner.finish_step(launched)
         with step_timer.phase("update"):
             return self.scheduler.update_from_output(scheduler_output, runner_output)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,6 +30,18 @@ from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingStep:
+    """A launched step: what the host needs to finish it once the device is done."""
+
+    req_ids: list[str]  # scheduled requests, in batch order at launch
+    done: np.ndarray  # [num_reqs] bool: the request's sample is a real next token (not a prompt chunk)
+    host: list[torch.Tensor] | None  # sampled ids (+ logprob ids, logprobs, ranks), copying to the host
+    event: torch.cuda.Event | None  # recorded after the copies were queued
+    prompt_logprobs: dict[str, list[TokenLogprobs]]
+    sampler_output: SamplerOutput | None  # keeps the device tensors alive until the copies finish
 
 
 def cdiv(a: int, b: int) -> int:
@@ -66,6 +79,10 @@ class ModelRunner:
         self.seq_lens = StagedBuffer(self.max_num_reqs, torch.int32, self.device)
         self.query_start_loc = StagedBuffer(self.max_num_reqs + 1, torch.int32, self.device)
         self.logits_indices = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
+        self.in_flight_dst = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
+        self.in_flight_src = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
+        self.last_sampled: torch.Tensor | None = None
+        self.last_sampled_index: dict[str, int] = {}
         self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
         self._arange = np.arange(num_rows + 1, dtype=np.int64)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
@@ -158,9 +175,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.finish_step(self.launch_step(scheduler_output))
+
+    @torch.inference_mode()
+    def launch_step(self, scheduler_output: SchedulerOutput) -> PendingStep:
+        """Queues the step's device work and the copy of its sampled tokens to the host; returns at once.
+
+        Tokens still in flight from the previous step (async scheduling) are fed from the device."""
         self._update_states(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput([], [], [])
+            return PendingStep([], np.zeros(0, dtype=bool), None, None, {}, None)
         batch = self.batch
         rows = np.array(sorted(batch.index[r] for r in scheduler_output.num_scheduled_tokens), dtype=np.int64)
         num_scheduled = np.array([scheduler_output.num_scheduled_tokens[batch.req_ids[r]] for r in rows],
@@ -184,13 +208,34 @@ class ModelRunner:
                     hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
                 self.logits_indices.np[:num_reqs] = self.query_start_loc.np[1:num_reqs + 1] - 1
                 logits = self.model.compute_logits(hidden_states[self.logits_indices.to_device(num_reqs)])
-            sampler_output = self.sampler(logits, sampling_metadata)
+            out = self.sampler(logits, sampling_metadata)
             prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
                 if hidden_states is not None else {}
+        done = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
+        req_ids = [batch.req_ids[r] for r in rows]
+        # The next step may need these tokens before the host has them.
+        self.last_sampled = out.sampled_token_ids
+        self.last_sampled_index = {req_ids[i]: i for i in np.nonzero(done)[0].tolist()}
+        host = [out.sampled_token_ids]
+        if out.logprobs is not None:
+            host += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
+        host = [t.to("cpu", non_blocking=True) for t in host]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingStep(req_ids, done, host, event, prompt_logprobs, out)
+
+    def finish_step(self, pending: PendingStep) -> ModelRunnerOutput:
+        """Waits for a launched step's tokens and records them in the batch (rows may have moved since)."""
+        if not pending.req_ids:
+            return ModelRunnerOutput([], [], [])
         with step_timer.phase("wait"):
-            sampled = sampler_output.sampled_token_ids.tolist()
+            if pending.event is not None:
+                pending.event.synchronize()
+            sampled = pending.host[0].tolist()
         with step_timer.phase("collect"):
-            return self._collect(rows, num_scheduled, sampled, sampler_output, prompt_logprobs)
+            return self._collect(pending, sampled)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         batch = self.batch
@@ -250,7 +295,14 @@ class ModelRunner:
             seq_lens[num_reqs:padded_reqs] = 1
             query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + self._arange[1:padded_reqs - num_reqs + 1]
             self.block_table.np[num_reqs:padded_reqs, 0] = 0
-        self.input_ids.to_device(padded_tokens)
+        input_ids = self.input_ids.to_device(padded_tokens)
+        in_flight = np.nonzero(positions[:num_tokens] >= batch.num_tokens[req_index])[0]
+        if len(in_flight):  # async scheduling: last step's samples, not yet on the host
+            sources = [self.last_sampled_index[batch.req_ids[r]] for r in req_index[in_flight].tolist()]
+            self.in_flight_dst.np[:len(in_flight)] = in_flight
+            self.in_flight_src.np[:len(in_flight)] = sources
+            dst = self.in_flight_dst.to_device(len(in_flight))
+            input_ids[dst] = self.last_sampled[self.in_flight_src.to_device(len(in_flight))]
         self.positions.to_device(padded_tokens)
         self.slot_mapping.to_device(padded_tokens)
         self.block_table.to_device(padded_reqs)
@@ -331,22 +383,21 @@ class ModelRunner:
             state.num_prompt_logprobs_done = last
         return result
 
-    def _collect(self, rows: np.ndarray, num_scheduled: np.ndarray, sampled: list[int], out: SamplerOutput,
-                 prompt_logprobs: dict[str, list[TokenLogprobs]]) -> ModelRunnerOutput:
+    def _collect(self, pending: PendingStep, sampled: list[int]) -> ModelRunnerOutput:
         batch = self.batch
-        logprob_lists = None
-        if out.logprobs is not None:
-            logprob_lists = (out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist())
-        req_ids, sampled_ids, logprobs = [], [], []
-        done = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
-        for i, row in enumerate(rows.tolist()):
-            state = batch.states[row]
-            req_ids.append(state.req_id)
-            if not done[i]:
+        logprob_lists = [t.tolist() for t in pending.host[1:]] if len(pending.host) > 1 else None
+        sampled_ids, logprobs = [], []
+        for i, req_id in enumerate(pending.req_ids):
+            state = self.requests.get(req_id)
+            if not pending.done[i] or state is None:  # a prompt chunk, or finished meanwhile
                 sampled_ids.append([])
                 logprobs.append(None)
                 continue
-            batch.append_token(row, sampled[i])
+            row = batch.index.get(req_id)
+            if row is not None:
+                batch.append_token(row, sampled[i])
+            else:  # preempted since the launch
+                state.output_token_ids.append(sampled[i])
             sampled_ids.append([sampled[i]])
             k = state.sampling_params.logprobs
             if k is not None and logprob_lists is not None:
@@ -354,4 +405,4 @@ class ModelRunner:
                 logprobs.append((ids[i][:1 + k], values[i][:1 + k], ranks[i]))
             else:
                 logprobs.append(None)
-        return ModelRunnerOutput(req_ids, sampled_ids, logprobs, prompt_logprobs)
+        return ModelRunnerOutput(pending.req_ids, sampled_ids, logprobs, pending.prompt_logprobs)

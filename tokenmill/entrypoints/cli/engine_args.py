@@ -26,13 +26,15 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="schedule the next step while the current one runs on the device")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--device", default="auto")
 
 
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
-                    "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "tensor_parallel_size",
+                    "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling", "tensor_parallel_size",
                     "device")
 
 
