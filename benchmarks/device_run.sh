@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): bash benchmarks/device_run.sh [correctness] [qwen] [llama] [latency] [hf]
+# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [hf] [correctness]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,13 +14,20 @@ fi
 if want llama; then
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
 fi
+if want async; then
+  for m in qwen3-0.6b llama-3.1-8b; do
+    TOKENMILL_STEP_TIMING=1 timeout 150 $TM bench throughput --model $m --load-format dummy --workload nano --async-scheduling --output-json "$OUT/nano-$m-tokenmill-async.json" 2>&1 | grep -v "^INFO" | tail -12
+  done
+fi
 if want latency; then
   timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
   timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
   timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
 fi
 if want hf; then
-  timeout 400 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --backend hf --output-json "$OUT/nano-qwen3-0.6b-hf.json" 2>&1 | tail -4
+  for m in qwen3-0.6b llama-3.1-8b; do
+    timeout 420 $TM bench throughput --model $m --load-format dummy --workload nano --backend hf --output-json "$OUT/nano-$m-hf.json" 2>&1 | tail -4
+  done
 fi
 if want correctness; then
   timeout 150 python3 -m pytest -q -x -n 2 tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15

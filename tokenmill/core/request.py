@@ -61,11 +61,11 @@ class Request:
 
     @property
     def needs_sync_scheduling(self) -> bool:
-        """Sampling that reads this request's latest tokens on the host (penalties, min_tokens) or reports
-        prompt logprobs cannot run a step ahead of the known tokens."""
+        """Sampling that reads this request's latest tokens on the host (penalties, min_tokens), copies
+        from unpinned memory (logit_bias) or reports prompt logprobs cannot run a step ahead."""
         p = self.sampling_params
         return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                or p.min_tokens > 0 or p.prompt_logprobs is not None)
+                or p.min_tokens > 0 or p.prompt_logprobs is not None or bool(p.logit_bias))
 
     @property
     def num_output_tokens(self) -> int:

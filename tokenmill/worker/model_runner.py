@@ -81,6 +81,12 @@ class ModelRunner:
         self.logits_indices = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.in_flight_dst = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.in_flight_src = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
+        self.sampling_buffers = {name: StagedBuffer(self.max_num_reqs, dtype, self.device) for name, dtype in (
+            ("temperature", torch.float32), ("top_p", torch.float32), ("top_k", torch.int64),
+            ("min_p", torch.float32))}
+        # Recorded once a step's host-to-device input copies are queued: the pinned buffers are refilled
+        # only after the device has read them (async scheduling runs a step ahead of the device).
+        self.inputs_copied: torch.cuda.Event | None = None
         self.last_sampled: torch.Tensor | None = None
         self.last_sampled_index: dict[str, int] = {}
         self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
@@ -197,8 +203,13 @@ class ModelRunner:
         graph_size = self.graphs.padded_size(num_reqs) if self.graphs.graphs and decode_only else None
         padded_reqs = graph_size or num_reqs
         with step_timer.phase("prepare"):
+            if self.inputs_copied is not None:
+                self.inputs_copied.synchronize()
             attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs)
             sampling_metadata = self._sampling_metadata(rows)
+            if self.device.type == "cuda":
+                self.inputs_copied = torch.cuda.Event()
+                self.inputs_copied.record()
         with step_timer.phase("launch_graph" if graph_size is not None else "launch_eager"):
             if graph_size is not None:
                 logits = self.graphs.replay(graph_size)[:num_reqs]
@@ -316,17 +327,22 @@ class ModelRunner:
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch
-        as_tensor = lambda a: torch.from_numpy(a[rows]).to(self.device, non_blocking=True)
+        n = len(rows)
+
+        def staged(name: str, values: np.ndarray) -> torch.Tensor:  # pinned, so the copy never syncs
+            buffer = self.sampling_buffers[name]
+            buffer.np[:n] = values
+            return buffer.to_device(n)
+
         temperature = batch.temperature[rows]
+        top_p, min_p, top_k = batch.top_p[rows], batch.min_p[rows], batch.top_k[rows]
         states = [batch.states[r] for r in rows]
         meta = SamplingMetadata(
-            temperature=as_tensor(batch.temperature),
-            top_p=as_tensor(batch.top_p) if (batch.top_p[rows] < 1.0).any() else None,
-            top_k=None, min_p=as_tensor(batch.min_p) if (batch.min_p[rows] > 0).any() else None,
+            temperature=staged("temperature", temperature),
+            top_p=staged("top_p", top_p) if (top_p < 1.0).any() else None,
+            top_k=staged("top_k", np.where(top_k > 0, top_k, self.vocab_size)) if (top_k > 0).any() else None,
+            min_p=staged("min_p", min_p) if (min_p > 0).any() else None,
             all_greedy=bool((temperature == 0).all()))
-        top_k = batch.top_k[rows]
-        if (top_k > 0).any():
-            meta.top_k = torch.from_numpy(np.where(top_k > 0, top_k, self.vocab_size)).to(self.device)
         wants_penalties = False
         for i, state in enumerate(states):
             params = state.sampling_params
