@@ -59,6 +59,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when set
     enable_prefix_caching: bool = True
+    kv_offload_size: float = 0.0  # GiB of host memory for evicted KV blocks (0 = off)
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
@@ -67,6 +68,7 @@ class CacheConfig:
                  f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
                  f"must be positive, got {self.kv_cache_memory_bytes!r}")
+        _require(self.kv_offload_size >= 0, "kv_offload_size", f"must be >= 0 GiB, got {self.kv_offload_size!r}")
 
 
 @dataclass

@@ -50,6 +50,10 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     preempted_req_ids: set[str]  # the runner drops their rows and blocks, keeps their state
     finished_req_ids: set[str]  # the runner forgets them entirely
+    # KV host tier, done before the forward pass in this order: (device block, host block) copies out
+    # of blocks the pool evicted, then (host block, device block) copies in of prefix hits found there.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def make_empty(cls) -> "SchedulerOutput":
@@ -87,3 +91,4 @@ class SchedulerStats:
     num_preemptions: int = 0  # cumulative
     prefix_cache_queries: int = 0  # cumulative tokens
     prefix_cache_hits: int = 0  # cumulative tokens
+    prefix_cache_host_hits: int = 0  # cumulative tokens, of the hits, copied back from the host tier

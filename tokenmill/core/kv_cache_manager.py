@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
+from tokenmill.core.host_tier import HostKVTier
 from tokenmill.core.request import Request
 
 
@@ -16,13 +17,19 @@ def cdiv(a: int, b: int) -> int:
 class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of those, tokens found in the cache
+    host_hits: int = 0  # of the hits, tokens copied back from the host tier
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
+        self.host = HostKVTier(num_host_blocks) if enable_caching and num_host_blocks > 0 else None
+        # This step's copies: (device block, host block) out, then (host block, device block) in.
+        self.swap_out: list[tuple[int, int]] = []
+        self.swap_in: list[tuple[int, int]] = []
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_to_hashes: dict[str, list[BlockHash]] = {}
         self.num_cached_blocks: dict[str, int] = {}
@@ -45,10 +52,11 @@ class KVCacheManager:
             hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
         return hashes
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
-        """The longest cached prefix of whole blocks; at least the last token is left to compute."""
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], list[int], int]:
+        """The longest cached prefix of whole blocks: device blocks, then host-tier block ids that
+        continue it, and the tokens they cover; at least the last token is left to compute."""
         if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
-            return [], 0
+            return [], [], 0
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(request)[:max_hit_blocks]
         hits: list[KVCacheBlock] = []
@@ -57,18 +65,29 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        return hits, len(hits) * self.block_size
+        host_ids: list[int] = []
+        if self.host is not None:
+            for block_hash in hashes[len(hits):]:
+                host_id = self.host.lookup(block_hash)
+                if host_id is None:
+                    break
+                host_ids.append(host_id)
+        return hits, host_ids, (len(hits) + len(host_ids)) * self.block_size
 
-    def record_prefix_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+    def record_prefix_lookup(self, num_queried_tokens: int, num_hit_tokens: int, num_host_hit_tokens: int) -> None:
         if self.enable_caching:
             self.prefix_stats.queries += num_queried_tokens
             self.prefix_stats.hits += num_hit_tokens
+            self.prefix_stats.host_hits += num_host_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
-        """Makes room for `num_new_tokens` more tokens; returns the new blocks, or None if short."""
+                       new_computed_blocks: list[KVCacheBlock] | None = None,
+                       host_hit_ids: list[int] | None = None) -> list[KVCacheBlock] | None:
+        """Makes room for `num_new_tokens` more tokens after the prefix hits (device blocks, and host-tier
+        blocks that get fresh device blocks and a copy in); returns the new blocks, or None if short."""
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        if not new_computed_blocks:
+        host_hit_ids = host_hit_ids or []
+        if not new_computed_blocks and not host_hit_ids:
             # The common decode step: the tokens fit in the blocks held and no block becomes full.
             num_after = request.num_computed_tokens + num_new_tokens
             if num_after <= len(req_blocks) * self.block_size and (
@@ -77,7 +96,7 @@ class KVCacheManager:
                     <= self.num_cached_blocks.get(request.request_id, 0)):
                 return []
         new_computed_blocks = new_computed_blocks or []
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_computed = request.num_computed_tokens + (len(new_computed_blocks) + len(host_hit_ids)) * self.block_size
         num_required = cdiv(num_computed + num_new_tokens, self.block_size)
         num_new_blocks = max(0, num_required - len(req_blocks) - len(new_computed_blocks))
         # Hit blocks that nobody holds sit in the free queue: taking them shrinks it too.
@@ -89,6 +108,9 @@ class KVCacheManager:
             req_blocks.extend(new_computed_blocks)
         new_blocks = self.pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
+        self._offload_evicted()
+        for host_id, block in zip(host_hit_ids, new_blocks):
+            self.swap_in.append((host_id, block.block_id))
         if self.enable_caching:
             # Blocks full once this step's tokens are written become findable now: a request that hits
             # them in this same step reads them after this step's keys are written in each layer.
@@ -102,6 +124,24 @@ class KVCacheManager:
                 self.num_cached_blocks[request.request_id] = num_full
         return new_blocks
 
+    def _offload_evicted(self) -> None:
+        """Cached blocks the pool just evicted are copied to the host tier (before this step overwrites them)."""
+        evicted, self.pool.evicted = self.pool.evicted, []
+        if self.host is None:
+            return
+        protected = {host_id for host_id, _ in self.swap_in}
+        for block_id, block_hash in evicted:
+            host_id = self.host.store(block_hash, protected)
+            if host_id is not None:
+                self.swap_out.append((block_id, host_id))
+
+    def take_block_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """This step's (device -> host) and (host -> device) block copies; the runner does them in that
+        order before the forward pass."""
+        copies = (self.swap_out, self.swap_in)
+        self.swap_out, self.swap_in = [], []
+        return copies
+
     def free(self, request: Request) -> None:
         """Returns the request's blocks to the pool, tail first (so tails are evicted first)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
@@ -111,7 +151,11 @@ class KVCacheManager:
             self.req_to_hashes.pop(request.request_id, None)
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        if not self.pool.reset_prefix_cache():
+            return False
+        if self.host is not None:
+            self.host.reset()
+        return True
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

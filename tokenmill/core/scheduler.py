@@ -130,19 +130,20 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_output_placeholders:
                 break  # preempted with a token in flight: admitted once its value is known
-            computed_blocks, num_hit_tokens = [], 0
+            computed_blocks, host_hit_ids, num_hit_tokens = [], [], 0
             if request.num_computed_tokens == 0:
-                computed_blocks, num_hit_tokens = self.kv.get_computed_blocks(request)
+                computed_blocks, host_hit_ids, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = request.num_tokens - request.num_computed_tokens - num_hit_tokens
             if num_new > budget:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+            if self.kv.allocate_slots(request, num_new, computed_blocks, host_hit_ids) is None:
                 break
             self.waiting.popleft()
             if request.num_computed_tokens == 0:
-                self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+                self.kv.record_prefix_lookup(request.num_tokens, num_hit_tokens,
+                                             len(host_hit_ids) * self.kv.block_size)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
             request.num_computed_tokens += num_hit_tokens
@@ -161,7 +162,7 @@ class Scheduler:
                     request.num_output_placeholders:
                 request.num_output_placeholders += 1
         output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                                 preempted_ids, self.finished_req_ids)
+                                 preempted_ids, self.finished_req_ids, *self.kv.take_block_copies())
         self.finished_req_ids = set()
         return output
 
@@ -218,7 +219,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,
-                              self.kv.prefix_stats.queries, self.kv.prefix_stats.hits)
+                              self.kv.prefix_stats.queries, self.kv.prefix_stats.hits,
+                              self.kv.prefix_stats.host_hits)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

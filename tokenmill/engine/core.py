@@ -57,8 +57,12 @@ class EngineCore:
                     num_blocks * block_size / max_model_len, max_model_len, time.perf_counter() - started)
         self.async_scheduling = config.scheduler.async_scheduling
         self.pending: tuple | None = None  # (SchedulerOutput, PendingStep) launched, not yet finished
-        self.scheduler = Scheduler(config.scheduler,
-                                   KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching))
+        num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.runner.kv_bytes_per_block()
+        if num_host_blocks and config.cache.enable_prefix_caching:
+            self.runner.initialize_host_cache(num_host_blocks)
+            logger.info("KV host tier: %d blocks (%.2f GiB)", num_host_blocks, config.cache.kv_offload_size)
+        self.scheduler = Scheduler(config.scheduler, KVCacheManager(
+            num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks))
 
     def add_request(self, request: EngineCoreRequest) -> None:
         params = request.sampling_params

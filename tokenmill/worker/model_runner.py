@@ -107,9 +107,27 @@ class ModelRunner:
         # Zeroed once: padded key slots must hold finite numbers, since masked scores times NaN are NaN.
         cache = torch.zeros(len(self.attn_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
                             layer.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = cache
         self.kv_caches = list(cache.unbind(0))
         for attn, kv_cache in zip(self.attn_layers, self.kv_caches):
             attn.kv_cache = kv_cache
+
+    def initialize_host_cache(self, num_blocks: int) -> None:
+        """The host tier's storage: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], pinned."""
+        shape = (self.kv_cache.shape[0], 2, num_blocks, *self.kv_cache.shape[3:])
+        self.host_kv_cache = torch.zeros(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+
+    @torch.inference_mode()
+    def copy_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Evicted device blocks to the host tier, then host-tier hits back to the device; both queued
+        before the forward pass that may overwrite the evicted blocks."""
+        if swap_out:
+            device_ids, host_ids = (torch.tensor(ids) for ids in zip(*swap_out))
+            self.host_kv_cache[:, :, host_ids] = self.kv_cache[:, :, device_ids.to(self.device)].cpu()
+        if swap_in:
+            host_ids, device_ids = (torch.tensor(ids) for ids in zip(*swap_in))
+            blocks = self.host_kv_cache[:, :, host_ids]
+            self.kv_cache[:, :, device_ids.to(self.device)] = blocks.to(self.device)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -189,6 +207,8 @@ class ModelRunner:
 
         Tokens still in flight from the previous step (async scheduling) are fed from the device."""
         self._update_states(scheduler_output)
+        if scheduler_output.swap_out or scheduler_output.swap_in:
+            self.copy_blocks(scheduler_output.swap_out, scheduler_output.swap_in)
         if scheduler_output.total_num_scheduled_tokens == 0:
             return PendingStep([], np.zeros(0, dtype=bool), None, None, {}, None)
         batch = self.batch

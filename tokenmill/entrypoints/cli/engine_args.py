@@ -25,6 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--kv-offload-size", type=float, default=0.0,
+                        help="GiB of host memory that keeps KV blocks evicted from the device (0 = off)")
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--async-scheduling", action="store_true",
                         help="schedule the next step while the current one runs on the device")
@@ -34,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
 
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
-                    "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling", "tensor_parallel_size",
+                    "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill", "async_scheduling", "tensor_parallel_size",
                     "device")
 
 
