@@ -75,8 +75,8 @@ def test_exact_hit_accounting_for_a_shared_prefix(model_dir):
     prompts = [PREFIX + [7, 8, 9], PREFIX + [10, 11], PREFIX + [12]]
     cached = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].num_cached_tokens for p in prompts]
     assert cached == [0, 96, 96]
-    stats = llm.llm_engine.core.stats()
-    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (103 + 102 + 101, 192)
+    metrics = llm.get_metrics()
+    assert (metrics["vllm:prefix_cache_queries"], metrics["vllm:prefix_cache_hits"]) == (103 + 102 + 101, 192)
     # all three at once in one step: the first computes the prefix, the other two hit it in the same step
     llm.reset_prefix_cache()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

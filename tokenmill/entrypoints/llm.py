@@ -102,4 +102,16 @@ class LLM:
         return [results[r] for r in request_ids]
 
     def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block (device and host tier); False while requests hold blocks."""
         return self.llm_engine.core.reset_prefix_cache()
+
+    def get_metrics(self) -> dict[str, float]:
+        """Engine counters and gauges under vLLM's metric names."""
+        stats = self.llm_engine.core.stats()
+        return {"vllm:num_requests_running": stats.num_running_reqs,
+                "vllm:num_requests_waiting": stats.num_waiting_reqs,
+                "vllm:kv_cache_usage_perc": stats.kv_cache_usage,
+                "vllm:num_preemptions": stats.num_preemptions,
+                "vllm:prefix_cache_queries": stats.prefix_cache_queries,
+                "vllm:prefix_cache_hits": stats.prefix_cache_hits,
+                "vllm:external_prefix_cache_hits": stats.prefix_cache_host_hits}

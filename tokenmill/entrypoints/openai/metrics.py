@@ -41,6 +41,8 @@ class PrometheusStatLogger:
                                    "Prefix cache queries, in terms of number of queried tokens.")
         self.prefix_hits = make(Counter, "vllm:prefix_cache_hits",
                                 "Prefix cache hits, in terms of number of cached tokens.")
+        self.host_hits = make(Counter, "vllm:external_prefix_cache_hits",
+                              "Prefix cache hits copied back from the host KV tier, in tokens.")
         self.ttft = make(Histogram, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                          buckets=_TTFT_BUCKETS)
         self.tpot = make(Histogram, "vllm:time_per_output_token_seconds",
@@ -55,7 +57,9 @@ class PrometheusStatLogger:
         self.kv_usage.set(stats.kv_cache_usage)
         for counter, now, before in ((self.preemptions, stats.num_preemptions, self._last.num_preemptions),
                                      (self.prefix_queries, stats.prefix_cache_queries, self._last.prefix_cache_queries),
-                                     (self.prefix_hits, stats.prefix_cache_hits, self._last.prefix_cache_hits)):
+                                     (self.prefix_hits, stats.prefix_cache_hits, self._last.prefix_cache_hits),
+                                     (self.host_hits, stats.prefix_cache_host_hits,
+                                      self._last.prefix_cache_host_hits)):
             if now > before:
                 counter.inc(now - before)
         self._last = stats
