@@ -1,11 +1,15 @@
 """The model runner: holds the model, the KV cache and the persistent batch; runs one step.
 
-execute_model(SchedulerOutput):
+launch_step(SchedulerOutput) -> PendingStep, without waiting for the device:
   1. apply the scheduler's differences to the persistent batch (finished, preempted, new, new blocks)
-  2. build this step's flat inputs with numpy over the batch rows: token ids, positions, slots,
-     query_start_loc, seq_lens, block table
-  3. forward under the attention context; logits only at each request's last scheduled token
-  4. sample; requests whose prompt is not yet fully computed discard their sample
+     and do the step's host-tier block copies
+  2. build this step's flat inputs with numpy over the batch rows into pinned buffers: token ids,
+     positions, slots, query_start_loc, seq_lens, block table; tokens still in flight from the
+     previous step (async scheduling) are filled in on the device
+  3. forward under the attention context (a CUDA graph for decode-only batches); logits only at each
+     request's last scheduled token; sample; queue the copy of the sampled tokens to the host
+finish_step(PendingStep) -> ModelRunnerOutput: wait for that copy and record the tokens; requests
+whose prompt is not yet fully computed discard their sample. execute_model() is the two in a row.
 """
 
 from __future__ import annotations
@@ -71,7 +75,6 @@ class ModelRunner:
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         self.requests: dict[str, CachedRequestState] = {}
-        self.kv_caches: list[torch.Tensor] = []
         num_rows = max(self.max_num_tokens, self.max_num_reqs)
         self.input_ids = StagedBuffer(num_rows, torch.int64, self.device)
         self.positions = StagedBuffer(num_rows, torch.int64, self.device)
@@ -93,7 +96,6 @@ class ModelRunner:
         self._arange = np.arange(num_rows + 1, dtype=np.int64)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.graphs = DecodeGraphs(capture_sizes(self.max_num_reqs) if use_graphs else [])
-        self.seed_generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
 
     # ---- KV cache ------------------------------------------------------------------------------
 
@@ -108,8 +110,7 @@ class ModelRunner:
         cache = torch.zeros(len(self.attn_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
                             layer.head_dim, dtype=self.dtype, device=self.device)
         self.kv_cache = cache
-        self.kv_caches = list(cache.unbind(0))
-        for attn, kv_cache in zip(self.attn_layers, self.kv_caches):
+        for attn, kv_cache in zip(self.attn_layers, cache.unbind(0)):
             attn.kv_cache = kv_cache
 
     def initialize_host_cache(self, num_blocks: int) -> None:
@@ -227,6 +228,9 @@ class ModelRunner:
                 self.inputs_copied.synchronize()
             attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs)
             sampling_metadata = self._sampling_metadata(rows)
+            if graph_size is None:
+                self.logits_indices.np[:num_reqs] = self.query_start_loc.np[1:num_reqs + 1] - 1
+                logits_indices = self.logits_indices.to_device(num_reqs)
             if self.device.type == "cuda":
                 self.inputs_copied = torch.cuda.Event()
                 self.inputs_copied.record()
@@ -237,8 +241,7 @@ class ModelRunner:
             else:
                 with set_forward_context(attn_metadata, self.backend):
                     hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
-                self.logits_indices.np[:num_reqs] = self.query_start_loc.np[1:num_reqs + 1] - 1
-                logits = self.model.compute_logits(hidden_states[self.logits_indices.to_device(num_reqs)])
+                logits = self.model.compute_logits(hidden_states[logits_indices])
             out = self.sampler(logits, sampling_metadata)
             prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
                 if hidden_states is not None else {}
