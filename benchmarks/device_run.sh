@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [hf] [correctness]
+# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [serve] [hf] [correctness]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,6 +23,17 @@ if want latency; then
   timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
   timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
   timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
+fi
+if want serve; then  # needs the wheels of benchmarks/fetch_server_wheels.sh carried as .whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+  LLAMA=$(python3 -c "from tokenmill.bench.presets import model_path; print(model_path('llama-3.1-8b'))")
+  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload fixed --num-prompts 256 --input-len 512 --output-len 256 --async-scheduling --output-json "$OUT/fixed-llama-3.1-8b-offline.json" 2>&1 | tail -2
+  $TM serve "$LLAMA" --load-format dummy --max-model-len 2048 --async-scheduling --port 8011 --disable-uvicorn-access-log > "$OUT/serve.log" 2>&1 &
+  for i in $(seq 1 90); do sleep 2; python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break; done
+  for rate in 4 16 inf; do
+    timeout 150 $TM bench serve --base-url http://127.0.0.1:8011 --num-prompts 256 --input-len 512 --output-len 256 --request-rate $rate --result-file "$OUT/serve-llama-3.1-8b-rate-$rate.json" 2>&1 | tail -14
+  done
+  kill %1 2>/dev/null
 fi
 if want hf; then
   for m in qwen3-0.6b llama-3.1-8b; do
