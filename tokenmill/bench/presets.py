@@ -27,11 +27,27 @@ PRESETS: dict[str, dict] = {
 
 
 def model_path(model: str) -> str:
-    """A preset name becomes a directory holding its config.json; anything else is returned as is."""
+    """A preset name becomes a directory holding its config.json and a synthetic tokenizer; anything
+    else is returned as is."""
     if model not in PRESETS:
         return model
+    config = PRESETS[model]
     path = os.path.join(tempfile.gettempdir(), "tokenmill-presets", model)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(PRESETS[model], f, indent=1)
+        json.dump(config, f, indent=1)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        write_synthetic_tokenizer(path, config["vocab_size"], config["bos_token_id"], config["eos_token_id"])
     return path
+
+
+def write_synthetic_tokenizer(path: str, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """A word-level tokenizer whose token i is the word "<i>": random-weight servers can detokenize
+    (and token-id prompts need nothing more) without any real model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=f"<{bos_id}>", eos_token=f"<{eos_id}>",
+                            unk_token="<0>").save_pretrained(path)
