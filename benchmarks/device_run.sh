@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [serve] [hf] [correctness]
+# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [prefix] [serve] [hf] [correctness]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,6 +23,10 @@ if want latency; then
   timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
   timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
   timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
+fi
+if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
+  timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 5 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
+  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --async-scheduling --no-enable-prefix-caching --output-json "$OUT/nano-llama-3.1-8b-tokenmill-async-nocache.json" 2>&1 | tail -2
 fi
 if want serve; then  # needs the wheels of benchmarks/fetch_server_wheels.sh carried as .whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
