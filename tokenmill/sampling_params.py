@@ -17,6 +17,43 @@ _GREEDY_EPS = 1e-5
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrains the output to a JSON schema, any JSON object, a regex, one of several strings, or an
+    EBNF grammar (vLLM's names). Exactly one may be set."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {kinds or 'none'}")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical spec): equal keys compile to the same grammar."""
+        import json as json_module
+
+        if self.json is not None:
+            spec = self.json if isinstance(self.json, str) else json_module.dumps(self.json, sort_keys=True)
+            return "json", spec
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", json_module.dumps(self.choice)
+        return "grammar", self.grammar
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     presence_penalty: float = 0.0
@@ -39,6 +76,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     # Set by the engine: the model's eos ids, kept apart from user stop_token_ids.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 

@@ -50,6 +50,8 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        # Structured outputs: the grammar's compile future and matcher (tokenmill.structured.manager)
+        self.structured = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,10 +64,12 @@ class Request:
     @property
     def needs_sync_scheduling(self) -> bool:
         """Sampling that reads this request's latest tokens on the host (penalties, min_tokens), copies
-        from unpinned memory (logit_bias) or reports prompt logprobs cannot run a step ahead."""
+        from unpinned memory (logit_bias), reports prompt logprobs or follows a grammar (whose mask
+        depends on the last token) cannot run a step ahead."""
         p = self.sampling_params
         return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                or p.min_tokens > 0 or p.prompt_logprobs is not None or bool(p.logit_bias))
+                or p.min_tokens > 0 or p.prompt_logprobs is not None or bool(p.logit_bias)
+                or p.structured_outputs is not None)
 
     @property
     def num_output_tokens(self) -> int:

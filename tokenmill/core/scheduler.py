@@ -126,10 +126,14 @@ class Scheduler:
                                                  request.num_computed_tokens))
             index += 1
 
+        compiling: list[Request] = []  # skipped for now, back to their place after the loop
         while self.waiting and budget > 0 and not preempted_ids and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.num_output_placeholders:
                 break  # preempted with a token in flight: admitted once its value is known
+            if request.structured is not None and not request.structured.ready:
+                compiling.append(self.waiting.popleft())  # its grammar is still compiling
+                continue
             computed_blocks, host_hit_ids, num_hit_tokens = [], [], 0
             if request.num_computed_tokens == 0:
                 computed_blocks, host_hit_ids, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -155,6 +159,7 @@ class Scheduler:
                 request.request_id, request.prompt_token_ids, list(request.output_token_ids),
                 request.sampling_params, self.kv.block_ids(request.request_id), request.num_computed_tokens))
 
+        self.waiting.extendleft(reversed(compiling))
         for request_id, num_new in num_scheduled.items():
             request = self.requests[request_id]
             request.num_computed_tokens += num_new
@@ -207,12 +212,22 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
+        if request.structured is not None:
+            request.structured.matcher.accept_token(token_id)
+            if request.structured.matcher.is_terminated():
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
         if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token_id if token_id in params.stop_token_ids else None
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return request.is_finished
+
+    def structured_requests_sampling(self, scheduler_output: SchedulerOutput) -> list[Request]:
+        """Constrained requests that sample a token this step (not those still in a prompt chunk)."""
+        return [r for r in (self.requests[i] for i in scheduler_output.num_scheduled_tokens)
+                if r.structured is not None and r.num_computed_tokens >= r.num_tokens]
 
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0

@@ -11,8 +11,9 @@ from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, Schedu
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
-from tokenmill.loader import ModelSource
+from tokenmill.loader import ModelSource, load_tokenizer
 from tokenmill.metrics import step_timer
+from tokenmill.structured.manager import StructuredOutputManager
 from tokenmill.worker.memory import determine_num_blocks
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -56,6 +57,8 @@ class EngineCore:
                     "engine ready in %.1f s", num_blocks, block_size, num_blocks * block_size,
                     num_blocks * block_size / max_model_len, max_model_len, time.perf_counter() - started)
         self.async_scheduling = config.scheduler.async_scheduling
+        self.structured = StructuredOutputManager(lambda: load_tokenizer(source, config.model.tokenizer),
+                                                  source.hf_config.vocab_size)
         self.pending: tuple | None = None  # (SchedulerOutput, PendingStep) launched, not yet finished
         num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.runner.kv_bytes_per_block()
         if num_host_blocks and config.cache.enable_prefix_caching:
@@ -69,8 +72,20 @@ class EngineCore:
         num_prompt = len(request.prompt_token_ids)
         room = self.config.scheduler.max_model_len - num_prompt
         max_tokens = max(1, room if params.max_tokens is None else min(params.max_tokens, room))
-        self.scheduler.add_request(Request(request.request_id, request.prompt_token_ids, params, max_tokens,
-                                           request.arrival_time))
+        core_request = Request(request.request_id, request.prompt_token_ids, params, max_tokens, request.arrival_time)
+        if params.structured_outputs is not None:
+            core_request.structured = self.structured.request(params.structured_outputs)
+        self.scheduler.add_request(core_request)
+
+    def _fill_grammar_bitmask(self, scheduler_output) -> None:
+        constrained = self.scheduler.structured_requests_sampling(scheduler_output)
+        if not constrained:
+            return
+        bitmask = self.structured.allocate_bitmask(len(constrained))
+        for i, request in enumerate(constrained):
+            request.structured.matcher.fill_next_token_bitmask(bitmask, i)
+        scheduler_output.structured_req_ids = [r.request_id for r in constrained]
+        scheduler_output.grammar_bitmask = bitmask
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -85,6 +100,7 @@ class EngineCore:
             outputs = self._finish_pending()
             with step_timer.phase("schedule"):
                 scheduler_output = self.scheduler.schedule()
+                self._fill_grammar_bitmask(scheduler_output)
             runner_output = self.runner.execute_model(scheduler_output)
             with step_timer.phase("update"):
                 return outputs + self.scheduler.update_from_output(scheduler_output, runner_output)

@@ -39,6 +39,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+        if params.structured_outputs is not None:
+            self.core.structured.validate(params.structured_outputs)  # a bad spec fails before any compute
         text, request = self.processor.process(request_id, prompt, params)
         for core_id, core_params in self.output_processor.add_request(request_id, text, request.prompt_token_ids,
                                                                       params):

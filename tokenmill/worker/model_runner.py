@@ -29,6 +29,7 @@ from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
 from tokenmill.loader import ModelSource, config_dtype, load_model
 from tokenmill.metrics import step_timer
+from tokenmill.structured.manager import apply_bitmask
 from tokenmill.worker.buffers import StagedBuffer
 from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch
@@ -242,6 +243,10 @@ class ModelRunner:
                 with set_forward_context(attn_metadata, self.backend):
                     hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
                 logits = self.model.compute_logits(hidden_states[logits_indices])
+            if scheduler_output.structured_req_ids:
+                position = {req_id: i for i, req_id in enumerate(batch.req_ids[r] for r in rows)}
+                apply_bitmask(logits, scheduler_output.grammar_bitmask,
+                              [position[req_id] for req_id in scheduler_output.structured_req_ids])
             out = self.sampler(logits, sampling_metadata)
             prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
                 if hidden_states is not None else {}

@@ -1,0 +1,103 @@
+"""Structured outputs in the engine core: grammars compiled off the step loop, one matcher per request.
+
+    add_request -> compile(spec) in a worker thread (cached by spec) -> Future[CompiledGrammar]
+    schedule    -> a constrained request is admitted once its grammar is ready; for each constrained
+                   request that samples this step, its matcher fills one row of the batch bitmask
+    runner      -> logits[rows] masked in one op (xgrammar's kernel) before sampling
+    update      -> each sampled token advances its matcher; a terminated grammar ends the request
+Unconstrained requests never touch any of this.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from tokenmill.sampling_params import StructuredOutputsParams
+
+
+def _grammar_for_choice(choices: list[str]) -> str:
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+class StructuredRequest:
+    """A request's grammar (compiling, then compiled) and its matcher."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+        self.matcher: Any | None = None
+
+    @property
+    def ready(self) -> bool:
+        if self.matcher is None and self.future.done():
+            import xgrammar as xgr
+
+            self.matcher = xgr.GrammarMatcher(self.future.result())
+        return self.matcher is not None
+
+
+class StructuredOutputManager:
+    def __init__(self, load_tokenizer: Any, vocab_size: int) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self._compiler = None
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._cache: dict[tuple[str, str], Future] = {}
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(self._load_tokenizer(), vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            return self._compiler
+
+    def validate(self, params: StructuredOutputsParams) -> None:
+        """Compiles now (cached) and raises ValueError naming the problem; for the frontend, before compute."""
+        try:
+            self._compile(params.key)
+        except Exception as exc:  # xgrammar raises RuntimeError / ValueError with its own messages
+            raise ValueError(f"invalid structured_outputs.{params.key[0]}: {exc}") from exc
+
+    def _compile(self, key: tuple[str, str]):
+        kind, spec = key
+        compiler = self._get_compiler()
+        if kind == "json":
+            return compiler.compile_json_schema(spec)
+        if kind == "json_object":
+            return compiler.compile_builtin_json_grammar()
+        if kind == "regex":
+            return compiler.compile_regex(spec)
+        if kind == "choice":
+            return compiler.compile_grammar(_grammar_for_choice(json.loads(spec)))
+        return compiler.compile_grammar(spec)
+
+    def request(self, params: StructuredOutputsParams) -> StructuredRequest:
+        """Starts (or reuses) the compile of this spec without blocking the step loop."""
+        key = params.key
+        future = self._cache.get(key)
+        if future is None:
+            future = self._executor.submit(self._compile, key)
+            self._cache[key] = future
+        return StructuredRequest(future)
+
+    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
+        import xgrammar as xgr
+
+        return xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Masks logits[rows] in place: disallowed tokens become -inf. bitmask: [len(rows), ceil(vocab / 32)],
+    its i-th row for logits[rows[i]]; the other rows of logits are left alone."""
+    import xgrammar as xgr
+
+    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32)  # -1: every bit set, all allowed
+    full[rows] = bitmask
+    xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True))
