@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -432,3 +433,49 @@ def test_engine_core_death(keyed_server):
     health = httpx.get(f"{url}/health")
     assert health.status_code == 503 and health.json()["error"]["code"] == 503
     assert keyed_server.proc.wait(timeout=30) == 1
+
+
+# ---- structured outputs over HTTP ------------------------------------------------------------------
+
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                       "population": {"type": "integer", "minimum": 0}},
+                     "required": ["city", "population"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_chat(client, stream):
+    import jsonschema
+
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "A city as JSON."}], max_tokens=80,
+                  temperature=1.0, seed=3,
+                  response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": STRUCTURED_SCHEMA}})
+    if stream:
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            stream=True, **kwargs) if chunk.choices)
+    else:
+        text = client.chat.completions.create(**kwargs).choices[0].message.content
+    jsonschema.validate(json.loads(text), STRUCTURED_SCHEMA)
+
+
+def test_structured_outputs_extra_body_on_completions(client):
+    choices = ["alpha", "beta", "gamma"]
+    out = client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=10, temperature=1.0, n=3,
+                                    extra_body={"structured_outputs": {"choice": choices}})
+    assert all(choice.text in choices for choice in out.choices)
+    out = client.completions.create(model=MODEL, prompt="Code:", max_tokens=12, temperature=1.0,
+                                    extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", out.choices[0].text)
+
+
+@pytest.mark.parametrize("body", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+    {"structured_outputs": {"regex": "a(b"}},
+    {"structured_outputs": {"grammar": "root ::= missing"}},
+    {"response_format": {"type": "xml"}},
+])
+def test_invalid_structured_outputs_are_400(server, body):
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200

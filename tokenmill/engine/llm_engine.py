@@ -35,12 +35,11 @@ class LLMEngine:
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.source, config.model.tokenizer)
         self.core = EngineCore(config, self.source)
         self.processor = Processor(self.tokenizer, config.scheduler.max_model_len,
-                                   self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer))
+                                   self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer),
+                                   self.core.structured if self.tokenizer is not None else None)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
-        if params.structured_outputs is not None:
-            self.core.structured.validate(params.structured_outputs)  # a bad spec fails before any compute
         text, request = self.processor.process(request_id, prompt, params)
         for core_id, core_params in self.output_processor.add_request(request_id, text, request.prompt_token_ids,
                                                                       params):

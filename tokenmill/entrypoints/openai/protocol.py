@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 MAX_N = 128  # OpenAI's limit; n child requests are created per prompt
@@ -85,6 +85,10 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
+    response_format: dict[str, Any] | None = None
+    # vLLM's extra body: {"json": ..., "regex": ..., "choice": [...], "grammar": ..., "json_object": true}
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -118,6 +122,24 @@ class SamplingRequest(OpenAIModel):
             raise ValueError("logit_bias values must be finite numbers")
         return {token: min(max(value, -MAX_LOGIT_BIAS), MAX_LOGIT_BIAS) for token, value in bias.items()}
 
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        if self.structured_outputs is not None:
+            unknown = set(self.structured_outputs) - {"json", "regex", "choice", "grammar", "json_object"}
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown keys {sorted(unknown)}")
+            return StructuredOutputsParams(**self.structured_outputs)
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            schema = (self.response_format.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+            return StructuredOutputsParams(json=schema)
+        raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+
     def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                          ) -> SamplingParams:
         return SamplingParams(
@@ -132,6 +154,7 @@ class SamplingRequest(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            structured_outputs=self._structured_outputs(),
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY)
 
     @property
