@@ -18,7 +18,8 @@ STARTUP_TIMEOUT_S = 300.0
 # Short contexts keep the long-prompt tests fast on CPU; 256 MiB of KV is ~5.8k tokens (45 KiB each).
 MAX_MODEL_LEN = 512
 SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "64",
-               "--disable-uvicorn-access-log"]
+               "--disable-uvicorn-access-log", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+               "--reasoning-parser", "qwen3"]
 CUSTOM_CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}[assistant] {% endif %}")
 

@@ -479,3 +479,71 @@ def test_invalid_structured_outputs_are_400(server, body):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+# ---- tool calling ---------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+TOOL_MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_call(name: str, arguments: str) -> None:
+    import jsonschema
+
+    schema = next(t for t in (WEATHER, TIME) if t["function"]["name"] == name)["function"]["parameters"]
+    jsonschema.validate(json.loads(arguments), schema)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_named_tool_choice_always_yields_valid_arguments(client, seed):
+    out = client.chat.completions.create(model=MODEL, messages=TOOL_MESSAGES, tools=[WEATHER, TIME], max_tokens=80,
+                                         temperature=1.0, seed=seed,
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = out.choices[0].message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    check_call(call.function.name, call.function.arguments)
+
+
+def test_required_tool_choice_streamed_deltas(client):
+    stream = client.chat.completions.create(model=MODEL, messages=TOOL_MESSAGES, tools=[WEATHER, TIME], max_tokens=120,
+                                            temperature=1.0, seed=5, tool_choice="required", stream=True,
+                                            parallel_tool_calls=False)  # one call: the array closes in time
+    calls: dict[int, dict] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"name": None, "arguments": ""})
+                if delta.function.name:
+                    assert call["name"] is None  # the name comes once
+                    call["name"] = delta.function.name
+                call["arguments"] += delta.function.arguments or ""
+    assert calls
+    for call in calls.values():
+        check_call(call["name"], call["arguments"])
+
+
+def test_auto_tool_choice_returns_a_well_formed_message(client):
+    out = client.chat.completions.create(model=MODEL, messages=TOOL_MESSAGES, tools=[WEATHER], max_tokens=60,
+                                         temperature=0, tool_choice="auto")
+    message, finish = out.choices[0].message, out.choices[0].finish_reason
+    if message.tool_calls:
+        assert finish == "tool_calls"
+        for call in message.tool_calls:
+            json.loads(call.function.arguments)
+    else:
+        assert message.content and finish in ("stop", "length")
+
+
+def test_tool_choice_naming_an_unknown_function_is_400(server):
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": TOOL_MESSAGES, "tools": [WEATHER], "tool_choice": {
+            "type": "function", "function": {"name": "nope"}}})
+    assert response.status_code == 400 and "nope" in response.json()["error"]["message"]

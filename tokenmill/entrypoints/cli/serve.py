@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(default: the model argument, or SmolLM2-135M-Instruct for the embedded model)")
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                        help="how tool calls are read from the text when tool_choice is auto")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='allow tool_choice "auto" (needs --tool-call-parser)')
+    parser.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
+                        help="split <think>...</think> into message.reasoning_content")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")

@@ -108,7 +108,8 @@ class _Server(uvicorn.Server):
 
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+              reasoning_parser: str | None = None) -> FastAPI:
     from tokenmill import __version__
 
     app = FastAPI(title="tokenmill OpenAI-compatible server", version=__version__)
@@ -116,7 +117,8 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     completions = OpenAIServingCompletion(engine, served_model_names)
-    chat = OpenAIServingChat(engine, served_model_names, chat_template)
+    chat = OpenAIServingChat(engine, served_model_names, chat_template, tool_call_parser, enable_auto_tool_choice,
+                             reasoning_parser)
     stat_logger = PrometheusStatLogger(served_model_names[0])
     engine.stat_loggers.append(stat_logger)
     app.state.engine = engine
@@ -196,7 +198,8 @@ async def run_server(args: argparse.Namespace) -> int:
     engine = await asyncio.to_thread(AsyncLLM, config)
     try:
         engine.start()
-        app = build_app(engine, names, chat_template, api_key)
+        app = build_app(engine, names, chat_template, api_key, args.tool_call_parser, args.enable_auto_tool_choice,
+                        args.reasoning_parser)
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                                access_log=not args.disable_uvicorn_access_log,
                                                timeout_keep_alive=5, timeout_graceful_shutdown=5))

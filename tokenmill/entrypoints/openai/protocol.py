@@ -254,6 +254,9 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("messages")
     @classmethod
@@ -276,7 +279,54 @@ class ChatCompletionRequest(SamplingRequest):
     def _check(self) -> "ChatCompletionRequest":
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        for tool in self.tools or []:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(
+                    function.get("name"), str):
+                raise ValueError("each of tools must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or name not in self.tool_names:
+                raise ValueError(f"tool_choice names function {name!r}, which is not among tools")
+        elif choice not in (None, "none", "auto", "required"):
+            raise ValueError(f"tool_choice must be none, auto, required or a named function, got {choice!r}")
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
         return self
+
+    @property
+    def tool_names(self) -> list[str]:
+        return [tool["function"]["name"] for tool in self.tools or []]
+
+    @property
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, dict):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def _parameters(self, name: str) -> dict[str, Any]:
+        function = next(t["function"] for t in self.tools if t["function"]["name"] == name)
+        return function.get("parameters") or {"type": "object"}
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """Forced tool calls are enforced by the grammar: the arguments of the named function, or an
+        array of {name, parameters} calls for "required"."""
+        if self.tool_mode == "named":
+            return StructuredOutputsParams(json=self._parameters(self.tool_choice["function"]["name"]))
+        if self.tool_mode == "required":
+            call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name},
+                                                                "parameters": self._parameters(name)},
+                               "required": ["name", "parameters"]} for name in self.tool_names]}
+            max_items = None if self.parallel_tool_calls is not False else 1
+            schema = {"type": "array", "minItems": 1, "items": call}
+            if max_items:
+                schema["maxItems"] = max_items
+            return StructuredOutputsParams(json=schema)
+        return super()._structured_outputs()
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -301,9 +351,29 @@ class ChatCompletionLogProbs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("call"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(BaseModel):
@@ -326,6 +396,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):

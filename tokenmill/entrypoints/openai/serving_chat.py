@@ -6,6 +6,7 @@ special token it wants, and a tokenizer that adds a BOS would otherwise add a se
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -27,11 +28,15 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     ResponseMessage,
+    ToolCall,
     TokenLogprob,
     TopLogprob,
     random_id,
 )
+from tokenmill.entrypoints.openai.reasoning_parsers import get_reasoning_parser
 from tokenmill.entrypoints.openai.serving_engine import (
     SSE_DONE,
     MIN_LOGPROB,
@@ -43,6 +48,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     sse,
     sse_error,
 )
+from tokenmill.entrypoints.openai.tool_parsers import ParsedToolCall, get_tool_parser
 from tokenmill.outputs import PositionLogprobs, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -64,20 +70,30 @@ def load_chat_template(value: str | None) -> str | None:
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+                 reasoning_parser: str | None = None) -> None:
         super().__init__(engine, served_model_names)
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
 
     def render(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-               continue_final_message: bool = False, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
-        """The prompt text and its token ids."""
+               continue_final_message: bool = False, template_kwargs: dict | None = None,
+               tools: list[dict] | None = None) -> tuple[str, list[int]]:
+        """The prompt text and its token ids; `tools` are handed to the template so the model sees them."""
         if not self.chat_template:
             raise OpenAIError("this model has no chat template; start the server with --chat-template FILE")
         try:
-            conversation = [{"role": m.role, "content": m.text()} for m in messages]
+            conversation = [{"role": m.role, "content": m.text(), **{
+                k: v for k, v in (m.model_extra or {}).items() if k in ("tool_calls", "tool_call_id", "name")}}
+                for m in messages]
         except ValueError as e:
             raise OpenAIError(str(e), param="messages") from None
         extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        if tools:
+            extra["tools"] = tools
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation, chat_template=self.chat_template, tokenize=False,
@@ -88,8 +104,12 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> Response:
         self.check_model(request.model)
+        if request.tool_mode == "auto" and not (self.enable_auto_tool_choice and self.tool_parser):
+            raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                              param="tool_choice")
         text, token_ids = self.render(request.messages, request.add_generation_prompt,
-                                      request.continue_final_message, request.chat_template_kwargs)
+                                      request.continue_final_message, request.chat_template_kwargs,
+                                      request.tools if request.tool_mode != "none" else None)
         max_tokens = self.resolve_max_tokens(len(token_ids), request.requested_max_tokens)
         params = self.sampling_params(request.to_sampling_params, max_tokens)
         request_id = random_id("chatcmpl")
@@ -122,14 +142,44 @@ class OpenAIServingChat(OpenAIServing):
         for completion in output.outputs:
             logprobs = (self._logprobs(completion.token_ids, completion.logprobs, request.top_logprobs or 0)
                         if request.logprobs else None)
-            choices.append(ChatCompletionChoice(
-                index=completion.index, message=ResponseMessage(content=completion.text), logprobs=logprobs,
-                finish_reason=completion.finish_reason, stop_reason=completion.stop_reason))
+            reasoning, content, calls = self._split(request, completion.text)
+            finish_reason = completion.finish_reason
+            if calls and request.tool_mode == "auto":
+                finish_reason = "tool_calls"
+            message = ResponseMessage(content=content, reasoning_content=reasoning, tool_calls=[
+                ToolCall(function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls])
+            choices.append(ChatCompletionChoice(index=completion.index, message=message, logprobs=logprobs,
+                                                finish_reason=finish_reason, stop_reason=completion.stop_reason))
         choices.sort(key=lambda c: c.index)
         num_completion = sum(len(c.token_ids) for c in output.outputs)
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                       usage=self.usage(len(output.prompt_token_ids), num_completion,
                                                        output.num_cached_tokens))
+
+    def _split(self, request: ChatCompletionRequest, text: str) -> tuple[str | None, str | None,
+                                                                          list[ParsedToolCall]]:
+        """(reasoning, content, tool calls) of a finished text."""
+        reasoning, content = self.reasoning_parser.extract(text) if self.reasoning_parser else (None, text)
+        mode = request.tool_mode
+        if mode == "named":
+            return reasoning, None, [ParsedToolCall(request.tool_choice["function"]["name"], content or "{}")]
+        if mode == "required":
+            try:
+                calls = [ParsedToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                         for c in json.loads(content or "[]")]
+            except (json.JSONDecodeError, KeyError, TypeError):  # cut short by max_tokens
+                return reasoning, content, []
+            return reasoning, None, calls
+        if mode == "auto" and self.tool_parser is not None and content:
+            content, calls = self.tool_parser.extract(content)
+            return reasoning, content, calls
+        return reasoning, content, []
+
+    def _holds_content(self, request: ChatCompletionRequest, content: str) -> bool:
+        """While streaming, content that is (or may become) a tool call is held until the end."""
+        if request.tool_mode in ("named", "required"):
+            return True
+        return request.tool_mode == "auto" and self.tool_parser is not None and self.tool_parser.may_be_tool_call(content)
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, num_prompt: int,
                       stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
@@ -141,6 +191,8 @@ class OpenAIServingChat(OpenAIServing):
 
         num_completion = [0] * request.n
         num_cached = 0
+        texts = [""] * request.n  # each choice's text so far
+        sent_content = [0] * request.n  # characters of content already streamed
         continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
         try:
             for index in range(request.n):  # OpenAI opens each choice with the role
@@ -153,9 +205,13 @@ class OpenAIServingChat(OpenAIServing):
                         continue
                     logprobs = (self._logprobs(completion.token_ids, completion.logprobs, request.top_logprobs or 0)
                                 if request.logprobs else None)
-                    choice = ChatCompletionChunkChoice(index=completion.index,
-                                                       delta=DeltaMessage(content=completion.text), logprobs=logprobs,
-                                                       finish_reason=completion.finish_reason,
+                    delta = self._delta(request, completion.index, completion.text, completion.finish_reason,
+                                        texts, sent_content)
+                    finish_reason = completion.finish_reason
+                    if finish_reason and delta.tool_calls and request.tool_mode == "auto":
+                        finish_reason = "tool_calls"
+                    choice = ChatCompletionChunkChoice(index=completion.index, delta=delta, logprobs=logprobs,
+                                                       finish_reason=finish_reason,
                                                        stop_reason=completion.stop_reason)
                     usage = self.usage(num_prompt, sum(num_completion), num_cached) if continuous else None
                     yield chunk([choice], usage)
@@ -169,4 +225,25 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await stream.aclose()
         yield SSE_DONE
+
+    def _delta(self, request: ChatCompletionRequest, index: int, new_text: str, finish_reason: str | None,
+               texts: list[str], sent_content: list[int]) -> DeltaMessage:
+        """This chunk's reasoning and content pieces; tool calls (whole, one delta each) at the end."""
+        previous, texts[index] = texts[index], texts[index] + new_text
+        if self.reasoning_parser is None:
+            reasoning_delta, content = None, texts[index]
+        else:
+            reasoning_delta, _ = self.reasoning_parser.extract_delta(previous, texts[index])
+            content = self.reasoning_parser.extract(texts[index])[1] or ""
+        if finish_reason is None:
+            if self._holds_content(request, content):
+                return DeltaMessage(reasoning_content=reasoning_delta)
+            piece, sent_content[index] = content[sent_content[index]:], len(content)
+            return DeltaMessage(content=piece or None, reasoning_content=reasoning_delta)
+        _, final_content, calls = self._split(request, texts[index])
+        rest = (final_content or "")[sent_content[index]:] if not calls or final_content else None
+        tool_deltas = [DeltaToolCall(index=i, id=random_id("call"), type="function",
+                                     function=FunctionCall(name=c.name, arguments=c.arguments))
+                       for i, c in enumerate(calls)] or None
+        return DeltaMessage(content=rest or None, reasoning_content=reasoning_delta, tool_calls=tool_deltas)
 
