@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [prefix] [serve] [hf] [correctness]
+# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [prefix] [structured] [serve] [hf] [correctness]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,6 +27,11 @@ fi
 if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
   timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 5 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --async-scheduling --no-enable-prefix-caching --output-json "$OUT/nano-llama-3.1-8b-tokenmill-async-nocache.json" 2>&1 | tail -2
+fi
+if want structured; then  # issue 6: every request JSON-constrained vs unconstrained; needs .bench-tokenizer carried
+  for mode in none json-array; do
+    timeout 200 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --tokenizer .bench-tokenizer --structured $mode --output-json "$OUT/nano-llama-3.1-8b-structured-$mode.json" 2>&1 | tail -2
+  done
 fi
 if want serve; then  # needs the wheels of benchmarks/fetch_server_wheels.sh carried as .whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH

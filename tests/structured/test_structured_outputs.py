@@ -113,3 +113,19 @@ def test_params_need_exactly_one_kind():
         StructuredOutputsParams(regex="a", choice=["b"])
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams()
+
+
+def test_a_grammar_that_fails_to_compile_ends_only_its_request(llm, monkeypatch, assert_pool_free):
+    manager = llm.llm_engine.core.structured
+
+    def broken(key):
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(manager, "_compile", broken)
+    bad = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[a-z]+ broken"))
+    good = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outputs = llm.generate(["one", "two"], [bad, good], use_tqdm=False)
+    assert outputs[0].outputs[0].finish_reason == "abort"
+    assert "could not be compiled" in outputs[0].outputs[0].stop_reason
+    assert len(outputs[1].outputs[0].token_ids) == 5
+    assert_pool_free(llm)

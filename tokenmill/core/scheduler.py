@@ -43,6 +43,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()  # to tell the runner next step
         self.num_preemptions = 0
         self.num_sync_only_requests = 0  # requests that async scheduling cannot run ahead of
+        self.unreported: list[EngineCoreOutput] = []  # requests the scheduler itself ended, to report
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -134,6 +135,13 @@ class Scheduler:
             if request.structured is not None and not request.structured.ready:
                 compiling.append(self.waiting.popleft())  # its grammar is still compiling
                 continue
+            if request.structured is not None and request.structured.error:
+                self.waiting.popleft()
+                request.status = RequestStatus.FINISHED_ABORTED
+                self._free(request)
+                self.unreported.append(EngineCoreOutput(request.request_id, [], finish_reason="abort",
+                                                        stop_reason=request.structured.error))
+                continue
             computed_blocks, host_hit_ids, num_hit_tokens = [], [], 0
             if request.num_computed_tokens == 0:
                 computed_blocks, host_hit_ids, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -183,7 +191,7 @@ class Scheduler:
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        outputs: list[EngineCoreOutput] = []
+        outputs, self.unreported = self.unreported, []
         for i, request_id in enumerate(runner_output.req_ids):
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran

@@ -35,8 +35,7 @@ class LLMEngine:
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.source, config.model.tokenizer)
         self.core = EngineCore(config, self.source)
         self.processor = Processor(self.tokenizer, config.scheduler.max_model_len,
-                                   self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer),
-                                   self.core.structured if self.tokenizer is not None else None)
+                                   self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:

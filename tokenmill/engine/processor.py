@@ -12,12 +12,8 @@ PromptType = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} / {"pr
 
 
 class Processor:
-    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int, eos_token_ids: set[int],
-                 structured: StructuredOutputManager | None = None) -> None:
+    def __init__(self, tokenizer: Any | None, max_model_len: int, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.tokenizer = tokenizer
-        # compiles (and caches) grammars here only to reject a bad spec before any compute
-        self.structured = structured or (StructuredOutputManager(lambda: tokenizer, vocab_size)
-                                         if tokenizer is not None else None)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
@@ -51,8 +47,8 @@ class Processor:
                              f"length of {self.max_model_len} tokens")
         params.check_vocab(self.vocab_size)
         if params.structured_outputs is not None:
-            if self.structured is None:
+            if self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer (the engine was started with skip_tokenizer_init)")
-            self.structured.validate(params.structured_outputs)
+            StructuredOutputManager.validate(params.structured_outputs)
         params.update_from_generation_config(self.eos_token_ids)
         return text, EngineCoreRequest(request_id, prompt_token_ids, params, arrival_time)

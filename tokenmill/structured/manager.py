@@ -30,14 +30,19 @@ class StructuredRequest:
     def __init__(self, future: Future) -> None:
         self.future = future
         self.matcher: Any | None = None
+        self.error: str | None = None  # the compile failed: the request ends instead of running
 
     @property
     def ready(self) -> bool:
-        if self.matcher is None and self.future.done():
-            import xgrammar as xgr
+        """The compile has finished, successfully (a matcher) or not (an error)."""
+        if self.matcher is None and self.error is None and self.future.done():
+            if self.future.exception() is not None:
+                self.error = f"the grammar could not be compiled: {self.future.exception()}"
+            else:
+                import xgrammar as xgr
 
-            self.matcher = xgr.GrammarMatcher(self.future.result())
-        return self.matcher is not None
+                self.matcher = xgr.GrammarMatcher(self.future.result())
+        return self.matcher is not None or self.error is not None
 
 
 class StructuredOutputManager:
@@ -58,12 +63,23 @@ class StructuredOutputManager:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)
             return self._compiler
 
-    def validate(self, params: StructuredOutputsParams) -> None:
-        """Compiles now (cached) and raises ValueError naming the problem; for the frontend, before compute."""
+    @staticmethod
+    def validate(params: StructuredOutputsParams) -> None:
+        """Parses the spec into a grammar (milliseconds, no tokenizer) and raises ValueError naming the
+        problem; for the frontend, before any compute. The costly compile runs later, off the step loop."""
+        import xgrammar as xgr
+
+        kind, spec = params.key
         try:
-            self._compile(params.key)
-        except Exception as exc:  # xgrammar raises RuntimeError / ValueError with its own messages
-            raise ValueError(f"invalid structured_outputs.{params.key[0]}: {exc}") from exc
+            if kind == "json":
+                xgr.Grammar.from_json_schema(spec)
+            elif kind == "regex":
+                xgr.Grammar.from_regex(spec)
+            elif kind in ("choice", "grammar"):
+                xgr.Grammar.from_ebnf(_grammar_for_choice(json.loads(spec)) if kind == "choice" else spec)
+        except Exception as exc:  # xgrammar raises RuntimeError with its own messages
+            message = str(exc).split(": ", 1)[-1] if "] " in str(exc) else str(exc)
+            raise ValueError(f"invalid structured_outputs.{kind}: {message}") from exc
 
     def _compile(self, key: tuple[str, str]):
         kind, spec = key
