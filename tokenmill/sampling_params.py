@@ -26,6 +26,9 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    # Set by a server with a reasoning parser: the grammar applies only after these token ids (the end
+    # of the model's thinking, e.g. "</think>") have been generated.
+    after_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         kinds = [k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k)]

@@ -66,3 +66,11 @@ def test_unknown_parsers_are_named():
         get_tool_parser("nope")
     with pytest.raises(ValueError, match="unknown reasoning parser 'nope'"):
         get_reasoning_parser("nope")
+
+
+def test_thinking_open_decides_where_a_grammar_starts():
+    assert get_reasoning_parser("deepseek_r1").thinking_open("<|user|>hi<|assistant|>")
+    qwen3 = get_reasoning_parser("qwen3")
+    assert qwen3.thinking_open("<|im_start|>assistant\n<think>\n")
+    assert not qwen3.thinking_open("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not qwen3.thinking_open("<|im_start|>assistant\n")

@@ -221,10 +221,13 @@ class Scheduler:
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
         if request.structured is not None:
-            request.structured.matcher.accept_token(token_id)
-            if request.structured.matcher.is_terminated():
-                request.status = RequestStatus.FINISHED_STOPPED
-                return True
+            if not request.structured.active:
+                request.structured.observe(request.output_token_ids)
+            else:
+                request.structured.matcher.accept_token(token_id)
+                if request.structured.matcher.is_terminated():
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    return True
         if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token_id if token_id in params.stop_token_ids else None
@@ -235,7 +238,7 @@ class Scheduler:
     def structured_requests_sampling(self, scheduler_output: SchedulerOutput) -> list[Request]:
         """Constrained requests that sample a token this step (not those still in a prompt chunk)."""
         return [r for r in (self.requests[i] for i in scheduler_output.num_scheduled_tokens)
-                if r.structured is not None and r.num_computed_tokens >= r.num_tokens]
+                if r.structured is not None and r.structured.active and r.num_computed_tokens >= r.num_tokens]
 
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0

@@ -27,10 +27,19 @@ def _grammar_for_choice(choices: list[str]) -> str:
 class StructuredRequest:
     """A request's grammar (compiling, then compiled) and its matcher."""
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, after_token_ids: list[int] | None = None) -> None:
         self.future = future
         self.matcher: Any | None = None
         self.error: str | None = None  # the compile failed: the request ends instead of running
+        self.after_token_ids = after_token_ids or []
+        self.active = not self.after_token_ids  # constraining yet (false while the model is reasoning)
+
+    def observe(self, output_token_ids: list[int]) -> None:
+        """Activates the grammar once the output ends with `after_token_ids`; its next token is the first
+        constrained one."""
+        n = len(self.after_token_ids)
+        if not self.active and output_token_ids[-n:] == self.after_token_ids:
+            self.active = True
 
     @property
     def ready(self) -> bool:
@@ -101,7 +110,7 @@ class StructuredOutputManager:
         if future is None:
             future = self._executor.submit(self._compile, key)
             self._cache[key] = future
-        return StructuredRequest(future)
+        return StructuredRequest(future, params.after_token_ids)
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         import xgrammar as xgr

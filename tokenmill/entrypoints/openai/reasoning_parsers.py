@@ -30,6 +30,11 @@ class ReasoningParser:
         reasoning, content = body.split(END, 1)
         return reasoning, content.lstrip("\n") or None
 
+    def thinking_open(self, prompt: str) -> bool:
+        """Does the model start by thinking? Always with an implicit start; else only if the prompt ends
+        inside an unclosed <think> (a template that opened it for the model)."""
+        return self.implicit_start or prompt.rfind(START) > prompt.rfind(END)
+
     def extract_delta(self, previous_text: str, current_text: str) -> tuple[str | None, str | None]:
         """The (reasoning, content) pieces new in `current_text`. A tag that is only partly generated is
         held back, so no fragment of it ever reaches either part."""

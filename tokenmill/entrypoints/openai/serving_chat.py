@@ -36,6 +36,7 @@ from tokenmill.entrypoints.openai.protocol import (
     TopLogprob,
     random_id,
 )
+from tokenmill.entrypoints.openai.reasoning_parsers import END as END_THINK
 from tokenmill.entrypoints.openai.reasoning_parsers import get_reasoning_parser
 from tokenmill.entrypoints.openai.serving_engine import (
     SSE_DONE,
@@ -112,6 +113,10 @@ class OpenAIServingChat(OpenAIServing):
                                       request.tools if request.tool_mode != "none" else None)
         max_tokens = self.resolve_max_tokens(len(token_ids), request.requested_max_tokens)
         params = self.sampling_params(request.to_sampling_params, max_tokens)
+        if params.structured_outputs is not None and self.reasoning_parser is not None and \
+                self.reasoning_parser.thinking_open(text):
+            # the grammar shapes the answer, not the thinking before it
+            params.structured_outputs.after_token_ids = self.tokenizer.encode(END_THINK, add_special_tokens=False)
         request_id = random_id("chatcmpl")
         stream = self.add_requests(request_id, [(text, token_ids)], [params])[0]
         if request.stream:
