@@ -115,10 +115,11 @@ class EngineConfig:
         parts: dict[str, dict[str, Any]] = {name: {} for name in sections}
         top: dict[str, Any] = {}
         top_names = {f.name for f in fields(cls)} - set(sections)
+        section_fields = {name: {f.name for f in fields(section)} for name, section in sections.items()}
         for key, value in kwargs.items():
-            for name, section in sections.items():
-                if key in {f.name for f in fields(section)} and key != "max_model_len" or (
-                        key == "max_model_len" and name == "model"):
+            # First match wins: max_model_len is the model's (the scheduler's copy is derived from it).
+            for name in sections:
+                if key in section_fields[name]:
                     parts[name][key] = value
                     break
             else:

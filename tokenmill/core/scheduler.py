@@ -43,6 +43,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()  # to tell the runner next step
         self.num_preemptions = 0
         self.num_sync_only_requests = 0  # requests that async scheduling cannot run ahead of
+        self.num_structured_requests = 0  # requests with a grammar: the bitmask pass is skipped without any
         self.unreported: list[EngineCoreOutput] = []  # requests the scheduler itself ended, to report
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -59,6 +60,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.num_sync_only_requests += request.needs_sync_scheduling
+        self.num_structured_requests += request.structured is not None
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Ends requests from outside (abort, or a stop string the frontend found)."""
@@ -78,6 +80,7 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.num_sync_only_requests -= request.needs_sync_scheduling
+        self.num_structured_requests -= request.structured is not None
         self.kv.free(request)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
@@ -237,6 +240,8 @@ class Scheduler:
 
     def structured_requests_sampling(self, scheduler_output: SchedulerOutput) -> list[Request]:
         """Constrained requests that sample a token this step (not those still in a prompt chunk)."""
+        if not self.num_structured_requests:
+            return []
         return [r for r in (self.requests[i] for i in scheduler_output.num_scheduled_tokens)
                 if r.structured is not None and r.structured.active and r.num_computed_tokens >= r.num_tokens]
 

@@ -28,6 +28,7 @@ class SamplingMetadata:
     top_k: torch.Tensor | None  # [B] int64 (vocab size = off), None if no row uses it
     min_p: torch.Tensor | None  # [B] float32, None if no row uses it
     all_greedy: bool
+    all_random: bool = False  # no greedy row: the argmax over the raw logits is skipped
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded generator
     max_num_logprobs: int | None = None  # None: no row wants logprobs
     logit_bias: list[tuple[int, list[int], list[float]]] = field(default_factory=list)  # (row, ids, values)
@@ -54,12 +55,13 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         logits = self._apply_logits_processors(logits, meta)
-        greedy = logits.argmax(dim=-1)
         if meta.all_greedy:
-            sampled = greedy
+            sampled = logits.argmax(dim=-1)
+        elif meta.all_random:
+            sampled = self._sample(logits, meta)
         else:
-            random = self._sample(logits, meta)
-            sampled = torch.where(meta.temperature < 1e-5, greedy, random)
+            greedy = logits.argmax(dim=-1)
+            sampled = torch.where(meta.temperature < 1e-5, greedy, self._sample(logits, meta))
         out = SamplerOutput(sampled)
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(

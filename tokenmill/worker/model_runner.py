@@ -24,6 +24,7 @@ import torch
 from tokenmill.attention.backend import AttentionMetadata, default_backend_name, get_backend
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from tokenmill.core.kv_cache_manager import cdiv
 from tokenmill.forward_context import set_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
@@ -47,10 +48,6 @@ class PendingStep:
     event: torch.cuda.Event | None  # recorded after the copies were queued
     prompt_logprobs: dict[str, list[TokenLogprobs]]
     sampler_output: SamplerOutput | None  # keeps the device tensors alive until the copies finish
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class ModelRunner:
@@ -252,9 +249,9 @@ class ModelRunner:
                 if hidden_states is not None else {}
         done = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
         req_ids = [batch.req_ids[r] for r in rows]
-        # The next step may need these tokens before the host has them.
-        self.last_sampled = out.sampled_token_ids
-        self.last_sampled_index = {req_ids[i]: i for i in np.nonzero(done)[0].tolist()}
+        if self.config.scheduler.async_scheduling:  # the next step may need these before the host has them
+            self.last_sampled = out.sampled_token_ids
+            self.last_sampled_index = {req_ids[i]: i for i in np.nonzero(done)[0].tolist()}
         host = [out.sampled_token_ids]
         if out.logprobs is not None:
             host += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
@@ -370,7 +367,7 @@ class ModelRunner:
             top_p=staged("top_p", top_p) if (top_p < 1.0).any() else None,
             top_k=staged("top_k", np.where(top_k > 0, top_k, self.vocab_size)) if (top_k > 0).any() else None,
             min_p=staged("min_p", min_p) if (min_p > 0).any() else None,
-            all_greedy=bool((temperature == 0).all()))
+            all_greedy=bool((temperature == 0).all()), all_random=bool((temperature > 0).all()))
         wants_penalties = False
         for i, state in enumerate(states):
             params = state.sampling_params
