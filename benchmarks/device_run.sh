@@ -60,4 +60,6 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
     for r in json.load(open(path)):
         keys = ["output_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "startup_to_first_token_s", "seconds"]
         print(f"{r['workload']:<22} {r['model']:<14} {r['backend']:<9} " + " ".join(f"{k}={r[k]:.1f}" for k in keys if k in r))
+        if "step_phases" in r:
+            print("    " + " ".join(f"{n}={v['seconds']:.2f}s/{v['calls']}" for n, v in r["step_phases"].items()))
 PY
