@@ -50,7 +50,7 @@ if want hf; then
   done
 fi
 if want correctness; then
-  timeout 150 python3 -m pytest -q -x -n 2 tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
+  timeout 240 python3 -m pytest -q -x -p no:xdist tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
   (nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit $TOKENMILL_COMMIT"; echo "command: python3 benchmarks/kernel_bench.py"
    timeout 90 python3 benchmarks/kernel_bench.py) 2>&1 | tee "$OUT/kernel_bench.txt" | tail -14
 fi
