@@ -2,6 +2,8 @@
 window of steps; prints the kernels by total device time and the mean device time per step.
 
 Usage (device machine, repo root): python3 benchmarks/profile_steps.py --model qwen3-0.6b [--start 300 --steps 20]
+  one request instead of nano: --input-len 4096 --output-len 1 --start 0 --steps 1 (its prefill),
+  --input-len 128 --output-len 512 --start 100 --steps 20 (batch-1 decode)
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--input-len", type=int, default=None, help="one request of this prompt length")
+    parser.add_argument("--output-len", type=int, default=512)
     args = parser.parse_args()
 
-    workload = make_workload("nano", None, 0, 0)
+    if args.input_len is None:
+        workload = make_workload("nano", None, 0, 0)
+    else:
+        workload = make_workload("fixed", 1, args.input_len, args.output_len)
     max_len = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
     llm = LLM(model_path(args.model), load_format="dummy", skip_tokenizer_init=True, max_model_len=max_len,
-              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+              enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+              enable_prefix_caching=False)  # the warm-up must not turn the profiled prefill into a cache hit
     engine = llm.llm_engine
     llm.generate([{"prompt_token_ids": workload.prompts[0]}], SamplingParams(max_tokens=8), use_tqdm=False)
     for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):

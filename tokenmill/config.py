@@ -74,17 +74,27 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    # None: chosen for the device by `resolve_max_num_batched_tokens` (vLLM's defaults).
+    max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     # Schedule step N+1 while step N runs on the device, its sampled tokens fed to N+1 on the device.
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     max_model_len: int = 0  # filled in from the model config
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
                  f"must be a positive integer, got {self.max_num_seqs!r}")
-        _require(isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens >= 1,
+        _require(self.max_num_batched_tokens is None or (isinstance(self.max_num_batched_tokens, int)
+                                                          and self.max_num_batched_tokens >= 1),
                  "max_num_batched_tokens", f"must be a positive integer, got {self.max_num_batched_tokens!r}")
+
+    def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
+        """The per-step token budget when none was given, as vLLM picks it for offline use: 16384 on GPUs of
+        70 GiB or more (H100, H200), 8192 elsewhere. The server passes its own (8192)."""
+        if self.max_num_batched_tokens is None:
+            big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30
+            self.max_num_batched_tokens = 16384 if big else 8192
+        return self.max_num_batched_tokens
 
 
 @dataclass

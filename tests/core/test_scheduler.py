@@ -23,7 +23,7 @@ def make_request(request_id: str, num_prompt: int, max_tokens: int = 8, first_to
 def make_scheduler(num_blocks: int, max_num_batched_tokens: int = 64, max_num_seqs: int = 8,
                    caching: bool = False, max_model_len: int = 64) -> Scheduler:
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_model_len=max_model_len)
+                             max_model_len=max_model_len, async_scheduling=False)
     return Scheduler(config, KVCacheManager(num_blocks, BS, caching))
 
 

@@ -8,7 +8,7 @@ import torch
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.layers.triton_ops import rms_norm, rotary_inplace, silu_and_mul
+from tokenmill.layers.triton_ops import qk_norm_rope_inplace, rms_norm, sample_from_logits, silu_and_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -49,19 +49,66 @@ def test_silu_and_mul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads", [1, 4, 20])
-def test_rotary_in_place_on_strided_views(dtype, heads):
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(1, 1, 32), (4, 2, 32), (20, 4, 64), (3, 1, 48)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_rope_in_place_matches_rmsnorm_then_rotary(dtype, heads, kv_heads, head_dim, qk_norm):
     torch.manual_seed(2)
-    head_dim = 32
     rope = RotaryEmbedding(head_dim, 64, 10000.0).to(DEVICE)
-    qkv = torch.randn(6, (heads + 2) * head_dim, device=DEVICE, dtype=dtype)
-    q = qkv[:, :heads * head_dim].view(6, heads, head_dim)
+    tokens = 6
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width + 8, device=DEVICE, dtype=dtype)[:, :width]  # rows strided
     positions = torch.tensor([0, 1, 5, 17, 63, 2], device=DEVICE)
-    cos = rope.cos_cache[positions].unsqueeze(1).to(dtype)
-    sin = rope.sin_cache[positions].unsqueeze(1).to(dtype)
-    x1, x2 = q.chunk(2, dim=-1)
-    expected = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    untouched = qkv[:, heads * head_dim:].clone()
-    rotary_inplace(q, positions, rope.cos_cache, rope.sin_cache)
-    close(q, expected, dtype)
-    assert torch.equal(qkv[:, heads * head_dim:], untouched)
+    q = qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
+    weights = ()
+    if qk_norm:
+        q_norm, k_norm = RMSNorm(head_dim, 1e-6).to(DEVICE), RMSNorm(head_dim, 1e-6).to(DEVICE)
+        q_norm.weight.data = torch.randn(head_dim, device=DEVICE).to(dtype)
+        k_norm.weight.data = torch.randn(head_dim, device=DEVICE).to(dtype)
+        q, k = q_norm._norm(q), k_norm._norm(k)
+        weights = (q_norm.weight, k_norm.weight, 1e-6)
+    expected_q, expected_k = rope(positions, q, k)
+    values = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    qk_norm_rope_inplace(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, *weights)
+    close(qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim), expected_q, dtype)
+    close(qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim),
+          expected_k, dtype)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampling_kernel_greedy_rows_take_the_argmax(dtype):
+    torch.manual_seed(3)
+    logits = torch.randn(6, 2500, device=DEVICE).to(dtype)  # three 1024-wide blocks, several splits
+    logits[1, 7] = logits[1, 2400] = 50.0  # a tie goes to the lower id
+    logits[2] = float("-inf")
+    logits[2, 1500] = 0.0
+    temperature = torch.zeros(6, device=DEVICE)
+    expected = logits.float().argmax(dim=-1)
+    assert sample_from_logits(logits, temperature, seed=5).tolist() == expected.tolist()
+    assert expected[1] == 7
+
+
+def test_sampling_kernel_draws_from_softmax_over_temperature():
+    """Frequencies over independent rows match softmax(logits / T); greedy rows in the same batch stay
+    greedy. The likely tokens sit in different 64-wide blocks. (The interpreter makes Philox slow, so the
+    sample is small: 4 standard errors are 0.1, while T = 1 instead of 0.5 would move the top token's
+    share by 0.18 and T = 2 by 0.31.)"""
+    rows, vocab = 400, 300
+    hot = torch.tensor([5, 110, 207, 290])
+    row_logits = torch.full((vocab,), -30.0)
+    row_logits[hot] = torch.tensor([0.0, 1.5, -1.0, 1.0])
+    row_logits[3] = float("-inf")
+    logits = row_logits.repeat(rows, 1).to(DEVICE)
+    temperature = torch.full((rows,), 0.5, device=DEVICE)
+    temperature[::50] = 0.0
+    sampled = sample_from_logits(logits, temperature, seed=1234, block=64).cpu()
+    greedy = torch.arange(rows) % 50 == 0
+    assert (sampled[greedy] == 110).all()
+    drawn = sampled[~greedy]
+    expected = torch.softmax(row_logits / 0.5, dim=-1)[hot]
+    observed = torch.stack([(drawn == t).float().mean() for t in hot])
+    assert observed.sum() == 1.0  # nothing outside the likely tokens (their share is < 1e-12 together)
+    assert torch.allclose(observed, expected, atol=4 * (0.25 / len(drawn)) ** 0.5), (observed, expected)
+    few = slice(1, 21)
+    assert not torch.equal(sample_from_logits(logits[few], temperature[few], seed=99, block=64).cpu(), sampled[few])

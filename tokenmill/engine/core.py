@@ -39,6 +39,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         self.config = config
         config.scheduler.max_model_len = resolve_max_model_len(source.hf_config, config.model.max_model_len)
+        config.scheduler.resolve_max_num_batched_tokens(config.resolve_device())
         started = time.perf_counter()
         self.runner = ModelRunner(config, source)
         block_size = config.cache.block_size

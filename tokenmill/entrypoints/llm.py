@@ -25,7 +25,7 @@ class LLM:
     """
 
     def __init__(self, model: str = "default", *, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  block_size: int = 16, gpu_memory_utilization: float = 0.9, kv_cache_memory_bytes: int | None = None,
                  seed: int = 0, load_format: str = "auto", enforce_eager: bool = False,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,

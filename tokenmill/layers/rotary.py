@@ -54,13 +54,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim] -> rotated (in place on GPU)."""
-        if q.is_cuda:
-            from tokenmill.layers.triton_ops import rotary_inplace
-
-            rotary_inplace(q, positions, self.cos_cache, self.sin_cache)
-            rotary_inplace(k, positions, self.cos_cache, self.sin_cache)
-            return q, k
+        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim] -> rotated. (On GPU the attention
+        layer applies the caches with `triton_ops.qk_norm_rope_inplace` instead.)"""
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -11,6 +11,9 @@ Order of operations, per row of logits [num_reqs, vocab]:
   8. sample: on GPU by the exponential race argmax(p / q), q ~ Exp(1); on CPU by the inverse CDF (one
      uniform per row instead of one per vocab entry); seeded rows draw from their own generator, so a
      seeded request samples the same tokens whatever batch it runs in
+On GPU, when no row uses top-k, top-p, min-p or a seed (the common case), steps 1 and 5-8 are one Triton
+kernel that reads the logits once in their own dtype: greedy rows take the argmax, the others the
+Gumbel-max draw argmax(logits / T + G), which is the same distribution as the exponential race.
 There is one device-to-host copy per step: the caller's `.tolist()` of the result.
 """
 
@@ -52,6 +55,8 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if logits.is_cuda and meta.top_k is None and meta.top_p is None and meta.min_p is None and not meta.generators:
+            return self._fused(logits, meta)
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         logits = self._apply_logits_processors(logits, meta)
@@ -66,6 +71,21 @@ class Sampler:
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
                 raw_logprobs, sampled, meta.max_num_logprobs)
+        return out
+
+    def _fused(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        from tokenmill.layers.triton_ops import sample_from_logits
+
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        if meta.logit_bias or meta.min_tokens_masks or meta.output_token_ids is not None:
+            logits = self._apply_logits_processors(logits.float(), meta)
+        seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, ()).item())  # host RNG: no device sync
+        out = SamplerOutput(sample_from_logits(logits, meta.temperature, seed))
+        if raw_logprobs is not None:
+            out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
+                raw_logprobs, out.sampled_token_ids, meta.max_num_logprobs)
         return out
 
     @staticmethod

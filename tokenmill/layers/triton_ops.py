@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the GPU: residual add + RMSNorm, RMSNorm, SiLU·mul and rotary embedding.
+"""Fused kernels for the GPU: residual add + RMSNorm, RMSNorm, SiLU·mul, q/k norm + rotary embedding, and
+sampling.
 
 Each replaces several PyTorch kernels (and their memory round trips) with one pass. Rounding follows
 the PyTorch code they replace: products and sums are rounded to the activation dtype where PyTorch
@@ -74,19 +75,81 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit(do_not_specialize=["split_size", "num_splits", "seed"])
+def _sample_kernel(logits_ptr, temperature_ptr, values_ptr, indices_ptr, logits_stride, vocab, split_size, num_splits,
+                   seed, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    temperature = tl.load(temperature_ptr + row)
+    is_random = temperature >= 1e-5
+    inv_temperature = 1.0 / tl.where(is_random, temperature, 1.0)
+    start = split * split_size
+    end = tl.minimum(start + split_size, vocab)
+    row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK], tl.int32) + start  # a valid id even if the whole split is -inf
+    for offset in range(start, end, BLOCK):
+        cols = offset + tl.arange(0, BLOCK)
+        mask = cols < end
+        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if is_random:
+            # Gumbel-max: argmax(logit / T + G), G = -log(-log(u)), u uniform in the open interval (0, 1)
+            bits = tl.randint(seed, row * vocab + cols).to(tl.uint32, bitcast=True) >> 8
+            u = (bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            x = x * inv_temperature - tl.log(-tl.log(u))
+        take = x > best
+        best = tl.where(take, x, best)
+        best_index = tl.where(take, cols, best_index)
+    top = tl.max(best, axis=0)
+    tl.store(values_ptr + row * num_splits + split, top)
+    tl.store(indices_ptr + row * num_splits + split, tl.min(tl.where(best == top, best_index, 2147483647), axis=0))
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 1024) -> torch.Tensor:
+    """One token id per row of logits [rows, vocab] (any float dtype, rows may be strided): the argmax for
+    rows of temperature 0, else a draw from softmax(logits / temperature) by the Gumbel-max trick, in one
+    pass over the logits with the noise made in registers (Philox, keyed by `seed`, row and column).
+    Ties go to the lowest id. Returns int64 [rows]."""
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1 or temperature.shape != (rows,):
+        raise ValueError("sample_from_logits needs a contiguous vocab dim and one temperature per row")
+    blocks = triton.cdiv(vocab, block)
+    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
+    split_size = block * triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(2 * sms, max(rows, 1)))))
+    num_splits = triton.cdiv(vocab, split_size)
+    values = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
+    indices = torch.empty(rows, num_splits, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(rows, num_splits)](logits, temperature, values, indices, logits.stride(0), vocab, split_size,
+                                       num_splits, seed, BLOCK=block, num_warps=4)
+    if num_splits == 1:
+        return indices[:, 0].long()
+    return indices.gather(1, values.argmax(dim=1, keepdim=True)).squeeze(1).long()
+
+
 @triton.jit
-def _rotary_kernel(x_ptr, positions_ptr, cos_ptr, sin_ptr, x_token_stride, x_head_stride, cache_stride,
-                   NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, qkv_stride,
+                         cache_stride, eps, NUM_HEADS: tl.constexpr, NUM_QK_HEADS: tl.constexpr, HALF: tl.constexpr,
+                         BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     token = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
-    mask = (heads[:, None] < NUM_HEADS) & col_mask[None, :]
-    position = tl.load(positions_ptr + token)
-    base = x_ptr + token * x_token_stride + heads[:, None] * x_head_stride + cols[None, :]
+    mask = (heads[:, None] < NUM_QK_HEADS) & col_mask[None, :]
+    base = qkv_ptr + token.to(tl.int64) * qkv_stride + heads[:, None] * (2 * HALF) + cols[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     dtype = x1.dtype
+    if HAS_NORM:  # per-head RMSNorm, queries and keys with their own weights (RMSNorm's rounding)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)
+        is_q = (heads < NUM_HEADS)[:, None]
+        w1 = tl.where(is_q, tl.load(q_weight_ptr + cols, mask=col_mask, other=0.0)[None, :],
+                      tl.load(k_weight_ptr + cols, mask=col_mask, other=0.0)[None, :]).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(q_weight_ptr + HALF + cols, mask=col_mask, other=0.0)[None, :],
+                      tl.load(k_weight_ptr + HALF + cols, mask=col_mask, other=0.0)[None, :]).to(tl.float32)
+        x1 = (w1 * (f1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        x2 = (w2 * (f2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+    position = tl.load(positions_ptr + token)
     cos = tl.load(cos_ptr + position * cache_stride + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + position * cache_stride + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
     a1 = (x1.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
@@ -97,16 +160,25 @@ def _rotary_kernel(x_ptr, positions_ptr, cos_ptr, sin_ptr, x_token_stride, x_hea
     tl.store(base + HALF, (a2 + b2).to(dtype), mask=mask)
 
 
-def rotary_inplace(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
-    """Rotates x [tokens, heads, head_dim] (rotate-half layout) in place; caches [max_position, head_dim // 2]."""
-    tokens, heads, head_dim = x.shape
+def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                         num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
+                         k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> None:
+    """In one kernel, on the query and key heads of a packed projection qkv [tokens, (Hq + 2 Hkv) * head_dim]
+    (rows may be strided): the optional per-head RMSNorm (Qwen3's q_norm / k_norm) and then rotary
+    embedding, in place. Values are untouched. Same rounding as RMSNorm followed by RotaryEmbedding."""
+    tokens = qkv.shape[0]
     half = head_dim // 2
-    if x.stride(-1) != 1 or cos_cache.shape[-1] != half or not cos_cache.is_contiguous():
-        raise ValueError("rotary_inplace needs a contiguous head_dim and [max_position, head_dim/2] caches")
+    if qkv.stride(-1) != 1 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim \
+            or cos_cache.shape[-1] != half or not cos_cache.is_contiguous():
+        raise ValueError("qk_norm_rope_inplace needs qkv [tokens, (Hq + 2 Hkv) * head_dim] with contiguous rows "
+                         "and [max_position, head_dim/2] caches")
     if tokens == 0:
         return
-    block_heads = min(16, triton.next_power_of_2(heads))
-    grid = (tokens, triton.cdiv(heads, block_heads))
-    _rotary_kernel[grid](x, positions, cos_cache, sin_cache, x.stride(0), x.stride(1), cos_cache.stride(0),
-                         NUM_HEADS=heads, HALF=half, BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half),
-                         num_warps=4)
+    has_norm = q_weight is not None
+    qk_heads = num_heads + num_kv_heads
+    block_heads = min(16, triton.next_power_of_2(qk_heads))
+    grid = (tokens, triton.cdiv(qk_heads, block_heads))
+    _qk_norm_rope_kernel[grid](qkv, positions, cos_cache, sin_cache, q_weight if has_norm else qkv,
+                               k_weight if has_norm else qkv, qkv.stride(0), cos_cache.stride(0), eps,
+                               NUM_HEADS=num_heads, NUM_QK_HEADS=qk_heads, HALF=half, BLOCK_HEADS=block_heads,
+                               BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)

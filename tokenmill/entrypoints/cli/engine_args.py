@@ -17,7 +17,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                                                              "bf16", "fp16", "fp32"])
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step (default: 16384 on GPUs of 70 GiB or more, else 8192; 8192 for serve)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
@@ -28,7 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--kv-offload-size", type=float, default=0.0,
                         help="GiB of host memory that keeps KV blocks evicted from the device (0 = off)")
     parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--async-scheduling", action="store_true",
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="schedule the next step while the current one runs on the device")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--device", default="auto")
@@ -36,8 +37,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
 
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
-                    "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill", "async_scheduling", "tensor_parallel_size",
-                    "device")
+                    "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill", "async_scheduling",
+                    "tensor_parallel_size", "device")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
