@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [async] [latency] [prefix] [structured] [serve] [hf] [correctness]
+# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf] [correctness]
+# structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
+# .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TM="python3 -m tokenmill.entrypoints.cli"
 want() { [ $# -eq 0 ] || [[ " $STEPS " == *" $1 "* ]]; }
 STEPS=" ${*:-correctness qwen llama latency} "
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 if want qwen; then
   timeout 120 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --output-json "$OUT/nano-qwen3-0.6b-tokenmill.json" 2>&1 | grep -vE "^INFO .*(step|Processed)" | tail -12
 fi
 if want llama; then
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
-fi
-if want async; then
-  for m in qwen3-0.6b llama-3.1-8b; do
-    TOKENMILL_STEP_TIMING=1 timeout 150 $TM bench throughput --model $m --load-format dummy --workload nano --async-scheduling --output-json "$OUT/nano-$m-tokenmill-async.json" 2>&1 | grep -v "^INFO" | tail -12
-  done
 fi
 if want latency; then
   timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
@@ -26,18 +26,17 @@ if want latency; then
 fi
 if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
   timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 5 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
-  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --async-scheduling --no-enable-prefix-caching --output-json "$OUT/nano-llama-3.1-8b-tokenmill-async-nocache.json" 2>&1 | tail -2
+  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --no-enable-prefix-caching --output-json "$OUT/nano-llama-3.1-8b-tokenmill-nocache.json" 2>&1 | tail -2
 fi
 if want structured; then  # issue 6: every request JSON-constrained vs unconstrained; needs .bench-tokenizer carried
   for mode in none json-array; do
     timeout 200 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --tokenizer .bench-tokenizer --structured $mode --output-json "$OUT/nano-llama-3.1-8b-structured-$mode.json" 2>&1 | tail -2
   done
 fi
-if want serve; then  # needs the wheels of benchmarks/fetch_server_wheels.sh carried as .whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+if want serve; then
   LLAMA=$(python3 -c "from tokenmill.bench.presets import model_path; print(model_path('llama-3.1-8b'))")
-  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload fixed --num-prompts 256 --input-len 512 --output-len 256 --async-scheduling --output-json "$OUT/fixed-llama-3.1-8b-offline.json" 2>&1 | tail -2
-  $TM serve "$LLAMA" --load-format dummy --max-model-len 2048 --async-scheduling --port 8011 --disable-uvicorn-access-log > "$OUT/serve.log" 2>&1 &
+  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload fixed --num-prompts 256 --input-len 512 --output-len 256 --output-json "$OUT/fixed-llama-3.1-8b-offline.json" 2>&1 | tail -2
+  $TM serve "$LLAMA" --load-format dummy --max-model-len 2048 --port 8011 --disable-uvicorn-access-log > "$OUT/serve.log" 2>&1 &
   for i in $(seq 1 90); do sleep 2; python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break; done
   for rate in 4 16 inf; do
     timeout 150 $TM bench serve --base-url http://127.0.0.1:8011 --num-prompts 256 --input-len 512 --output-len 256 --request-rate $rate --result-file "$OUT/serve-llama-3.1-8b-rate-$rate.json" 2>&1 | tail -14

@@ -75,31 +75,45 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _gumbel_max_update(best, best_index, row_ptr, cols, end, bits, scale, is_random):
+    x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+    if is_random:
+        # Gumbel-max in base 2: argmax(logit / T + G) = argmax(log2(e) * logit / T - log2(-log2(u))), u uniform
+        # in the open interval (0, 1) from the top 24 bits
+        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        x = x * scale - tl.log2(-tl.log2(u))
+    take = x > best
+    return tl.where(take, x, best), tl.where(take, cols, best_index)
+
+
 @triton.jit(do_not_specialize=["split_size", "num_splits", "seed"])
-def _sample_kernel(logits_ptr, temperature_ptr, values_ptr, indices_ptr, logits_stride, vocab, split_size, num_splits,
-                   seed, BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, temperature_ptr, values_ptr, indices_ptr, logits_stride, row_counters, vocab,
+                   split_size, num_splits, seed, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
     is_random = temperature >= 1e-5
-    inv_temperature = 1.0 / tl.where(is_random, temperature, 1.0)
+    scale = 1.4426950408889634 / tl.where(is_random, temperature, 1.0)
     start = split * split_size
     end = tl.minimum(start + split_size, vocab)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_index = tl.zeros([BLOCK], tl.int32) + start  # a valid id even if the whole split is -inf
+    QUARTER: tl.constexpr = BLOCK // 4
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_index = tl.zeros([QUARTER], tl.int32) + start  # a valid id even if the whole split is -inf
     for offset in range(start, end, BLOCK):
-        cols = offset + tl.arange(0, BLOCK)
-        mask = cols < end
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        if is_random:
-            # Gumbel-max: argmax(logit / T + G), G = -log(-log(u)), u uniform in the open interval (0, 1)
-            bits = tl.randint(seed, row * vocab + cols).to(tl.uint32, bitcast=True) >> 8
-            u = (bits.to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            x = x * inv_temperature - tl.log(-tl.log(u))
-        take = x > best
-        best = tl.where(take, x, best)
-        best_index = tl.where(take, cols, best_index)
+        cols = offset + tl.arange(0, QUARTER)
+        # One Philox call gives four 32-bit words: one per quarter of the block. Counters are unique per
+        # (row, column): rows are row_counters apart, a multiple of BLOCK at least the vocabulary.
+        b0, b1, b2, b3 = tl.randint4x(seed, row * row_counters + cols)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols, end,
+                                              b0.to(tl.uint32, bitcast=True), scale, is_random)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols + QUARTER, end,
+                                              b1.to(tl.uint32, bitcast=True), scale, is_random)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols + 2 * QUARTER, end,
+                                              b2.to(tl.uint32, bitcast=True), scale, is_random)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols + 3 * QUARTER, end,
+                                              b3.to(tl.uint32, bitcast=True), scale, is_random)
     top = tl.max(best, axis=0)
     tl.store(values_ptr + row * num_splits + split, top)
     tl.store(indices_ptr + row * num_splits + split, tl.min(tl.where(best == top, best_index, 2147483647), axis=0))
@@ -109,6 +123,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
     """One token id per row of logits [rows, vocab] (any float dtype, rows may be strided): the argmax for
     rows of temperature 0, else a draw from softmax(logits / temperature) by the Gumbel-max trick, in one
     pass over the logits with the noise made in registers (Philox, keyed by `seed`, row and column).
+    Noise is computed only for rows that sample.
     Ties go to the lowest id. Returns int64 [rows]."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1 or temperature.shape != (rows,):
@@ -119,8 +134,8 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
     num_splits = triton.cdiv(vocab, split_size)
     values = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, num_splits, dtype=torch.int32, device=logits.device)
-    _sample_kernel[(rows, num_splits)](logits, temperature, values, indices, logits.stride(0), vocab, split_size,
-                                       num_splits, seed, BLOCK=block, num_warps=4)
+    _sample_kernel[(rows, num_splits)](logits, temperature, values, indices, logits.stride(0), blocks * block, vocab,
+                                       split_size, num_splits, seed, BLOCK=block, num_warps=4)
     if num_splits == 1:
         return indices[:, 0].long()
     return indices.gather(1, values.argmax(dim=1, keepdim=True)).squeeze(1).long()
