@@ -112,21 +112,32 @@ class ModelRunner:
             attn.kv_cache = kv_cache
 
     def initialize_host_cache(self, num_blocks: int) -> None:
-        """The host tier's storage: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], pinned."""
-        shape = (self.kv_cache.shape[0], 2, num_blocks, *self.kv_cache.shape[3:])
+        """The host tier's storage: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], pinned, so
+        each block (all layers) is one contiguous range that one asynchronous copy moves."""
+        shape = (num_blocks, self.kv_cache.shape[0], 2, *self.kv_cache.shape[3:])
         self.host_kv_cache = torch.zeros(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
 
     @torch.inference_mode()
     def copy_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
-        """Evicted device blocks to the host tier, then host-tier hits back to the device; both queued
-        before the forward pass that may overwrite the evicted blocks."""
+        """Evicted device blocks to the host tier, then host-tier hits back to the device. Both are queued on
+        the compute stream ahead of the forward pass that may overwrite the evicted blocks, without waiting:
+        blocks are gathered on the device into a staging buffer, and runs of consecutive host blocks move in
+        one non-blocking copy each (pinned memory)."""
         if swap_out:
-            device_ids, host_ids = (torch.tensor(ids) for ids in zip(*swap_out))
-            self.host_kv_cache[:, :, host_ids] = self.kv_cache[:, :, device_ids.to(self.device)].cpu()
+            device_ids, host_ids = zip(*swap_out)
+            index = torch.tensor(device_ids).to(self.device, non_blocking=True)
+            staged = self.kv_cache[:, :, index].permute(2, 0, 1, 3, 4, 5).contiguous()
+            for start, host_start, length in _runs(host_ids):
+                self.host_kv_cache[host_start:host_start + length].copy_(staged[start:start + length],
+                                                                         non_blocking=True)
         if swap_in:
-            host_ids, device_ids = (torch.tensor(ids) for ids in zip(*swap_in))
-            blocks = self.host_kv_cache[:, :, host_ids]
-            self.kv_cache[:, :, device_ids.to(self.device)] = blocks.to(self.device)
+            host_ids, device_ids = zip(*swap_in)
+            staged = torch.empty((len(host_ids), *self.host_kv_cache.shape[1:]), dtype=self.dtype, device=self.device)
+            for start, host_start, length in _runs(host_ids):
+                staged[start:start + length].copy_(self.host_kv_cache[host_start:host_start + length],
+                                                   non_blocking=True)
+            index = torch.tensor(device_ids).to(self.device, non_blocking=True)
+            self.kv_cache[:, :, index] = staged.permute(1, 2, 0, 3, 4, 5)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -447,3 +458,14 @@ class ModelRunner:
             else:
                 logprobs.append(None)
         return ModelRunnerOutput(pending.req_ids, sampled_ids, logprobs, pending.prompt_logprobs)
+
+
+def _runs(ids: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(position, first id, length) of each run of consecutive ids: [5, 6, 7, 2] -> [(0, 5, 3), (3, 2, 1)]."""
+    runs: list[tuple[int, int, int]] = []
+    for position, block_id in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == block_id:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((position, block_id, 1))
+    return runs
