@@ -8,7 +8,7 @@ rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl fastapi starlette pydantic pydantic-core uvicorn annotated-types typing-inspection annotated-doc \
-  xgrammar apache-tvm-ffi click h11
+  xgrammar apache-tvm-ffi click h11 opentelemetry-api importlib-metadata zipp
 # xgrammar's wheel carries a 31 MB static library that nothing imports: drop it (and its RECORD line).
 python3 - .whl/xgrammar-*.whl <<'PY'
 import sys, zipfile

@@ -20,6 +20,8 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
+from tokenmill.bench.common import base_record
+
 VOCAB_LIMIT = 10000
 _WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
           "number group problem fact water room mother area money story month lot right study book job word "
@@ -193,6 +195,7 @@ def summarize(args: argparse.Namespace, model: str, text_prompts: bool, results:
         "ttft_ms": _stats([r.ttft for r in done]), "tpot_ms": _stats(tpots),
         "itl_ms": _stats([x for r in done for x in r.itls]), "e2el_ms": _stats([r.e2el for r in done]),
         "requests": [asdict(r) | {"itls": None} for r in results],
+        "client_commit": base_record()["commit"], "command": base_record()["command"],
     }
 
 
