@@ -88,13 +88,12 @@ class SchedulerConfig:
                                                           and self.max_num_batched_tokens >= 1),
                  "max_num_batched_tokens", f"must be a positive integer, got {self.max_num_batched_tokens!r}")
 
-    def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
+    def resolve_max_num_batched_tokens(self, device: torch.device) -> None:
         """The per-step token budget when none was given, as vLLM picks it for offline use: 16384 on GPUs of
         70 GiB or more (H100, H200), 8192 elsewhere. The server passes its own (8192)."""
         if self.max_num_batched_tokens is None:
             big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30
             self.max_num_batched_tokens = 16384 if big else 8192
-        return self.max_num_batched_tokens
 
 
 @dataclass

@@ -426,7 +426,7 @@ def _next_power_of_2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return CPU_NUM_SMS
@@ -452,7 +452,7 @@ def _launch_config(
         block_m = max(16, group_pad)
         return dict(BLOCK_Q=1, BLOCK_M=block_m, BLOCK_N=64 if head_dim_pad <= 128 else 32, num_warps=4, num_stages=2)
     big_tiles = head_dim_pad <= 128 and dtype != torch.float32
-    if big_tiles and (num_tokens * group_pad // 128) * num_kv_heads >= 2 * _num_sms(device):
+    if big_tiles and (num_tokens * group_pad // 128) * num_kv_heads >= 2 * num_sms(device):
         rows, block_n, num_warps = 128, 128, 8
     elif head_dim_pad <= 128:
         rows, block_n, num_warps = 64, 64, 4
@@ -482,7 +482,7 @@ def _decode_num_splits(
     group_pad = _next_power_of_2(num_heads // num_kv_heads)
     head_dim_pad = max(16, _next_power_of_2(head_dim))
     block_n = _launch_config(dtype, head_dim_pad, group_pad, 1, num_tokens, num_kv_heads, device)["BLOCK_N"]
-    target_programs = programs_per_sm * _num_sms(device)
+    target_programs = programs_per_sm * num_sms(device)
     wanted = _next_power_of_2(_cdiv(target_programs, max(1, num_tokens * num_kv_heads)))
     max_tiles = _next_power_of_2(max(1, _cdiv(table_width * block_size, block_n)))
     return min(wanted, max_tiles, MAX_NUM_SPLITS)

@@ -184,6 +184,7 @@ def summarize(args: argparse.Namespace, model: str, text_prompts: bool, results:
     num_input = sum(r.input_len for r in done)
     tpots = [(r.e2el - r.ttft) / (r.output_len - 1) for r in done if r.output_len > 1]
     errors = [r.error for r in results if not r.ok]
+    record = base_record()
     return {
         "base_url": args.base_url, "model": model, "prompt_kind": "text" if text_prompts else "token_ids",
         "num_prompts": args.num_prompts, "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
@@ -195,7 +196,7 @@ def summarize(args: argparse.Namespace, model: str, text_prompts: bool, results:
         "ttft_ms": _stats([r.ttft for r in done]), "tpot_ms": _stats(tpots),
         "itl_ms": _stats([x for r in done for x in r.itls]), "e2el_ms": _stats([r.e2el for r in done]),
         "requests": [asdict(r) | {"itls": None} for r in results],
-        "client_commit": base_record()["commit"], "command": base_record()["command"],
+        "client_commit": record["commit"], "command": record["command"],
     }
 
 

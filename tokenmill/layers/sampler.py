@@ -55,12 +55,19 @@ class SamplerOutput:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        if logits.is_cuda and meta.top_k is None and meta.top_p is None and meta.min_p is None and not meta.generators:
-            return self._fused(logits, meta)
-        logits = logits.float()
+        fused = logits.is_cuda and meta.top_k is None and meta.top_p is None and meta.min_p is None \
+            and not meta.generators
+        if not fused or meta.max_num_logprobs is not None or meta.logit_bias or meta.min_tokens_masks \
+                or meta.output_token_ids is not None:
+            logits = logits.float()  # the fused kernel alone reads the logits in their own dtype
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         logits = self._apply_logits_processors(logits, meta)
-        if meta.all_greedy:
+        if fused:
+            from tokenmill.layers.triton_ops import sample_from_logits
+
+            seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, ()).item())  # host RNG: no sync
+            sampled = sample_from_logits(logits, meta.temperature, seed)
+        elif meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif meta.all_random:
             sampled = self._sample(logits, meta)
@@ -71,21 +78,6 @@ class Sampler:
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
                 raw_logprobs, sampled, meta.max_num_logprobs)
-        return out
-
-    def _fused(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        from tokenmill.layers.triton_ops import sample_from_logits
-
-        raw_logprobs = None
-        if meta.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-        if meta.logit_bias or meta.min_tokens_masks or meta.output_token_ids is not None:
-            logits = self._apply_logits_processors(logits.float(), meta)
-        seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, ()).item())  # host RNG: no device sync
-        out = SamplerOutput(sample_from_logits(logits, meta.temperature, seed))
-        if raw_logprobs is not None:
-            out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
-                raw_logprobs, out.sampled_token_ids, meta.max_num_logprobs)
         return out
 
     @staticmethod

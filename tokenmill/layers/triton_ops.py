@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.attention.triton_paged import num_sms
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, residual_stride, out_stride, eps,
@@ -129,8 +131,8 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
     if logits.stride(-1) != 1 or temperature.shape != (rows,):
         raise ValueError("sample_from_logits needs a contiguous vocab dim and one temperature per row")
     blocks = triton.cdiv(vocab, block)
-    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
-    split_size = block * triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(2 * sms, max(rows, 1)))))
+    wanted_splits = triton.cdiv(2 * num_sms(logits.device), max(rows, 1))  # about two programs per SM
+    split_size = block * triton.cdiv(blocks, min(blocks, wanted_splits))
     num_splits = triton.cdiv(vocab, split_size)
     values = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, num_splits, dtype=torch.int32, device=logits.device)

@@ -20,8 +20,20 @@ import torch
 from tokenmill.sampling_params import StructuredOutputsParams
 
 
-def _grammar_for_choice(choices: list[str]) -> str:
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+def _parse(kind: str, spec: str):
+    """The xgrammar Grammar of a structured-outputs spec (params.key): json, json_object, regex, choice
+    or grammar (EBNF)."""
+    import xgrammar as xgr
+
+    if kind == "json":
+        return xgr.Grammar.from_json_schema(spec)
+    if kind == "json_object":
+        return xgr.Grammar.builtin_json_grammar()
+    if kind == "regex":
+        return xgr.Grammar.from_regex(spec)
+    if kind == "choice":
+        return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in json.loads(spec)))
+    return xgr.Grammar.from_ebnf(spec)
 
 
 class StructuredRequest:
@@ -76,32 +88,15 @@ class StructuredOutputManager:
     def validate(params: StructuredOutputsParams) -> None:
         """Parses the spec into a grammar (milliseconds, no tokenizer) and raises ValueError naming the
         problem; for the frontend, before any compute. The costly compile runs later, off the step loop."""
-        import xgrammar as xgr
-
         kind, spec = params.key
         try:
-            if kind == "json":
-                xgr.Grammar.from_json_schema(spec)
-            elif kind == "regex":
-                xgr.Grammar.from_regex(spec)
-            elif kind in ("choice", "grammar"):
-                xgr.Grammar.from_ebnf(_grammar_for_choice(json.loads(spec)) if kind == "choice" else spec)
+            _parse(kind, spec)
         except Exception as exc:  # xgrammar raises RuntimeError with its own messages
             message = str(exc).split(": ", 1)[-1] if "] " in str(exc) else str(exc)
             raise ValueError(f"invalid structured_outputs.{kind}: {message}") from exc
 
     def _compile(self, key: tuple[str, str]):
-        kind, spec = key
-        compiler = self._get_compiler()
-        if kind == "json":
-            return compiler.compile_json_schema(spec)
-        if kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
-        if kind == "regex":
-            return compiler.compile_regex(spec)
-        if kind == "choice":
-            return compiler.compile_grammar(_grammar_for_choice(json.loads(spec)))
-        return compiler.compile_grammar(spec)
+        return self._get_compiler().compile_grammar(_parse(*key))
 
     def request(self, params: StructuredOutputsParams) -> StructuredRequest:
         """Starts (or reuses) the compile of this spec without blocking the step loop."""
