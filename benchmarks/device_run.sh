@@ -56,7 +56,12 @@ fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
-    for r in json.load(open(path)):
+    data = json.load(open(path))
+    if isinstance(data, dict):  # a bench serve result
+        print(f"{path.rsplit('/', 1)[-1]:<40} output_throughput={data['output_throughput']:.1f} "
+              f"ttft_median_ms={data['ttft_ms']['median']:.1f} tpot_median_ms={data['tpot_ms']['median']:.2f}")
+        continue
+    for r in data:
         keys = ["output_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "startup_to_first_token_s", "seconds"]
         print(f"{r['workload']:<22} {r['model']:<14} {r['backend']:<9} " + " ".join(f"{k}={r[k]:.1f}" for k in keys if k in r))
         if "step_phases" in r:

@@ -196,7 +196,7 @@ def summarize(args: argparse.Namespace, model: str, text_prompts: bool, results:
         "ttft_ms": _stats([r.ttft for r in done]), "tpot_ms": _stats(tpots),
         "itl_ms": _stats([x for r in done for x in r.itls]), "e2el_ms": _stats([r.e2el for r in done]),
         "requests": [asdict(r) | {"itls": None} for r in results],
-        "client_commit": record["commit"], "command": record["command"],
+        "client_commit": record["commit"], "client_device": record["device"], "command": record["command"],
     }
 
 
