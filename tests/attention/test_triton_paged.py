@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tokenmill.attention.backend import AttentionMetadata, get_backend
+from tokenmill.attention import triton_paged
 from tokenmill.attention.triton_paged import decode_num_splits, paged_attention, write_kv
 
 ON_GPU = torch.cuda.is_available()
@@ -88,6 +89,7 @@ class PagedBatch:
             slot_mapping=torch.full((self.query.shape[0],), -1, dtype=torch.int64, device=self.query.device),
             query_start_loc_cpu=self.query_start_loc.cpu(),
             seq_lens_cpu=self.seq_lens.cpu(),
+            split_decodes=max(self.q_lens_list) > 1 and 1 in self.q_lens_list,
         )
 
     def reference(self) -> torch.Tensor:
@@ -282,8 +284,10 @@ def test_decode_split_count_depends_on_shapes_only() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
-def test_mixed_batch_through_backend(dtype: torch.dtype, group: int) -> None:
-    """Prefills with cached prefixes and decodes in one step, through AttentionBackend.forward."""
+@pytest.mark.parametrize("split_decodes", [True, False])
+def test_mixed_batch_through_backend(dtype: torch.dtype, group: int, split_decodes: bool) -> None:
+    """Prefills with cached prefixes and decodes in one step, through AttentionBackend.forward: the
+    one-token requests in a launch of their own, or in the prefill-shaped launch with the rest."""
     s = sizes(
         cpu=dict(seq_lens=[13, 30, 6, 9], q_lens=[5, 1, 6, 1], num_kv_heads=1, head_dim=32, block_size=4),
         gpu=dict(seq_lens=[700, 1500, 64, 2000, 33], q_lens=[150, 1, 64, 1, 20], num_kv_heads=8, head_dim=128,
@@ -292,9 +296,39 @@ def test_mixed_batch_through_backend(dtype: torch.dtype, group: int) -> None:
     batch = PagedBatch(s["seq_lens"], s["q_lens"], num_heads=group * s["num_kv_heads"], num_kv_heads=s["num_kv_heads"],
                        head_dim=s["head_dim"], block_size=s["block_size"], dtype=dtype, num_padding_tokens=1,
                        seed=10 + group).to(DEVICE)  # fmt: skip
-    backend = get_backend("triton")
-    out = backend.forward(batch.query, batch.kv_cache, batch.metadata(), batch.scale)
+    metadata = batch.metadata()
+    assert metadata.split_decodes
+    metadata.split_decodes = split_decodes
+    out = get_backend("triton").forward(batch.query, batch.kv_cache, metadata, batch.scale)
     check(out, batch, dtype)
+
+
+def test_short_chunk_over_long_prefix_splits_keys() -> None:
+    """A prefix-cache hit: a few new tokens over a long cached prefix leave most of the GPU idle, so the
+    prefill launch splits the keys; the result does not depend on the split count."""
+    dtype = torch.float32
+    s = sizes(cpu=dict(seq_lens=[300], q_lens=[5], block_size=4), gpu=dict(seq_lens=[4100], q_lens=[100], block_size=16))
+    batch = PagedBatch(s["seq_lens"], s["q_lens"], num_heads=4, num_kv_heads=2, head_dim=32,
+                       block_size=s["block_size"], dtype=dtype, seed=6).to(DEVICE)  # fmt: skip
+    cfg = triton_paged._launch_config(dtype, 32, 2, max(s["q_lens"]), sum(s["q_lens"]), 2, batch.query.device)
+    assert triton_paged._prefill_num_splits(sum(s["q_lens"]), 2, cfg["BLOCK_M"], cfg["BLOCK_N"], 2, s["seq_lens"][0],
+                                            batch.query.device) > 1  # fmt: skip
+    check(run_attention(batch), batch, dtype)
+    for num_splits in (1, 3):
+        check(run_attention(batch, num_splits=num_splits), batch, dtype)
+
+
+def test_zero_length_padding_requests() -> None:
+    """The padded layout of a captured step: trailing requests with no queries and tokens that belong to
+    no request; real rows are right and nothing else is read (the pads' block-table rows hold poison)."""
+    dtype = torch.float32
+    batch = PagedBatch([40, 9, 0, 0], [12, 1, 0, 0], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                       dtype=dtype, num_padding_tokens=7, seed=8).to(DEVICE)  # fmt: skip
+    for max_query_len in (16, 64):  # the captured step's padded token count picks the tiles
+        check(run_attention(batch, max_query_len=max_query_len), batch, dtype)
+    decode = PagedBatch([33, 5, 0], [1, 1, 0], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4, dtype=dtype,
+                        num_padding_tokens=3, seed=9).to(DEVICE)  # fmt: skip
+    check(run_attention(decode, max_query_len=1), decode, dtype)
 
 
 def test_decode_only_through_backend() -> None:

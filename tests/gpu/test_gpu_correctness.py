@@ -39,11 +39,18 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 4096, (n,), generator=generator).tolist() for n in LENGTHS]
 
 
-def engine_greedy(path: str, dtype: str, enforce_eager: bool, num_new: int = 48, **kwargs) -> list[list[int]]:
+def engine_greedy(path: str, dtype: str, enforce_eager: bool, num_new: int = 48, repeat: bool = False,
+                  **kwargs) -> list[list[int]]:
+    """Greedy outputs for prompts(); with `repeat`, those of a second pass, whose prompts hit the prefix
+    cache (small steps over long cached prefixes: the mixed-step graphs with key splits)."""
+    kwargs.setdefault("max_num_seqs", 16)
     llm = LLM(path, dtype=dtype, skip_tokenizer_init=True, enforce_eager=enforce_eager, max_model_len=1024,
-              gpu_memory_utilization=0.3, max_num_seqs=16, **kwargs)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()],
-                        SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True), use_tqdm=False)
+              gpu_memory_utilization=0.3, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=num_new, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+    if repeat:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+        assert sum(o.num_cached_tokens for o in outs) > 0
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -59,9 +66,10 @@ def test_float32_greedy_matches_hf_and_graphs_match_eager(model_dir):
     eager = engine_greedy(model_dir, "float32", enforce_eager=True)
     chunked = engine_greedy(model_dir, "float32", enforce_eager=False, max_num_batched_tokens=64,
                             enable_prefix_caching=False)
-    mismatches = {name: [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
-                  for name, got in (("graphs", graphs), ("eager", eager), ("chunked", chunked))}
-    assert mismatches == {"graphs": [], "eager": [], "chunked": []}, (mismatches, graphs, expected)
+    cached = engine_greedy(model_dir, "float32", enforce_eager=False, repeat=True, max_num_seqs=1)
+    runs = (("graphs", graphs), ("eager", eager), ("chunked", chunked), ("cached", cached))
+    mismatches = {name: [i for i, (a, b) in enumerate(zip(got, expected)) if a != b] for name, got in runs}
+    assert mismatches == {name: [] for name, _ in runs}, (mismatches, graphs, expected)
 
 
 def test_bf16_teacher_forced_top1_agreement(model_dir):

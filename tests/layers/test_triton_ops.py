@@ -8,7 +8,7 @@ import torch
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.layers.triton_ops import qk_norm_rope_inplace, rms_norm, sample_from_logits, silu_and_mul
+from tokenmill.layers.triton_ops import gemv, qk_norm_rope_inplace, rms_norm, sample_from_logits, silu_and_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -112,3 +112,19 @@ def test_sampling_kernel_draws_from_softmax_over_temperature():
     assert torch.allclose(observed, expected, atol=4 * (0.25 / len(drawn)) ** 0.5), (observed, expected)
     few = slice(1, 21)
     assert not torch.equal(sample_from_logits(logits[few], temperature[few], seed=99, block=64).cpu(), sampled[few])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(37, 96, True), (64, 256, False), (5, 200, True)])
+def test_gemv_matches_float64(dtype, n, k, bias):
+    """Batch-1 GEMV (rows past N, a K that is not a multiple of the tile) against a float64 product."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if bias else None
+    got = gemv(x, w, b, block_n=8, block_k=64)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.shape == (1, n) and got.dtype == dtype
+    # float32 accumulation; the bf16 result is one rounding of it
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.double() - ref).norm() / ref.norm()).item() < tol

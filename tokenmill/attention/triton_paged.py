@@ -54,6 +54,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # to keep the memory system busy while each one waits on its loads).
 PROGRAMS_PER_SM = 4
 MAX_NUM_SPLITS = 64
+MAX_PREFILL_SPLITS = 16
+MIN_TILES_PER_SPLIT = 4
 # Used where there is no CUDA device (the interpreter): small, so CPU tests exercise several splits.
 CPU_NUM_SMS = 4
 
@@ -488,6 +490,19 @@ def _decode_num_splits(
     return min(wanted, max_tiles, MAX_NUM_SPLITS)
 
 
+@functools.lru_cache(maxsize=4096)
+def _prefill_num_splits(num_tokens: int, group_pad: int, block_m: int, block_n: int, num_kv_heads: int,
+                        max_seq_len: int, device: torch.device) -> int:
+    """Key splits for a prefill-shaped launch: one when its query tiles fill the GPU, else enough to fill
+    it (a short chunk over a long cached prefix has few tiles, each walking many keys), keeping at least
+    MIN_TILES_PER_SPLIT key tiles per split."""
+    programs = _cdiv(num_tokens * group_pad, block_m) * num_kv_heads
+    if programs >= num_sms(device):
+        return 1
+    wanted = _next_power_of_2(_cdiv(num_sms(device), programs))
+    return max(1, min(wanted, _cdiv(max_seq_len, block_n) // MIN_TILES_PER_SPLIT, MAX_PREFILL_SPLITS))
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -501,6 +516,7 @@ def paged_attention(
     num_splits: int | None = None,
     min_q_len: int = 0,
     max_q_len: int = 2**31 - 1,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
@@ -510,6 +526,8 @@ def paged_attention(
     query_start_loc[num_reqs] are not written. `max_query_len` (host int, an upper bound on q_len_i) picks
     the tile shape: 1 selects the decode path, whose grid and constexprs depend only on tensor shapes
     (CUDA-graph safe) and which splits keys across `num_splits` programs (default: decode_num_splits).
+    A prefill-shaped launch too few query tiles to fill the GPU splits its keys as well (default:
+    prefill_num_splits, from the shapes and `max_seq_len`, an upper bound on seq_lens).
     Requests with q_len outside [min_q_len, max_q_len] are skipped (their rows are left as they were).
 
     Grid: (query tiles x num_kv_heads, num_splits), query tiles = num_tokens // BLOCK_Q + num_reqs, or
@@ -544,7 +562,13 @@ def paged_attention(
     block_q = cfg["BLOCK_Q"]
     num_query_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_reqs
     if num_splits is None:
-        num_splits = decode_num_splits(query, kv_cache, block_table) if max_query_len == 1 else 1
+        if max_query_len == 1:
+            num_splits = decode_num_splits(query, kv_cache, block_table)
+        elif min_q_len > 0 or max_q_len < max_query_len:
+            num_splits = 1
+        else:
+            num_splits = _prefill_num_splits(num_tokens, group_pad, cfg["BLOCK_M"], cfg["BLOCK_N"], num_kv_heads,
+                                             max_seq_len or block_table.shape[1] * block_size, query.device)
     split = num_splits > 1
     assert not (split and (min_q_len > 0 or max_q_len < max_query_len)), "split-KV does not filter requests"
     # Rows of 16-float multiples keep the partial accumulators 64-byte aligned.
@@ -638,11 +662,9 @@ class TritonPagedAttentionBackend(AttentionBackend):
         args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
         if metadata.max_query_len == 1:
             return paged_attention(*args, max_query_len=1)
+        if not metadata.split_decodes:
+            return paged_attention(*args, max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
         # Requests with a single new token would waste most rows of a prefill-sized query tile, so they
         # get their own launch with decode tiles (no split: the prefill launch fills the GPU anyway).
-        qsl = metadata.query_start_loc_cpu
-        has_decodes = bool(((qsl[1:] - qsl[:-1]) == 1).any())
-        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2 if has_decodes else 0)
-        if has_decodes:
-            paged_attention(*args, max_query_len=1, out=out, num_splits=1, max_q_len=1)
-        return out
+        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2)
+        return paged_attention(*args, max_query_len=1, out=out, num_splits=1, max_q_len=1)

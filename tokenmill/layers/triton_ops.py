@@ -199,3 +199,50 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: 
                                k_weight if has_norm else qkv, qkv.stride(0), cos_cache.stride(0), eps,
                                NUM_HEADS=num_heads, NUM_QK_HEADS=qk_heads, HALF=half, BLOCK_HEADS=block_heads,
                                BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, w_stride, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N re-read row N - 1 (never stored), so weight loads need no row mask.
+    w_rows = w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * w_stride
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptr + k + cols)
+            w = tl.load(w_rows + (k + cols)[None, :])
+        else:
+            col_mask = k + cols < K
+            x = tl.load(x_ptr + k + cols, mask=col_mask, other=0.0)
+            w = tl.load(w_rows + (k + cols)[None, :], mask=col_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block_n: int | None = None,
+         block_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], accumulated in float32, for batch-1 decode.
+
+    Weight-bandwidth bound: each program streams BLOCK_N whole rows of the weight (contiguous along K),
+    so enough programs are in flight to keep the memory system busy without splitting K. The default
+    tiles follow benchmarks/gemv_bench.py's sweep on an H100 over Llama-3.1-8B and Qwen3-0.6B matrices:
+    rows of 4096 or more take 8 x 1024 tiles with 8 warps, shorter ones 4 x 512 with 4."""
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv needs x [1, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("gemv needs x and weight contiguous along K")
+    n, k = weight.shape
+    long_rows = k >= 4096
+    block_n = block_n or (8 if long_rows else 4)
+    block_k = block_k or (1024 if long_rows else 512)
+    num_warps = num_warps or (8 if long_rows else 4)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else x, out, n, k,
+                                             weight.stride(0), HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+                                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return out

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from tokenmill.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,4 +41,4 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the whole vocabulary (gathered across ranks)."""
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return tp_all_gather(F.linear(hidden_states, self.weight))
+        return tp_all_gather(linear(hidden_states, self.weight))

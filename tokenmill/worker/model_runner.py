@@ -32,7 +32,7 @@ from tokenmill.loader import ModelSource, config_dtype, load_model
 from tokenmill.metrics import step_timer
 from tokenmill.structured.manager import apply_bitmask
 from tokenmill.worker.buffers import StagedBuffer
-from tokenmill.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_capture_sizes
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ class ModelRunner:
         self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
         self._arange = np.arange(num_rows + 1, dtype=np.int64)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        self.graphs = DecodeGraphs(capture_sizes(self.max_num_reqs) if use_graphs else [])
+        self.graphs = CudaGraphs("decode", capture_sizes(self.max_num_reqs) if use_graphs else [])
+        self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
 
     # ---- KV cache ------------------------------------------------------------------------------
 
@@ -182,28 +183,39 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> float:
-        """Captures decode graphs over the static buffers (needs the KV cache); returns seconds taken."""
-        if not self.graphs.sizes:
+        """Captures the decode and mixed-step graphs over the static buffers (needs the KV cache); returns
+        seconds taken. The buffers hold the padding layout while capturing: every request empty, every
+        token in none."""
+        if not self.graphs.sizes and not self.mixed_graphs.sizes:
             return 0.0
-        size = self.graphs.max_size
+        size = max(self.graphs.max_size, self.mixed_graphs.max_size)
         self.input_ids.gpu[:size].zero_()
         self.positions.gpu[:size].zero_()
         self.slot_mapping.gpu[:size].fill_(-1)
-        self.seq_lens.gpu[:size].fill_(1)
-        self.query_start_loc.gpu[:size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
-        self.block_table.gpu[:size].zero_()
+        self.seq_lens.gpu.zero_()
+        self.query_start_loc.gpu.zero_()
+        self.block_table.gpu.zero_()
 
-        def run(n: int) -> torch.Tensor:
+        def forward(num_tokens: int, num_reqs: int, max_query_len: int) -> torch.Tensor:
             metadata = AttentionMetadata(
-                num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=self.max_model_len,
-                query_start_loc=self.query_start_loc.gpu[:n + 1], seq_lens=self.seq_lens.gpu[:n],
-                block_table=self.block_table.gpu[:n], slot_mapping=self.slot_mapping.gpu[:n],
-                query_start_loc_cpu=self.query_start_loc.cpu[:n + 1], seq_lens_cpu=self.seq_lens.cpu[:n])
+                num_actual_tokens=num_tokens, num_reqs=num_reqs, max_query_len=max_query_len,
+                max_seq_len=self.max_model_len, query_start_loc=self.query_start_loc.gpu[:num_reqs + 1],
+                seq_lens=self.seq_lens.gpu[:num_reqs], block_table=self.block_table.gpu[:num_reqs],
+                slot_mapping=self.slot_mapping.gpu[:num_tokens],
+                query_start_loc_cpu=self.query_start_loc.cpu[:num_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:num_reqs])
             with set_forward_context(metadata, self.backend):
-                hidden_states = self.model(self.input_ids.gpu[:n], self.positions.gpu[:n])
-            return self.model.compute_logits(hidden_states)
+                return self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
 
-        return self.graphs.capture(run)
+        seconds = 0.0
+        if self.graphs.sizes:
+            seconds += self.graphs.capture(lambda n: self.model.compute_logits(forward(n, n, 1)))
+        if self.mixed_graphs.sizes:
+            seconds += self.mixed_graphs.capture(lambda n: forward(n, self._mixed_num_reqs(n), n), pool=self.graphs.pool)
+        return seconds
+
+    def _mixed_num_reqs(self, num_tokens: int) -> int:
+        """Request rows of a mixed-step graph of num_tokens tokens: every request has at least one."""
+        return min(num_tokens, self.max_num_reqs)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -230,12 +242,18 @@ class ModelRunner:
         # logprob is still to report.
         decode_only = num_tokens == num_reqs and bool(
             (batch.num_computed_tokens[rows] >= batch.num_prompt_tokens[rows] - 1).all())
-        graph_size = self.graphs.padded_size(num_reqs) if self.graphs.graphs and decode_only else None
-        padded_reqs = graph_size or num_reqs
+        graph_size = self.graphs.padded_size(num_reqs) if decode_only else None
+        mixed_size = None if decode_only else self.mixed_graphs.padded_size(num_tokens)
+        if graph_size is not None:
+            padded_reqs = padded_tokens = graph_size
+        elif mixed_size is not None:
+            padded_reqs, padded_tokens = self._mixed_num_reqs(mixed_size), mixed_size
+        else:
+            padded_reqs, padded_tokens = num_reqs, num_tokens
         with step_timer.phase("prepare"):
             if self.inputs_copied is not None:
                 self.inputs_copied.synchronize()
-            attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs)
+            attn_metadata = self._prepare_inputs(rows, num_scheduled, padded_reqs, padded_tokens)
             sampling_metadata = self._sampling_metadata(rows)
             if graph_size is None:
                 self.logits_indices.np[:num_reqs] = self.query_start_loc.np[1:num_reqs + 1] - 1
@@ -243,13 +261,17 @@ class ModelRunner:
             if self.device.type == "cuda":
                 self.inputs_copied = torch.cuda.Event()
                 self.inputs_copied.record()
-        with step_timer.phase("launch_graph" if graph_size is not None else "launch_eager"):
+        launch = "launch_graph" if graph_size is not None else "launch_mixed_graph" if mixed_size else "launch_eager"
+        with step_timer.phase(launch):
             if graph_size is not None:
                 logits = self.graphs.replay(graph_size)[:num_reqs]
                 hidden_states = None
             else:
-                with set_forward_context(attn_metadata, self.backend):
-                    hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
+                if mixed_size is not None:
+                    hidden_states = self.mixed_graphs.replay(mixed_size)
+                else:
+                    with set_forward_context(attn_metadata, self.backend):
+                        hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
                 logits = self.model.compute_logits(hidden_states[logits_indices])
             if scheduler_output.structured_req_ids:
                 position = {req_id: i for i, req_id in enumerate(batch.req_ids[r] for r in rows)}
@@ -313,14 +335,14 @@ class ModelRunner:
                 batch.states[row].block_ids.extend(cached.new_block_ids)
                 batch.append_blocks(row, cached.new_block_ids)
 
-    def _prepare_inputs(self, rows: np.ndarray, num_scheduled: np.ndarray, padded_reqs: int) -> AttentionMetadata:
-        """Fills the staged buffers for this step; rows past the real ones (graph padding) are 1-token
-        dummies that write no KV (slot -1) and read one slot."""
+    def _prepare_inputs(self, rows: np.ndarray, num_scheduled: np.ndarray, padded_reqs: int,
+                        padded_tokens: int) -> AttentionMetadata:
+        """Fills the staged buffers for this step. Padding (for a graph's size): tokens past the real ones
+        belong to no request and write no KV (slot -1); requests past the real ones have no tokens."""
         batch, bs = self.batch, self.block_size
         num_reqs = len(rows)
         cu_num_tokens = np.cumsum(num_scheduled)
         num_tokens = int(cu_num_tokens[-1])
-        padded_tokens = num_tokens + padded_reqs - num_reqs
         req_index = np.repeat(rows, num_scheduled)
         positions = self.positions.np[:padded_tokens]
         np.add(batch.num_computed_tokens[req_index], self._arange[:num_tokens]
@@ -336,12 +358,10 @@ class ModelRunner:
         query_start_loc[1:num_reqs + 1] = cu_num_tokens
         max_blocks = cdiv(int(seq_lens[:num_reqs].max()), bs)
         self.block_table.np[:num_reqs, :max_blocks] = batch.block_table[rows, :max_blocks]
-        if padded_reqs > num_reqs:
-            pad = slice(num_tokens, padded_tokens)
-            positions[pad], self.input_ids.np[pad], slots[pad] = 0, 0, -1
-            seq_lens[num_reqs:padded_reqs] = 1
-            query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens + self._arange[1:padded_reqs - num_reqs + 1]
-            self.block_table.np[num_reqs:padded_reqs, 0] = 0
+        pad = slice(num_tokens, padded_tokens)
+        positions[pad], self.input_ids.np[pad], slots[pad] = 0, 0, -1
+        seq_lens[num_reqs:padded_reqs] = 0
+        query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens
         input_ids = self.input_ids.to_device(padded_tokens)
         in_flight = np.nonzero(positions[:num_tokens] >= batch.num_tokens[req_index])[0]
         if len(in_flight):  # async scheduling: last step's samples, not yet on the host
@@ -352,14 +372,16 @@ class ModelRunner:
             input_ids[dst] = self.last_sampled[self.in_flight_src.to_device(len(in_flight))]
         self.positions.to_device(padded_tokens)
         self.slot_mapping.to_device(padded_tokens)
-        self.block_table.to_device(padded_reqs)
+        self.block_table.to_device(num_reqs)  # the padding requests' rows are never read
+        max_query_len = int(num_scheduled.max())
         return AttentionMetadata(
-            num_actual_tokens=num_tokens, num_reqs=padded_reqs, max_query_len=int(num_scheduled.max()),
+            num_actual_tokens=num_tokens, num_reqs=padded_reqs, max_query_len=max_query_len,
             max_seq_len=int(seq_lens[:num_reqs].max()),
             query_start_loc=self.query_start_loc.to_device(padded_reqs + 1),
             seq_lens=self.seq_lens.to_device(padded_reqs), block_table=self.block_table.gpu[:padded_reqs],
             slot_mapping=self.slot_mapping.gpu[:padded_tokens],
-            query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs])
+            query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs],
+            split_decodes=max_query_len > 1 and bool((num_scheduled == 1).any()))
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch
