@@ -331,6 +331,25 @@ def test_zero_length_padding_requests() -> None:
     check(run_attention(decode, max_query_len=1), decode, dtype)
 
 
+def test_long_fresh_prompt_attends_densely_through_backend(monkeypatch) -> None:
+    """One request with no cached prefix and at least DENSE_PREFILL_MIN_TOKENS tokens: the backend attends
+    over the step's own keys (passed alongside the cache); the result is the paged one."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    n = triton_paged.DENSE_PREFILL_MIN_TOKENS + 5
+    batch = PagedBatch([n], [n], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=dtype,
+                       seed=11).to(DEVICE)  # fmt: skip
+    positions = torch.arange(n, device=DEVICE)
+    blocks = batch.block_table[0, positions // 16].long()
+    key, value = batch.kv_cache[0, blocks, positions % 16], batch.kv_cache[1, blocks, positions % 16]
+    calls = []
+    dense = triton_paged.dense_causal_attention
+    monkeypatch.setattr(triton_paged, "dense_causal_attention", lambda *a: calls.append(1) or dense(*a))
+    out = get_backend("triton").forward(batch.query, batch.kv_cache, batch.metadata(), batch.scale, key=key,
+                                        value=value)  # fmt: skip
+    assert calls == [1]
+    check(out, batch, dtype)
+
+
 def test_decode_only_through_backend() -> None:
     dtype = torch.float16
     batch = PagedBatch([25, 8, 2], [1, 1, 1], num_heads=8, num_kv_heads=2, head_dim=32, block_size=4, dtype=dtype,

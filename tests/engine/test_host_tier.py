@@ -69,3 +69,29 @@ def test_host_tier_lru_and_protected_blocks():
     assert tier.store(b, {0, 1}) is None  # every host block is still needed by a pending copy
     tier.reset()
     assert tier.lookup(a) is None and tier.store(a, set()) == 0
+
+
+def test_an_allocation_never_offloads_into_the_host_blocks_it_copies_in():
+    """A host hit whose own allocation evicts device blocks: with the tier full of exactly the hit blocks,
+    the evicted blocks must not be offloaded over them (the copy in would read the new bytes)."""
+    from tokenmill.core.kv_cache_manager import KVCacheManager
+    from tokenmill.core.request import Request
+
+    kv = KVCacheManager(num_blocks=4, block_size=2, enable_caching=True, num_host_blocks=2)
+
+    def run(request_id: str, tokens: list[int]) -> Request:
+        request = Request(request_id, tokens, SamplingParams(max_tokens=1), 1, 0.0)
+        hits, host_ids, _ = kv.get_computed_blocks(request)
+        assert kv.allocate_slots(request, len(tokens) - 2 * (len(hits) + len(host_ids)), hits, host_ids) is not None
+        request.num_computed_tokens = len(tokens)
+        return request
+
+    kv.free(run("a", [1, 2, 3, 4]))  # two full blocks, hashed, then evictable
+    kv.take_block_copies()
+    kv.free(run("b", list(range(10, 18))))  # takes all four device blocks: a's two go to the host tier
+    swap_out, _ = kv.take_block_copies()
+    assert sorted(host for _, host in swap_out) == [0, 1]
+    run("a2", [1, 2, 3, 4, 5])  # a's prefix from the host tier; its three new blocks evict b's
+    swap_out, swap_in = kv.take_block_copies()
+    assert sorted(host for host, _ in swap_in) == [0, 1]
+    assert not {host for _, host in swap_out} & {host for host, _ in swap_in}, (swap_out, swap_in)

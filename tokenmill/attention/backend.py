@@ -55,6 +55,9 @@ class AttentionBackend(ABC):
     """A way to write new keys/values into the paged cache and to attend over it."""
 
     name: str = ""
+    # Its launches depend only on tensor shapes and it never syncs with the host, so steps through it can
+    # be captured in CUDA graphs and replayed with new metadata.
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def write_kv(
@@ -64,12 +67,15 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over the paged cache.
 
-        Keys of this step must already be written. Returns [num_tokens, num_heads, head_dim];
-        rows past `metadata.num_actual_tokens` are unspecified.
+        Keys of this step must already be written; `key`/`value` are those same new keys and values
+        [num_tokens, num_kv_heads, head_dim], which a backend may attend over directly where a request
+        has no cached ones. Returns [num_tokens, num_heads, head_dim]; rows past
+        `metadata.num_actual_tokens` are unspecified.
         """
 
 

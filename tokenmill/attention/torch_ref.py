@@ -29,7 +29,7 @@ class TorchAttentionBackend(AttentionBackend):
         flat[1, slots] = value[:num_tokens][valid]
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.zeros_like(query)
         block_size = kv_cache.shape[2]
         starts = metadata.query_start_loc_cpu.tolist()

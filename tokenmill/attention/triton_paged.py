@@ -42,6 +42,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -55,6 +56,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 PROGRAMS_PER_SM = 4
 MAX_NUM_SPLITS = 64
 MAX_PREFILL_SPLITS = 16
+# A half-precision step of one request with no cached prefix and at least this many tokens attends densely (see
+# dense_causal_attention); below it the paged kernel is as fast and the step may be a captured graph.
+DENSE_PREFILL_MIN_TOKENS = 1024
 MIN_TILES_PER_SPLIT = 4
 # Used where there is no CUDA device (the interpreter): small, so CPU tests exercise several splits.
 CPU_NUM_SMS = 4
@@ -417,6 +421,16 @@ def _reduce_splits_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+def dense_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """One request's causal attention over its own new keys ([tokens, heads, head_dim] each, no cached
+    prefix) through torch's fused attention, which picks the fastest kernel the GPU has (cuDNN's on an
+    H100: 537 TFLOP/s on a 4096-token Llama-3.1-8B prefill, against 365 for the paged kernel, whose
+    gathered key loads cost it the most where there is no paging to do)."""
+    out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
+                                         value.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
 # Host-side helpers in plain Python: triton.cdiv / triton.next_power_of_2 unwrap constexprs on each
 # call, which costs microseconds per call on this per-layer path.
 def _cdiv(a: int, b: int) -> int:
@@ -650,6 +664,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    supports_cuda_graphs = True
 
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -657,8 +672,12 @@ class TritonPagedAttentionBackend(AttentionBackend):
         write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if key is not None and metadata.num_reqs == 1 and query.dtype in (torch.float16, torch.bfloat16) \
+                and metadata.max_seq_len == metadata.num_actual_tokens >= DENSE_PREFILL_MIN_TOKENS:
+            return dense_causal_attention(query, key, value, scale)
         args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
         if metadata.max_query_len == 1:
             return paged_attention(*args, max_query_len=1)

@@ -108,7 +108,7 @@ class KVCacheManager:
             req_blocks.extend(new_computed_blocks)
         new_blocks = self.pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
-        self._offload_evicted()
+        self._offload_evicted(also_protected=host_hit_ids)
         for host_id, block in zip(host_hit_ids, new_blocks):
             self.swap_in.append((host_id, block.block_id))
         if self.enable_caching:
@@ -124,12 +124,14 @@ class KVCacheManager:
                 self.num_cached_blocks[request.request_id] = num_full
         return new_blocks
 
-    def _offload_evicted(self) -> None:
-        """Cached blocks the pool just evicted are copied to the host tier (before this step overwrites them)."""
+    def _offload_evicted(self, also_protected: list[int] = ()) -> None:
+        """Cached blocks the pool just evicted are copied to the host tier (before this step overwrites them),
+        never into a host block this step copies in: those recorded, and `also_protected`, the host hits of
+        the allocation that evicted them."""
         evicted, self.pool.evicted = self.pool.evicted, []
         if self.host is None:
             return
-        protected = {host_id for host_id, _ in self.swap_in}
+        protected = {host_id for host_id, _ in self.swap_in}.union(also_protected)
         for block_id, block_hash in evicted:
             host_id = self.host.store(block_hash, protected)
             if host_id is not None:

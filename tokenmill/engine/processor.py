@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from tokenmill.core.interface import EngineCoreRequest
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.manager import StructuredOutputManager
@@ -39,7 +41,10 @@ class Processor:
         text, prompt_token_ids = self.tokenize(prompt)
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: it must contain at least one token")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        ids = np.asarray(prompt_token_ids) if isinstance(prompt_token_ids, list) else None
+        fast_ok = ids is not None and ids.ndim == 1 and ids.dtype.kind == "i" \
+            and 0 <= ids.min() and ids.max() < self.vocab_size  # one pass in C for a long prompt
+        bad = [] if fast_ok else [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
         if len(prompt_token_ids) > self.max_model_len:

@@ -21,5 +21,5 @@ class Attention(nn.Module):
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
         ctx = get_forward_context()
         ctx.backend.write_kv(k, v, self.kv_cache, ctx.attn_metadata.slot_mapping)
-        out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale)
+        out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale, key=k, value=v)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

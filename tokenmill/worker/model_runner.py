@@ -14,6 +14,7 @@ whose prompt is not yet fully computed discard their sample. execute_model() is 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ class ModelRunner:
         self.last_sampled_index: dict[str, int] = {}
         self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
         self._arange = np.arange(num_rows + 1, dtype=np.int64)
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs
         self.graphs = CudaGraphs("decode", capture_sizes(self.max_num_reqs) if use_graphs else [])
         self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
 
@@ -117,22 +118,39 @@ class ModelRunner:
         each block (all layers) is one contiguous range that one asynchronous copy moves."""
         shape = (num_blocks, self.kv_cache.shape[0], 2, *self.kv_cache.shape[3:])
         self.host_kv_cache = torch.zeros(shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        self.offload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.offloads: list[tuple[torch.cuda.Event, set[int]]] = []  # copies out in flight: (done, host ids)
 
     @torch.inference_mode()
     def copy_blocks(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
-        """Evicted device blocks to the host tier, then host-tier hits back to the device. Both are queued on
-        the compute stream ahead of the forward pass that may overwrite the evicted blocks, without waiting:
-        blocks are gathered on the device into a staging buffer, and runs of consecutive host blocks move in
-        one non-blocking copy each (pinned memory)."""
+        """Evicted device blocks to the host tier, then host-tier hits back to the device, without waiting.
+
+        Out: the blocks are gathered on the compute stream, ahead of the forward pass that may overwrite
+        them, into a staging buffer that a side stream copies to the host while compute goes on. In: a
+        copy that reads a host block still being written by such a copy waits for it, then the blocks are
+        scattered on the compute stream. Runs of consecutive host blocks move in one copy each (pinned)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self.offloads = [(event, ids) for event, ids in self.offloads if not event.query()]
         if swap_out:
             device_ids, host_ids = zip(*swap_out)
             index = torch.tensor(device_ids).to(self.device, non_blocking=True)
             staged = self.kv_cache[:, :, index].permute(2, 0, 1, 3, 4, 5).contiguous()
-            for start, host_start, length in _runs(host_ids):
-                self.host_kv_cache[host_start:host_start + length].copy_(staged[start:start + length],
-                                                                         non_blocking=True)
+            with torch.cuda.stream(self.offload_stream) if cuda else contextlib.nullcontext():
+                if cuda:
+                    self.offload_stream.wait_stream(torch.cuda.current_stream())
+                    staged.record_stream(self.offload_stream)
+                for start, host_start, length in _runs(host_ids):
+                    self.host_kv_cache[host_start:host_start + length].copy_(staged[start:start + length],
+                                                                             non_blocking=True)
+            if cuda:
+                self.offloads.append((self.offload_stream.record_event(), set(host_ids)))
         if swap_in:
             host_ids, device_ids = zip(*swap_in)
+            wanted = set(host_ids)
+            for event, ids in self.offloads:
+                if ids & wanted:
+                    torch.cuda.current_stream().wait_event(event)
             staged = torch.empty((len(host_ids), *self.host_kv_cache.shape[1:]), dtype=self.dtype, device=self.device)
             for start, host_start, length in _runs(host_ids):
                 staged[start:start + length].copy_(self.host_kv_cache[host_start:host_start + length],
