@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf] [correctness]
+# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf] [correctness]
 # structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
 # .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh).
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# The device's copy of the tree may carry stale git metadata, so the commit under test is named by the caller.
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:?set TOKENMILL_COMMIT to the commit under test}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TM="python3 -m tokenmill.entrypoints.cli"
 want() { [ $# -eq 0 ] || [[ " $STEPS " == *" $1 "* ]]; }
@@ -22,10 +23,10 @@ fi
 if want latency; then
   timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
   timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
-  timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 5 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
+  timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
 fi
 if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
-  timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 5 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
+  timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 7 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --no-enable-prefix-caching --output-json "$OUT/nano-llama-3.1-8b-tokenmill-nocache.json" 2>&1 | tail -2
 fi
 if want structured; then  # issue 6: every request JSON-constrained vs unconstrained; needs .bench-tokenizer carried

@@ -101,3 +101,27 @@ def test_bf16_teacher_forced_top1_agreement(model_dir):
     report = dict(vs_hf_bf16=agree / total, ours_vs_fp32=ours_vs_fp32 / total, hf_bf16_vs_fp32=hf16_vs_fp32 / total)
     assert ours_vs_fp32 / total >= hf16_vs_fp32 / total - 0.01, report
     assert agree / total >= 0.95, report
+
+
+def test_host_tier_copies_equal_recompute_under_pressure(tmp_path_factory):
+    """The host tier on the GPU (copies out on a side stream, copies in waiting only for the host blocks
+    they read): with a device pool of a few sequences, outputs equal those of recomputing every prompt."""
+    path = tiny_dir(tmp_path_factory, "llama")
+    shared = torch.randint(3, 4096, (200,), generator=torch.Generator().manual_seed(5)).tolist()
+    prompts = [shared + [i + 3] * (i + 1) for i in range(6)] + [list(range(100, 400)), shared[:120]]
+    prompts = prompts + prompts[::-1]
+
+    def run(offload_gib: float, caching: bool) -> tuple[list[list[int]], int]:
+        probe = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory_bytes=1 << 24)
+        per_block = probe.llm_engine.core.runner.kv_bytes_per_block()
+        del probe
+        llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=512, max_num_seqs=4,
+                  kv_cache_memory_bytes=48 * per_block, enable_prefix_caching=caching, kv_offload_size=offload_gib)
+        outs = [llm.generate([{"prompt_token_ids": p}], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        return outs, llm.llm_engine.core.stats().prefix_cache_host_hits
+
+    tiered, host_hits = run(0.05, True)
+    plain, _ = run(0.0, False)
+    assert host_hits > 0
+    assert tiered == plain

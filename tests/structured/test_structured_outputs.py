@@ -129,3 +129,25 @@ def test_a_grammar_that_fails_to_compile_ends_only_its_request(llm, monkeypatch,
     assert "could not be compiled" in outputs[0].outputs[0].stop_reason
     assert len(outputs[1].outputs[0].token_ids) == 5
     assert_pool_free(llm)
+
+
+def test_async_scheduling_masks_a_step_ahead_with_the_outputs_of_sync_scheduling():
+    """With async scheduling a constrained step's forward pass is queued before the previous token is in,
+    and its mask filled while that pass runs; greedy outputs equal those of synchronous scheduling, where
+    mask and step alternate."""
+    prompts = [{"prompt": f"Item {i} as JSON: "} for i in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=SCHEMAS[i]))
+              for i in (0, 4, 7, 9)]
+    texts = {}
+    for async_scheduling in (True, False):
+        llm = LLM(max_model_len=512, kv_cache_memory_bytes=48 << 20, async_scheduling=async_scheduling)
+        runner = llm.llm_engine.core.runner
+        launches = []
+        launch_step = runner.launch_step
+        runner.launch_step = lambda so, sample=True: launches.append(sample) or launch_step(so, sample)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        texts[async_scheduling] = [o.outputs[0].text for o in outputs]
+        assert (False in launches) == async_scheduling  # the sampling was deferred only when async
+        for schema, text in zip((SCHEMAS[i] for i in (0, 4, 7, 9)), texts[async_scheduling]):
+            jsonschema.validate(json.loads(text), schema)
+    assert texts[True] == texts[False]

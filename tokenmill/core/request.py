@@ -64,12 +64,11 @@ class Request:
     @property
     def needs_sync_scheduling(self) -> bool:
         """Sampling that reads this request's latest tokens on the host (penalties, min_tokens), copies
-        from unpinned memory (logit_bias), reports prompt logprobs or follows a grammar (whose mask
-        depends on the last token) cannot run a step ahead."""
+        from unpinned memory (logit_bias) or reports prompt logprobs cannot run a step ahead. (A grammar
+        can: its mask is filled after the previous step's token is in, while the forward pass runs.)"""
         p = self.sampling_params
         return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-                or p.min_tokens > 0 or p.prompt_logprobs is not None or bool(p.logit_bias)
-                or p.structured_outputs is not None)
+                or p.min_tokens > 0 or p.prompt_logprobs is not None or bool(p.logit_bias))
 
     @property
     def num_output_tokens(self) -> int:

@@ -239,11 +239,13 @@ class Scheduler:
         return request.is_finished
 
     def structured_requests_sampling(self, scheduler_output: SchedulerOutput) -> list[Request]:
-        """Constrained requests that sample a token this step (not those still in a prompt chunk)."""
+        """Constrained requests that sample a token this step (not those still in a prompt chunk, nor those
+        that ended since it was scheduled: async scheduling fills the mask after the previous step's update)."""
         if not self.num_structured_requests:
             return []
-        return [r for r in (self.requests[i] for i in scheduler_output.num_scheduled_tokens)
-                if r.structured is not None and r.structured.active and r.num_computed_tokens >= r.num_tokens]
+        return [r for r in (self.requests.get(i) for i in scheduler_output.num_scheduled_tokens)
+                if r is not None and not r.is_finished and r.structured is not None and r.structured.active
+                and r.num_computed_tokens >= r.num_tokens]
 
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0

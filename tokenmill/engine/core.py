@@ -82,11 +82,8 @@ class EngineCore:
         constrained = self.scheduler.structured_requests_sampling(scheduler_output)
         if not constrained:
             return
-        bitmask = self.structured.allocate_bitmask(len(constrained))
-        for i, request in enumerate(constrained):
-            request.structured.matcher.fill_next_token_bitmask(bitmask, i)
         scheduler_output.structured_req_ids = [r.request_id for r in constrained]
-        scheduler_output.grammar_bitmask = bitmask
+        scheduler_output.grammar_bitmask = self.structured.fill_bitmask([r.structured.matcher for r in constrained])
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -107,8 +104,15 @@ class EngineCore:
                 return outputs + self.scheduler.update_from_output(scheduler_output, runner_output)
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
-        launched = self.runner.launch_step(scheduler_output)
+        # A grammar's mask for this step depends on the token the previous step is still sampling: the
+        # forward pass is queued first, the mask filled once that token is in, then the sampling queued.
+        deferred = self.scheduler.num_structured_requests > 0
+        launched = self.runner.launch_step(scheduler_output, sample=not deferred)
         outputs = self._finish_pending()
+        if deferred:
+            with step_timer.phase("grammar"):
+                self._fill_grammar_bitmask(scheduler_output)
+            self.runner.sample(launched, scheduler_output.structured_req_ids, scheduler_output.grammar_bitmask)
         self.pending = (scheduler_output, launched)
         return outputs
 

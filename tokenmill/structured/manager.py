@@ -1,10 +1,12 @@
 """Structured outputs in the engine core: grammars compiled off the step loop, one matcher per request.
 
     add_request -> compile(spec) in a worker thread (cached by spec) -> Future[CompiledGrammar]
-    schedule    -> a constrained request is admitted once its grammar is ready; for each constrained
-                   request that samples this step, its matcher fills one row of the batch bitmask
-    runner      -> logits[rows] masked in one op (xgrammar's kernel) before sampling
+    schedule    -> a constrained request is admitted once its grammar is ready
     update      -> each sampled token advances its matcher; a terminated grammar ends the request
+    bitmask     -> for the constrained requests that sample this step, their matchers fill the rows of
+                   one batch bitmask (in parallel threads); with async scheduling this happens after the
+                   previous step's update, while this step's forward pass runs on the device
+    runner      -> logits[rows] masked in one op (xgrammar's kernel) before sampling
 Unconstrained requests never touch any of this.
 """
 
@@ -74,6 +76,7 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._cache: dict[tuple[str, str], Future] = {}
+        self._batch_matcher = None
 
     def _get_compiler(self):
         with self._lock:
@@ -107,10 +110,16 @@ class StructuredOutputManager:
             self._cache[key] = future
         return StructuredRequest(future, params.after_token_ids)
 
-    def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
+    def fill_bitmask(self, matchers: list[Any]) -> torch.Tensor:
+        """The next-token bitmask of each matcher, one row each, filled in parallel threads (xgrammar's
+        batch matcher, which releases the GIL)."""
         import xgrammar as xgr
 
-        return xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+        if self._batch_matcher is None:
+            self._batch_matcher = xgr.BatchGrammarMatcher()
+        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask)
+        return bitmask
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:

@@ -49,6 +49,9 @@ class PendingStep:
     event: torch.cuda.Event | None  # recorded after the copies were queued
     prompt_logprobs: dict[str, list[TokenLogprobs]]
     sampler_output: SamplerOutput | None  # keeps the device tensors alive until the copies finish
+    # Set while the sampling is still to be queued (launch_step(sample=False), then sample()).
+    logits: torch.Tensor | None = None
+    sampling_metadata: SamplingMetadata | None = None
 
 
 class ModelRunner:
@@ -242,8 +245,10 @@ class ModelRunner:
         return self.finish_step(self.launch_step(scheduler_output))
 
     @torch.inference_mode()
-    def launch_step(self, scheduler_output: SchedulerOutput) -> PendingStep:
+    def launch_step(self, scheduler_output: SchedulerOutput, sample: bool = True) -> PendingStep:
         """Queues the step's device work and the copy of its sampled tokens to the host; returns at once.
+        With sample=False only the forward pass is queued; sample() queues the rest once the grammar
+        bitmask is known.
 
         Tokens still in flight from the previous step (async scheduling) are fed from the device."""
         self._update_states(scheduler_output)
@@ -291,27 +296,38 @@ class ModelRunner:
                     with set_forward_context(attn_metadata, self.backend):
                         hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
                 logits = self.model.compute_logits(hidden_states[logits_indices])
-            if scheduler_output.structured_req_ids:
-                position = {req_id: i for i, req_id in enumerate(batch.req_ids[r] for r in rows)}
-                apply_bitmask(logits, scheduler_output.grammar_bitmask,
-                              [position[req_id] for req_id in scheduler_output.structured_req_ids])
-            out = self.sampler(logits, sampling_metadata)
             prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
                 if hidden_states is not None else {}
         done = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
-        req_ids = [batch.req_ids[r] for r in rows]
-        if self.config.scheduler.async_scheduling:  # the next step may need these before the host has them
-            self.last_sampled = out.sampled_token_ids
-            self.last_sampled_index = {req_ids[i]: i for i in np.nonzero(done)[0].tolist()}
-        host = [out.sampled_token_ids]
-        if out.logprobs is not None:
-            host += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
-        host = [t.to("cpu", non_blocking=True) for t in host]
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return PendingStep(req_ids, done, host, event, prompt_logprobs, out)
+        pending = PendingStep([batch.req_ids[r] for r in rows], done, None, None, prompt_logprobs, None, logits,
+                              sampling_metadata)
+        if sample:
+            self.sample(pending, scheduler_output.structured_req_ids, scheduler_output.grammar_bitmask)
+        return pending
+
+    def sample(self, pending: PendingStep, structured_req_ids: list[str] | None = None,
+               grammar_bitmask: torch.Tensor | None = None) -> None:
+        """Queues a launched step's sampling, its grammar bitmask applied to the rows of `structured_req_ids`,
+        and the copy of the sampled tokens to the host."""
+        if pending.logits is None:
+            return
+        with step_timer.phase("sample"):
+            if structured_req_ids:
+                position = {req_id: i for i, req_id in enumerate(pending.req_ids)}
+                apply_bitmask(pending.logits, grammar_bitmask, [position[req_id] for req_id in structured_req_ids])
+            out = self.sampler(pending.logits, pending.sampling_metadata)
+            pending.logits = pending.sampling_metadata = None
+            if self.config.scheduler.async_scheduling:  # the next step may need these before the host has them
+                self.last_sampled = out.sampled_token_ids
+                self.last_sampled_index = {pending.req_ids[i]: i for i in np.nonzero(pending.done)[0].tolist()}
+            host = [out.sampled_token_ids]
+            if out.logprobs is not None:
+                host += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
+            pending.host = [t.to("cpu", non_blocking=True) for t in host]
+            pending.sampler_output = out
+            if self.device.type == "cuda":
+                pending.event = torch.cuda.Event()
+                pending.event.record()
 
     def finish_step(self, pending: PendingStep) -> ModelRunnerOutput:
         """Waits for a launched step's tokens and records them in the batch (rows may have moved since)."""
