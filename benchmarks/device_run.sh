@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf] [correctness]
+# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness]
 # structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
 # .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh).
 set -u
@@ -29,10 +29,8 @@ if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs
   timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 7 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --no-enable-prefix-caching --output-json "$OUT/nano-llama-3.1-8b-tokenmill-nocache.json" 2>&1 | tail -2
 fi
-if want structured; then  # issue 6: every request JSON-constrained vs unconstrained; needs .bench-tokenizer carried
-  for mode in none json-array; do
-    timeout 200 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --tokenizer .bench-tokenizer --structured $mode --output-json "$OUT/nano-llama-3.1-8b-structured-$mode.json" 2>&1 | tail -2
-  done
+if want structured; then  # issue 6: every request JSON-constrained, then the same lengths unconstrained; needs .bench-tokenizer
+  TOKENMILL_STEP_TIMING=1 timeout 300 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --tokenizer .bench-tokenizer --structured json-array --output-json "$OUT/nano-llama-3.1-8b-structured.json" 2>&1 | tail -12
 fi
 if want serve; then
   LLAMA=$(python3 -c "from tokenmill.bench.presets import model_path; print(model_path('llama-3.1-8b'))")
@@ -44,11 +42,11 @@ if want serve; then
   done
   kill %1 2>/dev/null
 fi
-if want hf; then
-  for m in qwen3-0.6b llama-3.1-8b; do
-    timeout 420 $TM bench throughput --model $m --load-format dummy --workload nano --backend hf --output-json "$OUT/nano-$m-hf.json" 2>&1 | tail -4
-  done
-fi
+for m in qwen3-0.6b llama-3.1-8b; do  # "hf" runs both peers, "hf-<model>" one (a call has 10 minutes)
+  if want hf || want hf-$m; then
+    timeout 540 $TM bench throughput --model $m --load-format dummy --workload nano --backend hf --output-json "$OUT/nano-$m-hf.json" 2>&1 | tail -4
+  fi
+done
 if want correctness; then
   timeout 240 python3 -m pytest -q -x -p no:xdist tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
   (nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit $TOKENMILL_COMMIT"; echo "command: python3 benchmarks/kernel_bench.py"

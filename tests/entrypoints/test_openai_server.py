@@ -511,22 +511,45 @@ def test_named_tool_choice_always_yields_valid_arguments(client, seed):
     check_call(call.function.name, call.function.arguments)
 
 
-def test_required_tool_choice_streamed_deltas(client):
-    stream = client.chat.completions.create(model=MODEL, messages=TOOL_MESSAGES, tools=[WEATHER, TIME], max_tokens=120,
-                                            temperature=1.0, seed=5, tool_choice="required", stream=True,
-                                            parallel_tool_calls=False)  # one call: the array closes in time
-    calls: dict[int, dict] = {}
-    for chunk in stream:
+ROME_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": "celsius"}}\n</tool_call>'
+STREAMED_TOOL_CALLS = {  # one call each: the required array closes in time
+    "required": dict(tool_choice="required", temperature=1.0, seed=5, parallel_tool_calls=False),
+    "named": dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=1.0, seed=5),
+    "auto": dict(tool_choice="auto", temperature=0.0, messages=[  # one example, and the model follows it
+        {"role": "user", "content": "Weather in Rome?"}, {"role": "assistant", "content": ROME_CALL},
+        {"role": "user", "content": "Weather in Paris?"}]),
+}
+
+
+@pytest.mark.parametrize("case", STREAMED_TOOL_CALLS)
+def test_tool_calls_stream_in_openai_shape(client, case):
+    """The first delta of a call carries its id, type and name (arguments ""), the later ones only argument
+    fragments, which add up to the non-streamed response's arguments (same seed, same tokens)."""
+    kwargs = {"model": MODEL, "messages": TOOL_MESSAGES, "tools": [WEATHER, TIME], "max_tokens": 120,
+              **STREAMED_TOOL_CALLS[case]}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    calls: list[dict] = []
+    finishes: list[str] = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
         for choice in chunk.choices:
             assert not choice.delta.content
+            finishes += [choice.finish_reason] if choice.finish_reason else []
             for delta in choice.delta.tool_calls or []:
-                call = calls.setdefault(delta.index, {"name": None, "arguments": ""})
-                if delta.function.name:
-                    assert call["name"] is None  # the name comes once
-                    call["name"] = delta.function.name
-                call["arguments"] += delta.function.arguments or ""
-    assert calls
-    for call in calls.values():
+                if delta.index == len(calls):
+                    assert delta.id and delta.type == "function" and delta.function.name
+                    assert delta.function.arguments == ""
+                    calls.append({"name": delta.function.name, "arguments": "", "num_fragments": 0})
+                    continue
+                assert delta.id is None and delta.type is None and delta.function.name is None
+                assert delta.function.arguments
+                calls[delta.index]["arguments"] += delta.function.arguments
+                calls[delta.index]["num_fragments"] += 1
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert calls and all(c["num_fragments"] > 1 for c in calls)  # streamed as generated, not whole at the end
+    assert finishes == [whole.finish_reason]
+    assert (whole.finish_reason == "tool_calls") == (case == "auto")  # forced calls keep the engine's reason
+    for call in calls:
         check_call(call["name"], call["arguments"])
 
 

@@ -107,9 +107,11 @@ def test_host_tier_copies_equal_recompute_under_pressure(tmp_path_factory):
     """The host tier on the GPU (copies out on a side stream, copies in waiting only for the host blocks
     they read): with a device pool of a few sequences, outputs equal those of recomputing every prompt."""
     path = tiny_dir(tmp_path_factory, "llama")
-    shared = torch.randint(3, 4096, (200,), generator=torch.Generator().manual_seed(5)).tolist()
-    prompts = [shared + [i + 3] * (i + 1) for i in range(6)] + [list(range(100, 400)), shared[:120]]
-    prompts = prompts + prompts[::-1]
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 4096, (200,), generator=gen).tolist()
+    strangers = [torch.randint(3, 4096, (300,), generator=gen).tolist() for _ in range(6)]
+    # three strangers (19 blocks each) push the shared prefix out of the 48-block pool between its uses
+    prompts = [shared + [3], *strangers[:3], shared + [4, 5], *strangers[3:], shared[:150] + [6]]
 
     def run(offload_gib: float, caching: bool) -> tuple[list[list[int]], int]:
         probe = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory_bytes=1 << 24)

@@ -142,12 +142,15 @@ def test_async_scheduling_masks_a_step_ahead_with_the_outputs_of_sync_scheduling
     for async_scheduling in (True, False):
         llm = LLM(max_model_len=512, kv_cache_memory_bytes=48 << 20, async_scheduling=async_scheduling)
         runner = llm.llm_engine.core.runner
-        launches = []
-        launch_step = runner.launch_step
-        runner.launch_step = lambda so, sample=True: launches.append(sample) or launch_step(so, sample)
+        calls = []
+        launch_step, finish_step = runner.launch_step, runner.finish_step
+        runner.launch_step = lambda *a, **k: calls.append("launch") or launch_step(*a, **k)
+        runner.finish_step = lambda *a: calls.append("finish") or finish_step(*a)
         outputs = llm.generate(prompts, params, use_tqdm=False)
         texts[async_scheduling] = [o.outputs[0].text for o in outputs]
-        assert (False in launches) == async_scheduling  # the sampling was deferred only when async
+        # async: a step is launched while the previous one is unfinished; sync: launch and finish alternate
+        ran_ahead = any(a == b == "launch" for a, b in zip(calls, calls[1:]))
+        assert ran_ahead == async_scheduling
         for schema, text in zip((SCHEMAS[i] for i in (0, 4, 7, 9)), texts[async_scheduling]):
             jsonschema.validate(json.loads(text), schema)
     assert texts[True] == texts[False]

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", default="tokenmill", choices=["tokenmill", "hf"])
     parser.add_argument("--hf-batch-size", type=int, default=64, help="requests per padded HF generate call")
     parser.add_argument("--structured", default="none", choices=["none", "json-array"],
-                        help="constrain every request with a JSON schema (needs a real --tokenizer)")
+                        help="constrain every request with a JSON schema (needs a real --tokenizer); then run the "
+                             "same requests unconstrained, each to the length its constrained run reached")
     parser.add_argument("--output-json", default=None)
     parser.set_defaults(func=run)
 
@@ -50,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
               "total_tokens_per_s": (workload.num_prompt_tokens + output_tokens) / seconds, **extra,
               **base_record()}
     if step_timer.ENABLED and args.backend == "tokenmill":
-        record["step_phases"] = step_timer.summary()
+        record.setdefault("step_phases", step_timer.summary())
         for name, row in record["step_phases"].items():
             print(f"step phase {name:<13} {row['seconds']:8.2f} s  {row['calls']:6d} calls  {row['mean_ms']:7.3f} ms")
+    structured_columns = ["unconstrained_output_tokens_per_s", "structured_ratio"] if "structured_ratio" in record else []
     print_table([record], ["workload", "model", "backend", "num_requests", "seconds", "output_tokens_per_s",
-                           "total_tokens_per_s", "device"])
+                           *structured_columns, "total_tokens_per_s", "device"])
     write_records([record], args.output_json)
     return 0
 
@@ -77,15 +79,28 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
         extra.update(structured=args.structured, compile_ms_50_properties=1e3 * (time.perf_counter() - started))
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up: kernels compiled, caches touched
+    seconds, lengths = _timed_generate(llm, prompts, params)
+    produced = sum(lengths)
+    if structured:
+        # A grammar may end a request early, and fewer requests per step means fewer tokens per second
+        # whatever the masking costs: the peer is the same requests unconstrained, each to the same length.
+        phases = step_timer.summary()
+        free = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
+        free_seconds, free_lengths = _timed_generate(llm, prompts, free)
+        extra.update(unconstrained_output_tokens_per_s=sum(free_lengths) / free_seconds,
+                     structured_ratio=(produced / seconds) / (sum(free_lengths) / free_seconds))
+        if step_timer.ENABLED:
+            extra["step_phases"] = phases  # the constrained run's
+    elif produced != workload.num_output_tokens:
+        raise RuntimeError(f"generated {produced} tokens, the workload asks for {workload.num_output_tokens}")
+    return seconds, produced
+
+
+def _timed_generate(llm, prompts: list[dict], params: list) -> tuple[float, list[int]]:
     step_timer.reset()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - started
-
-    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    if produced != workload.num_output_tokens and not structured:
-        raise RuntimeError(f"generated {produced} tokens, the workload asks for {workload.num_output_tokens}")
-    return seconds, produced
+    return time.perf_counter() - started, [len(o.outputs[0].token_ids) for o in outputs]
 
 
 def run_hf(args: argparse.Namespace, workload: Workload) -> float:

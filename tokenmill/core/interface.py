@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -55,10 +54,6 @@ class SchedulerOutput:
     # of blocks the pool evicted, then (host block, device block) copies in of prefix hits found there.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
-    # Structured outputs: the requests whose logits are masked this step, and their bitmask rows
-    # ([len(structured_req_ids), ceil(vocab / 32)] int32, filled by the engine core).
-    structured_req_ids: list[str] = field(default_factory=list)
-    grammar_bitmask: Any = None
 
     @classmethod
     def make_empty(cls) -> "SchedulerOutput":

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerOutput, SchedulerStats
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
@@ -78,12 +78,18 @@ class EngineCore:
             core_request.structured = self.structured.request(params.structured_outputs)
         self.scheduler.add_request(core_request)
 
-    def _fill_grammar_bitmask(self, scheduler_output) -> None:
-        constrained = self.scheduler.structured_requests_sampling(scheduler_output)
-        if not constrained:
-            return
-        scheduler_output.structured_req_ids = [r.request_id for r in constrained]
-        scheduler_output.grammar_bitmask = self.structured.fill_bitmask([r.structured.matcher for r in constrained])
+    def _sample(self, scheduler_output: SchedulerOutput, launched) -> None:
+        """Queues a launched step's sampling; the rows of constrained requests are masked by their grammars'
+        next-token bitmasks, filled now, once the previous step's tokens have advanced the matchers."""
+        rows, bitmask = [], None
+        with step_timer.phase("grammar"):
+            constrained = self.scheduler.structured_requests_sampling(scheduler_output)
+            if constrained:
+                position = {req_id: i for i, req_id in enumerate(launched.req_ids)}
+                rows = [position[r.request_id] for r in constrained]
+                bitmask = self.structured.fill_bitmask([r.structured.matcher for r in constrained], rows,
+                                                       len(launched.req_ids))
+        self.runner.sample(launched, rows, bitmask)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -98,8 +104,9 @@ class EngineCore:
             outputs = self._finish_pending()
             with step_timer.phase("schedule"):
                 scheduler_output = self.scheduler.schedule()
-                self._fill_grammar_bitmask(scheduler_output)
-            runner_output = self.runner.execute_model(scheduler_output)
+            launched = self.runner.launch_step(scheduler_output, sample=False)
+            self._sample(scheduler_output, launched)
+            runner_output = self.runner.finish_step(launched)
             with step_timer.phase("update"):
                 return outputs + self.scheduler.update_from_output(scheduler_output, runner_output)
         with step_timer.phase("schedule"):
@@ -110,9 +117,7 @@ class EngineCore:
         launched = self.runner.launch_step(scheduler_output, sample=not deferred)
         outputs = self._finish_pending()
         if deferred:
-            with step_timer.phase("grammar"):
-                self._fill_grammar_bitmask(scheduler_output)
-            self.runner.sample(launched, scheduler_output.structured_req_ids, scheduler_output.grammar_bitmask)
+            self._sample(scheduler_output, launched)
         self.pending = (scheduler_output, launched)
         return outputs
 

@@ -77,6 +77,7 @@ class StructuredOutputManager:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._cache: dict[tuple[str, str], Future] = {}
         self._batch_matcher = None
+        self._bitmask: torch.Tensor | None = None
 
     def _get_compiler(self):
         with self._lock:
@@ -110,23 +111,27 @@ class StructuredOutputManager:
             self._cache[key] = future
         return StructuredRequest(future, params.after_token_ids)
 
-    def fill_bitmask(self, matchers: list[Any]) -> torch.Tensor:
-        """The next-token bitmask of each matcher, one row each, filled in parallel threads (xgrammar's
-        batch matcher, which releases the GIL)."""
+    def fill_bitmask(self, matchers: list[Any], rows: list[int], num_rows: int) -> torch.Tensor:
+        """The first num_rows rows of a reused host bitmask (pinned on a GPU machine, so its copy to the
+        device does not block), row rows[i] filled with matchers[i]'s next-token mask, in parallel threads
+        (xgrammar's batch matcher, which releases the GIL); other rows are stale and must not be applied.
+        Reusing it is safe because each step's bitmask is filled after the previous step's sampling, its
+        only reader, has finished."""
         import xgrammar as xgr
 
         if self._batch_matcher is None:
             self._batch_matcher = xgr.BatchGrammarMatcher()
-        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask)
-        return bitmask
+        if self._bitmask is None or self._bitmask.shape[0] < num_rows:
+            self._bitmask = xgr.allocate_token_bitmask(max(num_rows, 64), self.vocab_size)
+            if torch.cuda.is_available():
+                self._bitmask = self._bitmask.pin_memory()
+        self._batch_matcher.batch_fill_next_token_bitmask(matchers, self._bitmask, rows)
+        return self._bitmask[:num_rows]
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Masks logits[rows] in place: disallowed tokens become -inf. bitmask: [len(rows), ceil(vocab / 32)],
-    its i-th row for logits[rows[i]]; the other rows of logits are left alone."""
+    """Masks logits[rows] in place by the same rows of bitmask ([>= max(rows) + 1, ceil(vocab / 32)] int32,
+    on the host): disallowed tokens become -inf; the other rows of logits are left alone."""
     import xgrammar as xgr
 
-    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32)  # -1: every bit set, all allowed
-    full[rows] = bitmask
-    xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True))
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)

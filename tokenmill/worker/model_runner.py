@@ -10,6 +10,8 @@ launch_step(SchedulerOutput) -> PendingStep, without waiting for the device:
      request's last scheduled token; sample; queue the copy of the sampled tokens to the host
 finish_step(PendingStep) -> ModelRunnerOutput: wait for that copy and record the tokens; requests
 whose prompt is not yet fully computed discard their sample. execute_model() is the two in a row.
+launch_step(sample=False) queues the forward pass only; sample() then queues the rest (the engine core
+fills a grammar bitmask in between).
 """
 
 from __future__ import annotations
@@ -302,19 +304,19 @@ class ModelRunner:
         pending = PendingStep([batch.req_ids[r] for r in rows], done, None, None, prompt_logprobs, None, logits,
                               sampling_metadata)
         if sample:
-            self.sample(pending, scheduler_output.structured_req_ids, scheduler_output.grammar_bitmask)
+            self.sample(pending)
         return pending
 
-    def sample(self, pending: PendingStep, structured_req_ids: list[str] | None = None,
-               grammar_bitmask: torch.Tensor | None = None) -> None:
-        """Queues a launched step's sampling, its grammar bitmask applied to the rows of `structured_req_ids`,
-        and the copy of the sampled tokens to the host."""
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep, grammar_rows: list[int] = (), grammar_bitmask: torch.Tensor | None = None
+               ) -> None:
+        """Queues a launched step's sampling and the copy of the sampled tokens to the host. Rows
+        `grammar_rows` of its logits are masked first by the same rows of `grammar_bitmask` (host, int32)."""
         if pending.logits is None:
             return
         with step_timer.phase("sample"):
-            if structured_req_ids:
-                position = {req_id: i for i, req_id in enumerate(pending.req_ids)}
-                apply_bitmask(pending.logits, grammar_bitmask, [position[req_id] for req_id in structured_req_ids])
+            if grammar_rows:
+                apply_bitmask(pending.logits, grammar_bitmask, grammar_rows)
             out = self.sampler(pending.logits, pending.sampling_metadata)
             pending.logits = pending.sampling_metadata = None
             if self.config.scheduler.async_scheduling:  # the next step may need these before the host has them

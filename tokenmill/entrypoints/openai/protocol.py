@@ -11,7 +11,16 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
@@ -367,6 +376,13 @@ class DeltaToolCall(BaseModel):
     id: str | None = None
     type: Literal["function"] | None = None
     function: FunctionCall
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """OpenAI's shape: id, type and name come in a call's first delta only, and are absent, not null, after."""
+        data = handler(self)
+        data["function"] = {k: v for k, v in data["function"].items() if v is not None}
+        return {k: v for k, v in data.items() if v is not None}
 
 
 class ResponseMessage(BaseModel):

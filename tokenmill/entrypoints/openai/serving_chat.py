@@ -6,7 +6,6 @@ special token it wants, and a tokenizer that adds a BOS would otherwise add a se
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,7 +27,6 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     DeltaMessage,
-    DeltaToolCall,
     FunctionCall,
     ResponseMessage,
     ToolCall,
@@ -49,7 +47,14 @@ from tokenmill.entrypoints.openai.serving_engine import (
     sse,
     sse_error,
 )
-from tokenmill.entrypoints.openai.tool_parsers import ParsedToolCall, get_tool_parser
+from tokenmill.entrypoints.openai.tool_parsers import (
+    NamedToolParser,
+    ParsedToolCall,
+    RequiredToolParser,
+    StreamingToolCallParser,
+    ToolParser,
+    get_tool_parser,
+)
 from tokenmill.outputs import PositionLogprobs, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -161,30 +166,23 @@ class OpenAIServingChat(OpenAIServing):
                                       usage=self.usage(len(output.prompt_token_ids), num_completion,
                                                        output.num_cached_tokens))
 
+    def _tool_parser(self, request: ChatCompletionRequest) -> ToolParser | None:
+        """The parser that finds this request's tool calls in the answer, if it may have any."""
+        if request.tool_mode == "named":
+            return NamedToolParser(request.tool_choice["function"]["name"])
+        if request.tool_mode == "required":
+            return RequiredToolParser()
+        return self.tool_parser if request.tool_mode == "auto" else None
+
     def _split(self, request: ChatCompletionRequest, text: str) -> tuple[str | None, str | None,
                                                                           list[ParsedToolCall]]:
         """(reasoning, content, tool calls) of a finished text."""
         reasoning, content = self.reasoning_parser.extract(text) if self.reasoning_parser else (None, text)
-        mode = request.tool_mode
-        if mode == "named":
-            return reasoning, None, [ParsedToolCall(request.tool_choice["function"]["name"], content or "{}")]
-        if mode == "required":
-            try:
-                calls = [ParsedToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
-                         for c in json.loads(content or "[]")]
-            except (json.JSONDecodeError, KeyError, TypeError):  # cut short by max_tokens
-                return reasoning, content, []
-            return reasoning, None, calls
-        if mode == "auto" and self.tool_parser is not None and content:
-            content, calls = self.tool_parser.extract(content)
-            return reasoning, content, calls
-        return reasoning, content, []
-
-    def _holds_content(self, request: ChatCompletionRequest, content: str) -> bool:
-        """While streaming, content that is (or may become) a tool call is held until the end."""
-        if request.tool_mode in ("named", "required"):
-            return True
-        return request.tool_mode == "auto" and self.tool_parser is not None and self.tool_parser.may_be_tool_call(content)
+        parser = self._tool_parser(request)
+        if parser is None:
+            return reasoning, content, []
+        content, calls = parser.extract(content or "")
+        return reasoning, content, calls
 
     async def _stream(self, request: ChatCompletionRequest, request_id: str, num_prompt: int,
                       stream: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
@@ -197,7 +195,9 @@ class OpenAIServingChat(OpenAIServing):
         num_completion = [0] * request.n
         num_cached = 0
         texts = [""] * request.n  # each choice's text so far
-        sent_content = [0] * request.n  # characters of content already streamed
+        sent_content = [0] * request.n  # characters of content already streamed (choices without tool calls)
+        parser = self._tool_parser(request)
+        tool_streams = [StreamingToolCallParser(parser) if parser else None for _ in range(request.n)]
         continuous = bool(request.stream_options and request.stream_options.continuous_usage_stats)
         try:
             for index in range(request.n):  # OpenAI opens each choice with the role
@@ -210,10 +210,11 @@ class OpenAIServingChat(OpenAIServing):
                         continue
                     logprobs = (self._logprobs(completion.token_ids, completion.logprobs, request.top_logprobs or 0)
                                 if request.logprobs else None)
-                    delta = self._delta(request, completion.index, completion.text, completion.finish_reason,
-                                        texts, sent_content)
+                    tool_stream = tool_streams[completion.index]
+                    delta = self._delta(completion.index, completion.text, completion.finish_reason is not None,
+                                        texts, sent_content, tool_stream)
                     finish_reason = completion.finish_reason
-                    if finish_reason and delta.tool_calls and request.tool_mode == "auto":
+                    if finish_reason and request.tool_mode == "auto" and tool_stream.has_calls:
                         finish_reason = "tool_calls"
                     choice = ChatCompletionChunkChoice(index=completion.index, delta=delta, logprobs=logprobs,
                                                        finish_reason=finish_reason,
@@ -231,24 +232,17 @@ class OpenAIServingChat(OpenAIServing):
             await stream.aclose()
         yield SSE_DONE
 
-    def _delta(self, request: ChatCompletionRequest, index: int, new_text: str, finish_reason: str | None,
-               texts: list[str], sent_content: list[int]) -> DeltaMessage:
-        """This chunk's reasoning and content pieces; tool calls (whole, one delta each) at the end."""
+    def _delta(self, index: int, new_text: str, finished: bool, texts: list[str], sent_content: list[int],
+               tool_stream: StreamingToolCallParser | None) -> DeltaMessage:
+        """This chunk's reasoning and content pieces, and its tool-call deltas (StreamingToolCallParser)."""
         previous, texts[index] = texts[index], texts[index] + new_text
         if self.reasoning_parser is None:
             reasoning_delta, content = None, texts[index]
         else:
             reasoning_delta, _ = self.reasoning_parser.extract_delta(previous, texts[index])
             content = self.reasoning_parser.extract(texts[index])[1] or ""
-        if finish_reason is None:
-            if self._holds_content(request, content):
-                return DeltaMessage(reasoning_content=reasoning_delta)
+        if tool_stream is None:
             piece, sent_content[index] = content[sent_content[index]:], len(content)
             return DeltaMessage(content=piece or None, reasoning_content=reasoning_delta)
-        _, final_content, calls = self._split(request, texts[index])
-        rest = (final_content or "")[sent_content[index]:] if not calls or final_content else None
-        tool_deltas = [DeltaToolCall(index=i, id=random_id("call"), type="function",
-                                     function=FunctionCall(name=c.name, arguments=c.arguments))
-                       for i, c in enumerate(calls)] or None
-        return DeltaMessage(content=rest or None, reasoning_content=reasoning_delta, tool_calls=tool_deltas)
-
+        piece, calls = tool_stream.finish(content) if finished else tool_stream.update(content)
+        return DeltaMessage(content=piece or None, reasoning_content=reasoning_delta, tool_calls=calls or None)
