@@ -423,9 +423,9 @@ def _reduce_splits_kernel(
 
 def dense_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """One request's causal attention over its own new keys ([tokens, heads, head_dim] each, no cached
-    prefix) through torch's fused attention, which picks the fastest kernel the GPU has (cuDNN's on an
-    H100: 537 TFLOP/s on a 4096-token Llama-3.1-8B prefill, against 365 for the paged kernel, whose
-    gathered key loads cost it the most where there is no paging to do)."""
+    prefix) through torch's fused attention, which picks the fastest kernel the GPU has: cuDNN's on an
+    H100, 0.27 ms against the paged kernel's 0.38 ms on a 4096-token Llama-3.1-8B prefill (kernel_bench,
+    benchmarks/results/h100-2026-11-23-s2); about 7 ms of the time to first token (dense_prefill_ab.py)."""
     out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
                                          value.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
