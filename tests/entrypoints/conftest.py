@@ -93,3 +93,17 @@ def keyed_server(tmp_path_factory) -> ServerProcess:
                             env={"TOKENMILL_API_KEY": "s3cret"})
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server(tmp_path_factory):
+    """Starts servers with extra flags and environment, each stopped (if still running) at the module's end."""
+    processes: list[ServerProcess] = []
+
+    def start(extra_args: list[str] = (), env: dict[str, str] | None = None) -> ServerProcess:
+        processes.append(ServerProcess(tmp_path_factory.mktemp("server") / "server.log", extra_args, env))
+        return processes[-1]
+
+    yield start
+    for process in processes:
+        process.stop()

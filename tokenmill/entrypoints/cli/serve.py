@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from tokenmill.entrypoints.cli.engine_args import add_engine_args
+from tokenmill.entrypoints.openai.protocol import RequestLimits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help='allow tool_choice "auto" (needs --tool-call-parser)')
     parser.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                         help="split <think>...</think> into message.reasoning_content")
+    limits = RequestLimits()
+    parser.add_argument("--max-request-body-bytes", type=int, default=limits.max_request_body_bytes,
+                        help="larger request bodies are refused with 413 (default: %(default)s, 16 MiB)")
+    parser.add_argument("--max-n", type=int, default=limits.max_n,
+                        help="the largest `n` (choices per prompt) a request may ask for (default: %(default)s)")
+    parser.add_argument("--max-stop-strings", type=int, default=limits.max_stop_strings,
+                        help="the most entries a request's `stop` and `stop_token_ids` may each have "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-json-depth", type=int, default=limits.max_json_depth,
+                        help="how deeply lists and objects may nest in free-form fields (response_format, "
+                             "structured_outputs, tools, tool_choice, chat_template_kwargs) (default: %(default)s)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish while new connections "
+                             "are refused; then they are cut and the server exits (default: %(default)s)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")

@@ -4,6 +4,10 @@ The server process does the text work (validation, chat templates, tokenization,
 SSE); the engine core runs in its own process (engine/core_client.py). If the core dies, in-flight
 requests fail with 500s or stream error events, /health answers 503, and the server exits with
 status 1 a moment later, so a supervisor restarts it instead of it hanging.
+
+SIGTERM or SIGINT drains: the listening socket closes at once (new connections are refused), requests in
+flight, streams included, run to their end for up to --shutdown-timeout seconds, then the engine core is
+stopped and the process exits with status 0.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from http import HTTPStatus
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenmill.engine.async_llm import AsyncLLM
@@ -35,11 +39,12 @@ from tokenmill.entrypoints.openai.protocol import (
     ModelCard,
     ModelList,
     TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
 )
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat, load_chat_template
 from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tokenmill.entrypoints.openai.protocol import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,39 @@ class ApiKeyMiddleware:
                                       HTTPStatus.UNAUTHORIZED)
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """413 for a body over max_body_bytes: at once when Content-Length says so, else as soon as the bytes
+    received pass it (a chunked body), before the app parses anything (pure ASGI: streams pass through)."""
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    def _message(self) -> str:
+        return (f"the request body is larger than this server's limit of {self.max_body_bytes} bytes "
+                "(--max-request-body-bytes)")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            response = error_response(self._message(), HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return await response(scope, receive, send)
+        num_received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal num_received
+            message = await receive()
+            num_received += len(message.get("body", b""))
+            if num_received > self.max_body_bytes:
+                # FastAPI re-raises HTTPExceptions from body reading; errors.py shapes it like any other
+                raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._message())
+            return message
+
+        return await self.app(scope, limited_receive, send)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -109,16 +147,17 @@ class _Server(uvicorn.Server):
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
               api_key: str | None = None, tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-              reasoning_parser: str | None = None) -> FastAPI:
+              reasoning_parser: str | None = None, limits: RequestLimits = RequestLimits()) -> FastAPI:
     from tokenmill import __version__
 
     app = FastAPI(title="tokenmill OpenAI-compatible server", version=__version__)
     install_error_handlers(app)
-    if api_key:
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_request_body_bytes)
+    if api_key:  # added last, so outermost: a client without the key learns nothing, not even the size limit
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    completions = OpenAIServingCompletion(engine, served_model_names)
+    completions = OpenAIServingCompletion(engine, served_model_names, limits)
     chat = OpenAIServingChat(engine, served_model_names, chat_template, tool_call_parser, enable_auto_tool_choice,
-                             reasoning_parser)
+                             reasoning_parser, limits)
     stat_logger = PrometheusStatLogger(served_model_names[0])
     engine.stat_loggers.append(stat_logger)
     app.state.engine = engine
@@ -151,8 +190,9 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
         return await cancel_on_disconnect(raw_request, chat.create_chat_completion(request))
 
     @app.post("/tokenize")
-    async def tokenize(request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         completions.check_model(request.model)
+        completions.check_limits(request)
         if isinstance(request, TokenizeChatRequest):
             _, tokens = chat.render(request.messages, request.add_generation_prompt, request.continue_final_message,
                                     request.chat_template_kwargs)
@@ -194,15 +234,17 @@ async def run_server(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     chat_template = load_chat_template(args.chat_template)
     names = served_model_names(args)
+    limits = RequestLimits(args.max_request_body_bytes, args.max_n, args.max_stop_strings, args.max_json_depth)
     config = EngineConfig.from_kwargs(**engine_kwargs(args), served_model_name=names[0])
     engine = await asyncio.to_thread(AsyncLLM, config)
     try:
         engine.start()
         app = build_app(engine, names, chat_template, api_key, args.tool_call_parser, args.enable_auto_tool_choice,
-                        args.reasoning_parser)
+                        args.reasoning_parser, limits)
+        # uvicorn's graceful shutdown is the drain: listeners close, idle connections close, busy ones finish
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                               access_log=not args.disable_uvicorn_access_log,
-                                               timeout_keep_alive=5, timeout_graceful_shutdown=5))
+                                        access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5,
+                                        timeout_graceful_shutdown=args.shutdown_timeout))
         loop = asyncio.get_running_loop()
 
         def stop_soon(_: Exception) -> None:

@@ -57,7 +57,8 @@ def error_response(message: str, status: int = HTTPStatus.BAD_REQUEST, param: st
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for error in exc.errors():
-        loc = [str(x) for x in error.get("loc", ()) if x != "body"]
+        # "body" and union members' tags (class names, as in /tokenize's body) are not fields
+        loc = [str(x) for x in error.get("loc", ()) if x != "body" and not str(x)[:1].isupper()]
         if error.get("type") == "json_invalid":
             return f"malformed JSON body: {error.get('ctx', {}).get('error', error.get('msg'))}", None
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -81,6 +82,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing hit Python's recursion limit
+            return error_response("malformed JSON body: lists or objects are nested too deeply", exc.status_code)
         return error_response(str(exc.detail), exc.status_code)
 
     @app.exception_handler(EngineDeadError)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
+    Tag,
     ValidationInfo,
     field_validator,
     model_serializer,
@@ -25,18 +28,61 @@ from pydantic import (
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
-MAX_N = 128  # OpenAI's limit; n child requests are created per prompt
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]; vLLM clamps to it
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what a torch.Generator accepts
+# Free-form JSON fields the server walks (templates, grammars): a deep value there costs recursion or minutes
+# of grammar compilation, so their depth is capped. Typed fields are bounded by validation.
+FREE_FORM_FIELDS = ("response_format", "structured_outputs", "chat_template_kwargs", "tools", "tool_choice")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Caps on one request, beyond type checks; each is a `tokenmill serve` flag of the same name."""
+
+    max_request_body_bytes: int = 16 << 20  # larger bodies are 413s (api_server.BodySizeLimitMiddleware)
+    max_n: int = 128  # OpenAI's limit; n engine requests are created per prompt
+    max_stop_strings: int = 256  # entries of `stop`, and of `stop_token_ids`
+    max_json_depth: int = 64  # nesting of FREE_FORM_FIELDS
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_body_bytes", "max_n", "max_stop_strings", "max_json_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def json_depth_exceeds(value: Any, max_depth: int) -> bool:
+    """Whether lists/dicts nest deeper than max_depth (a flat list is depth 1); iterative, so any depth is safe."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def check_utf8(value: Any, field: str) -> Any:
+    """JSON's \\ud800 escapes decode to lone surrogates, which the tokenizer cannot take (a 500 otherwise)."""
+    for text in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{field} is not valid UTF-8: it contains a lone surrogate") from None
+    return value
+
+
 class OpenAIModel(BaseModel):
-    # Unknown fields are accepted and ignored (clients send many optional ones), as vLLM does.
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are accepted and ignored (clients send many optional ones), as vLLM does. Types are
+    # strict, as OpenAI's are: "n": "2" or "stream": "yes" is a 400, not a silent coercion.
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -99,12 +145,10 @@ class SamplingRequest(OpenAIModel):
     # vLLM's extra body: {"json": ..., "regex": ..., "choice": [...], "grammar": ..., "json_object": true}
     structured_outputs: dict[str, Any] | None = None
 
-    @field_validator("n")
+    @field_validator("stop")
     @classmethod
-    def _check_n(cls, value: int) -> int:
-        if value > MAX_N:
-            raise ValueError(f"n must be at most {MAX_N}, got {value}")
-        return value
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return check_utf8(value, "stop")
 
     @field_validator("seed")
     @classmethod
@@ -199,7 +243,7 @@ class CompletionRequest(SamplingRequest):
     def _check_prompt(cls, value: list | str) -> list | str:
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be empty")
-        return value
+        return check_utf8(value, "prompt")
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -237,10 +281,32 @@ class ContentPart(OpenAIModel):
     text: str | None = None
 
 
+def check_messages(value: list[ChatMessage]) -> list[ChatMessage]:
+    if not value:
+        raise ValueError("messages must contain at least one message")
+    return value
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class ChatMessage(OpenAIModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _check_role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {value[:100]!r}")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        check_utf8([part.text for part in value] if isinstance(value, list) else value, "content")
+        return value
 
     def text(self) -> str:
         """The content as one string: text parts joined by newlines (vLLM's rule)."""
@@ -270,9 +336,7 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("messages")
     @classmethod
     def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if not value:
-            raise ValueError("messages must contain at least one message")
-        return value
+        return check_messages(value)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -455,6 +519,11 @@ class TokenizeCompletionRequest(OpenAIModel):
     prompt: str
     add_special_tokens: bool = True
 
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        return check_utf8(value, "prompt")
+
 
 class TokenizeChatRequest(OpenAIModel):
     model: str | None = None
@@ -463,6 +532,23 @@ class TokenizeChatRequest(OpenAIModel):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        return check_messages(value)
+
+
+def _tokenize_kind(body: Any) -> str:
+    chat = isinstance(body, dict) and "messages" in body
+    return TokenizeChatRequest.__name__ if chat else TokenizeCompletionRequest.__name__
+
+
+# /tokenize takes either body; choosing by "messages" first makes errors about one of them, not both. The tags
+# are class names, which errors.py leaves out of error locations.
+TokenizeRequest = Annotated[Annotated[TokenizeCompletionRequest, Tag(TokenizeCompletionRequest.__name__)]
+                            | Annotated[TokenizeChatRequest, Tag(TokenizeChatRequest.__name__)],
+                            Discriminator(_tokenize_kind)]
 
 
 class TokenizeResponse(BaseModel):

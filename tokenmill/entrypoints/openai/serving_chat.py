@@ -41,6 +41,7 @@ from tokenmill.entrypoints.openai.serving_engine import (
     MIN_LOGPROB,
     SSE_HEADERS,
     OpenAIServing,
+    RequestLimits,
     clamp,
     final_outputs,
     json_response,
@@ -78,8 +79,8 @@ def load_chat_template(value: str | None) -> str | None:
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
                  tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-                 reasoning_parser: str | None = None) -> None:
-        super().__init__(engine, served_model_names)
+                 reasoning_parser: str | None = None, limits: RequestLimits = RequestLimits()) -> None:
+        super().__init__(engine, served_model_names, limits)
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
         self.enable_auto_tool_choice = enable_auto_tool_choice
@@ -106,10 +107,16 @@ class OpenAIServingChat(OpenAIServing):
                 add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, **extra)
         except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
             raise OpenAIError(f"the chat template could not render these messages: {e}", param="messages") from None
+        try:  # lone surrogates can still come in through tools or chat_template_kwargs
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise OpenAIError("the rendered messages are not valid UTF-8: they contain a lone surrogate",
+                              param="messages") from None
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> Response:
         self.check_model(request.model)
+        self.check_limits(request)
         if request.tool_mode == "auto" and not (self.enable_auto_tool_choice and self.tool_parser):
             raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
                               param="tool_choice")

@@ -13,7 +13,14 @@ from pydantic import BaseModel
 
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.entrypoints.openai.errors import OpenAIError, error_body
-from tokenmill.entrypoints.openai.protocol import PromptTokensDetails, SamplingRequest, UsageInfo
+from tokenmill.entrypoints.openai.protocol import (
+    FREE_FORM_FIELDS,
+    PromptTokensDetails,
+    RequestLimits,
+    SamplingRequest,
+    UsageInfo,
+    json_depth_exceeds,
+)
 from tokenmill.outputs import Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -21,8 +28,10 @@ MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLM, served_model_names: list[str]) -> None:
+    def __init__(self, engine: AsyncLLM, served_model_names: list[str],
+                 limits: RequestLimits = RequestLimits()) -> None:
         self.engine = engine
+        self.limits = limits
         self.served_model_names = served_model_names
         self.model_name = served_model_names[0]
         self.tokenizer = engine.tokenizer
@@ -31,6 +40,21 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_model_names:
             raise OpenAIError(f"The model `{model}` does not exist.", HTTPStatus.NOT_FOUND, "model")
+
+    def check_limits(self, request: BaseModel) -> None:
+        """The RequestLimits a parsed request must keep (fields a request type lacks are skipped)."""
+        n = getattr(request, "n", 1)
+        if n > self.limits.max_n:
+            raise OpenAIError(f"n must be at most {self.limits.max_n}, got {n}", param="n")
+        for name in ("stop", "stop_token_ids"):
+            values = getattr(request, name, None)
+            if isinstance(values, list) and len(values) > self.limits.max_stop_strings:
+                raise OpenAIError(f"{name} must have at most {self.limits.max_stop_strings} entries, got "
+                                  f"{len(values)}", param=name)
+        for name in FREE_FORM_FIELDS:
+            if json_depth_exceeds(getattr(request, name, None), self.limits.max_json_depth):
+                raise OpenAIError(f"{name} is nested too deeply: at most {self.limits.max_json_depth} levels of "
+                                  "lists and objects", param=name)
 
     def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
         """The completion budget: the request's, or what the context leaves (vLLM's default)."""
