@@ -7,6 +7,7 @@ torch's fused attention backends on the prefill's own shapes (q/k/v as views of 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -33,14 +34,12 @@ def kernels() -> None:
     q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], -1))
     flops = 4 * H * D * T * (T + 1) / 2
     run = lambda: triton_paged.dense_causal_attention(q, k, v, D**-0.5)
-    for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-        with warnings.catch_warnings():
+    choices = (("default", contextlib.nullcontext()), ("cudnn", sdpa_kernel([SDPBackend.CUDNN_ATTENTION])),
+               ("flash", sdpa_kernel([SDPBackend.FLASH_ATTENTION])))
+    for name, backend in choices:  # the default: whichever torch picks
+        with warnings.catch_warnings(), backend:
             warnings.simplefilter("ignore")
-            if backend is None:
-                ms = triton.testing.do_bench(run, warmup=5, rep=30, return_mode="median")
-            else:
-                with sdpa_kernel([backend]):
-                    ms = triton.testing.do_bench(run, warmup=5, rep=30, return_mode="median")
+            ms = triton.testing.do_bench(run, warmup=5, rep=30, return_mode="median")
         print(f"dense causal attention, {name:8s}: {ms * 1e3:7.1f} us  {flops / ms / 1e9:6.1f} TFLOP/s")
 
 

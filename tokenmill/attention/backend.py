@@ -46,10 +46,6 @@ class AttentionMetadata:
     # requests their own launch (decided once per step on the host, not per layer).
     split_decodes: bool = False
 
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
-
 
 class AttentionBackend(ABC):
     """A way to write new keys/values into the paged cache and to attend over it."""

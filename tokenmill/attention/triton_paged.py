@@ -55,11 +55,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # to keep the memory system busy while each one waits on its loads).
 PROGRAMS_PER_SM = 4
 MAX_NUM_SPLITS = 64
+# Prefill launches split only when their query tiles leave SMs idle, never into splits of fewer key tiles.
 MAX_PREFILL_SPLITS = 16
+MIN_TILES_PER_SPLIT = 4
 # A half-precision step of one request with no cached prefix and at least this many tokens attends densely (see
 # dense_causal_attention); below it the paged kernel is as fast and the step may be a captured graph.
 DENSE_PREFILL_MIN_TOKENS = 1024
-MIN_TILES_PER_SPLIT = 4
 # Used where there is no CUDA device (the interpreter): small, so CPU tests exercise several splits.
 CPU_NUM_SMS = 4
 

@@ -9,7 +9,7 @@ launch_step(SchedulerOutput) -> PendingStep, without waiting for the device:
   3. forward under the attention context (a CUDA graph for decode-only batches); logits only at each
      request's last scheduled token; sample; queue the copy of the sampled tokens to the host
 finish_step(PendingStep) -> ModelRunnerOutput: wait for that copy and record the tokens; requests
-whose prompt is not yet fully computed discard their sample. execute_model() is the two in a row.
+whose prompt is not yet fully computed discard their sample.
 launch_step(sample=False) queues the forward pass only; sample() then queues the rest (the engine core
 fills a grammar bitmask in between).
 """
@@ -241,10 +241,6 @@ class ModelRunner:
         return min(num_tokens, self.max_num_reqs)
 
     # ---- one step ------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.finish_step(self.launch_step(scheduler_output))
 
     @torch.inference_mode()
     def launch_step(self, scheduler_output: SchedulerOutput, sample: bool = True) -> PendingStep:

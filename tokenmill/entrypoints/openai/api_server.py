@@ -38,13 +38,13 @@ from tokenmill.entrypoints.openai.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    RequestLimits,
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat, load_chat_template
 from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from tokenmill.entrypoints.openai.protocol import RequestLimits
 
 logger = logging.getLogger(__name__)
 
