@@ -61,7 +61,10 @@ class EngineCore:
         self.async_scheduling = config.scheduler.async_scheduling
         self.structured = StructuredOutputManager(lambda: load_tokenizer(source, config.model.tokenizer),
                                                   source.hf_config.vocab_size)
-        self.pending: tuple | None = None  # (SchedulerOutput, PendingStep) launched, not yet finished
+        # Steps in flight, as (SchedulerOutput, PendingStep): `pending` is sampled, its tokens not yet
+        # processed; `unsampled` (constrained requests, async) has its forward pass queued, its sampling not.
+        self.pending: tuple | None = None
+        self.unsampled: tuple | None = None
         num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.runner.kv_bytes_per_block()
         if num_host_blocks and config.cache.enable_prefix_caching:
             self.runner.initialize_host_cache(num_host_blocks)
@@ -101,13 +104,13 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.pending is not None
+        return self.scheduler.has_unfinished_requests() or self.pending is not None or self.unsampled is not None
 
     def step(self) -> list[EngineCoreOutput]:
         """One step. With async scheduling the next step is scheduled and launched before the previous
         one's tokens are processed, so the host work of one overlaps the device work of the other."""
         if not self.async_scheduling or self.scheduler.needs_sync_scheduling():
-            outputs = self._finish_pending()
+            outputs = self._flush()
             with step_timer.phase("schedule"):
                 scheduler_output = self.scheduler.schedule()
             launched = self.runner.launch_step(scheduler_output, sample=False)
@@ -115,16 +118,33 @@ class EngineCore:
             runner_output = self.runner.finish_step(launched)
             with step_timer.phase("update"):
                 return outputs + self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs = []
+        if self.unsampled is not None:
+            # Step N+1's forward pass runs on the device; step N's tokens advance the grammars, then step
+            # N+1's masked sampling is queued behind that forward pass.
+            outputs = self._finish_pending()
+            self._sample(*self.unsampled)
+            self.pending, self.unsampled = self.unsampled, None
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
-        # A grammar's mask for this step depends on the token the previous step is still sampling: the
-        # forward pass is queued first, the mask filled once that token is in, then the sampling queued.
-        deferred = self.scheduler.num_structured_requests > 0
-        launched = self.runner.launch_step(scheduler_output, sample=not deferred)
-        outputs = self._finish_pending()
-        if deferred:
-            self._sample(scheduler_output, launched)
+        launched = self.runner.launch_step(scheduler_output, sample=self.scheduler.num_structured_requests == 0)
+        if launched.logits is not None:
+            # A grammar's mask for this step depends on the token the pending step is still sampling: only
+            # the forward pass is queued now. The device runs it (then the pending sampling) while the host
+            # returns to the frontend and, next step, advances the grammars and fills the masks.
+            self.unsampled = (scheduler_output, launched)
+            return outputs
+        outputs += self._finish_pending()
         self.pending = (scheduler_output, launched)
+        return outputs
+
+    def _flush(self) -> list[EngineCoreOutput]:
+        """Finishes the steps in flight (the switch to sync scheduling)."""
+        outputs = self._finish_pending()
+        if self.unsampled is not None:
+            self._sample(*self.unsampled)
+            self.pending, self.unsampled = self.unsampled, None
+            outputs += self._finish_pending()
         return outputs
 
     def _finish_pending(self) -> list[EngineCoreOutput]:
