@@ -14,7 +14,8 @@ Order of a step:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.interface import (
@@ -223,14 +224,9 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
-        if request.structured is not None:
-            if not request.structured.active:
-                request.structured.observe(request.output_token_ids)
-            else:
-                request.structured.matcher.accept_token(token_id)
-                if request.structured.matcher.is_terminated():
-                    request.status = RequestStatus.FINISHED_STOPPED
-                    return True
+        if request.structured is not None and request.structured.terminated:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
         if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token_id if token_id in params.stop_token_ids else None
@@ -238,14 +234,42 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return request.is_finished
 
-    def structured_requests_sampling(self, scheduler_output: SchedulerOutput) -> list[Request]:
-        """Constrained requests that sample a token this step (not those still in a prompt chunk, nor those
-        that ended since it was scheduled: async scheduling fills the mask after the previous step's update)."""
+    def advance_grammars(self, runner_output: ModelRunnerOutput,
+                         accept: Callable[[list[Any], list[int]], None]) -> None:
+        """Feeds a step's sampled tokens to the grammars of the constrained requests, before
+        update_from_output (which ends a request whose grammar terminated): accept(matchers, tokens) gets
+        one token per matcher. A grammar still waiting for its start marker (reasoning) only watches."""
         if not self.num_structured_requests:
-            return []
-        return [r for r in (self.requests.get(i) for i in scheduler_output.num_scheduled_tokens)
-                if r is not None and not r.is_finished and r.structured is not None and r.structured.active
-                and r.num_computed_tokens >= r.num_tokens]
+            return
+        matchers, tokens = [], []
+        for request_id, new_token_ids in zip(runner_output.req_ids, runner_output.sampled_token_ids):
+            request = self.requests.get(request_id)
+            if request is None or request.structured is None or request.is_finished or not new_token_ids:
+                continue
+            structured = request.structured
+            for token_id in new_token_ids:
+                if structured.active:
+                    matchers.append(structured.matcher)
+                    tokens.append(token_id)
+                else:
+                    structured.observe(request.output_token_ids, token_id)
+        if matchers:
+            accept(matchers, tokens)
+
+    def structured_rows(self, req_ids: list[str], samples: Sequence[bool]) -> tuple[list[int], list[Any]]:
+        """(rows, matchers): the batch rows of a launched step whose next token a grammar constrains, and
+        those grammars' matchers; rows that only compute a prompt chunk (samples[i] false), requests that
+        ended since the step was scheduled and grammars that have terminated are left out."""
+        rows, matchers = [], []
+        if self.num_structured_requests:
+            for i, request_id in enumerate(req_ids):
+                request = self.requests.get(request_id)
+                if samples[i] and request is not None and request.structured is not None \
+                        and request.structured.active and not request.is_finished \
+                        and not request.structured.terminated:
+                    rows.append(i)
+                    matchers.append(request.structured.matcher)
+        return rows, matchers
 
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0

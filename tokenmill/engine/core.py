@@ -65,6 +65,7 @@ class EngineCore:
         # processed; `unsampled` (constrained requests, async) has its forward pass queued, its sampling not.
         self.pending: tuple | None = None
         self.unsampled: tuple | None = None
+        self.masks: tuple | None = None  # (PendingStep, rows, Future of the bitmask or None) being filled
         num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.runner.kv_bytes_per_block()
         if num_host_blocks and config.cache.enable_prefix_caching:
             self.runner.initialize_host_cache(num_host_blocks)
@@ -87,17 +88,21 @@ class EngineCore:
             core_request.structured = self.structured.request(params.structured_outputs)
         self.scheduler.add_request(core_request)
 
-    def _sample(self, scheduler_output: SchedulerOutput, launched) -> None:
+    def _start_masks(self, launched) -> None:
+        """Starts filling the grammar masks of a launched step's constrained rows, in the background."""
+        rows, matchers = self.scheduler.structured_rows(launched.req_ids, launched.done)
+        job = self.structured.start_fill(matchers, rows, len(launched.req_ids)) if rows else None
+        self.masks = (launched, rows, job)
+
+    def _sample(self, launched) -> None:
         """Queues a launched step's sampling; the rows of constrained requests are masked by their grammars'
-        next-token bitmasks, filled now, once the previous step's tokens have advanced the matchers."""
-        rows, bitmask = [], None
+        next-token bitmasks, whose fill started once the previous step's tokens had advanced the grammars."""
         with step_timer.phase("grammar"):
-            constrained = self.scheduler.structured_requests_sampling(scheduler_output)
-            if constrained:
-                position = {req_id: i for i, req_id in enumerate(launched.req_ids)}
-                rows = [position[r.request_id] for r in constrained]
-                bitmask = self.structured.fill_bitmask([r.structured.matcher for r in constrained], rows,
-                                                       len(launched.req_ids))
+            if self.masks is None or self.masks[0] is not launched:
+                self._start_masks(launched)
+            _, rows, job = self.masks
+            self.masks = None
+            bitmask = job.result() if job is not None else None
         self.runner.sample(launched, rows, bitmask)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
@@ -108,51 +113,56 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """One step. With async scheduling the next step is scheduled and launched before the previous
-        one's tokens are processed, so the host work of one overlaps the device work of the other."""
+        one's tokens are processed, so the host work of one overlaps the device work of the other.
+
+        A grammar's mask depends on the token the step before is still sampling, so with constrained
+        requests only the forward pass is launched at first; once the previous tokens are in and have
+        advanced the grammars, the masks fill in the background while the update and the frontend run,
+        and the next step() queues the masked sampling and, right behind it, the following forward pass."""
         if not self.async_scheduling or self.scheduler.needs_sync_scheduling():
             outputs = self._flush()
             with step_timer.phase("schedule"):
                 scheduler_output = self.scheduler.schedule()
             launched = self.runner.launch_step(scheduler_output, sample=False)
-            self._sample(scheduler_output, launched)
-            runner_output = self.runner.finish_step(launched)
-            with step_timer.phase("update"):
-                return outputs + self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs = []
+            self._sample(launched)
+            self.pending = (scheduler_output, launched)
+            return outputs + self._finish_pending()
         if self.unsampled is not None:
-            # Step N+1's forward pass runs on the device; step N's tokens advance the grammars, then step
-            # N+1's masked sampling is queued behind that forward pass.
-            outputs = self._finish_pending()
-            self._sample(*self.unsampled)
+            self._sample(self.unsampled[1])
             self.pending, self.unsampled = self.unsampled, None
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
         launched = self.runner.launch_step(scheduler_output, sample=self.scheduler.num_structured_requests == 0)
         if launched.logits is not None:
-            # A grammar's mask for this step depends on the token the pending step is still sampling: only
-            # the forward pass is queued now. The device runs it (then the pending sampling) while the host
-            # returns to the frontend and, next step, advances the grammars and fills the masks.
             self.unsampled = (scheduler_output, launched)
-            return outputs
-        outputs += self._finish_pending()
-        self.pending = (scheduler_output, launched)
+        outputs = self._finish_pending()
+        if launched.logits is None:
+            self.pending = (scheduler_output, launched)
         return outputs
 
     def _flush(self) -> list[EngineCoreOutput]:
         """Finishes the steps in flight (the switch to sync scheduling)."""
         outputs = self._finish_pending()
         if self.unsampled is not None:
-            self._sample(*self.unsampled)
+            self._sample(self.unsampled[1])
             self.pending, self.unsampled = self.unsampled, None
             outputs += self._finish_pending()
         return outputs
 
     def _finish_pending(self) -> list[EngineCoreOutput]:
+        """Waits for the pending step's tokens and updates its requests; the unsampled step's masks start
+        filling as soon as those tokens have advanced the grammars."""
         if self.pending is None:
+            if self.unsampled is not None:
+                self._start_masks(self.unsampled[1])
             return []
         scheduler_output, launched = self.pending
         self.pending = None
         runner_output = self.runner.finish_step(launched)
+        with step_timer.phase("accept"):
+            self.scheduler.advance_grammars(runner_output, self.structured.accept)
+            if self.unsampled is not None:
+                self._start_masks(self.unsampled[1])
         with step_timer.phase("update"):
             return self.scheduler.update_from_output(scheduler_output, runner_output)
 

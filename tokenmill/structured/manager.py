@@ -2,10 +2,12 @@
 
     add_request -> compile(spec) in a worker thread (cached by spec) -> Future[CompiledGrammar]
     schedule    -> a constrained request is admitted once its grammar is ready
-    update      -> each sampled token advances its matcher; a terminated grammar ends the request
-    bitmask     -> for the constrained requests that sample this step, their matchers fill the rows of
-                   one batch bitmask (in parallel threads); with async scheduling this happens after the
-                   previous step's update, while this step's forward pass runs on the device
+    accept      -> a step's sampled tokens advance their matchers (chunks in parallel threads: xgrammar
+                   releases the GIL); then the update ends the requests whose grammar terminated
+    bitmask     -> right after the accept, a background thread fills the next step's rows of one batch
+                   bitmask (xgrammar's batch matcher, threads of its own) while the step loop updates the
+                   requests and the frontend processes their outputs; with async scheduling the next
+                   step's forward pass is already running on the device meanwhile
     runner      -> logits[rows] masked in one op (xgrammar's kernel) before sampling
 Unconstrained requests never touch any of this.
 """
@@ -13,6 +15,7 @@ Unconstrained requests never touch any of this.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -20,6 +23,12 @@ from typing import Any
 import torch
 
 from tokenmill.sampling_params import StructuredOutputsParams
+
+# Accepting a token costs tens of microseconds in a JSON grammar (a string token walks the parser character
+# by character), so a batch of constrained requests is split across threads: each thread takes at least
+# this many matchers, and at most this many threads run.
+MIN_MATCHERS_PER_THREAD = 16
+MAX_ACCEPT_THREADS = 8
 
 
 def _parse(kind: str, spec: str):
@@ -48,12 +57,17 @@ class StructuredRequest:
         self.after_token_ids = after_token_ids or []
         self.active = not self.after_token_ids  # constraining yet (false while the model is reasoning)
 
-    def observe(self, output_token_ids: list[int]) -> None:
-        """Activates the grammar once the output ends with `after_token_ids`; its next token is the first
-        constrained one."""
+    def observe(self, output_token_ids: list[int], token_id: int) -> None:
+        """Activates the grammar once the output (output_token_ids, then token_id) ends with
+        `after_token_ids`; its next token is the first constrained one."""
         n = len(self.after_token_ids)
-        if not self.active and output_token_ids[-n:] == self.after_token_ids:
+        if (output_token_ids[max(0, len(output_token_ids) - n + 1):] + [token_id])[-n:] == self.after_token_ids:
             self.active = True
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar has accepted its end: the request is complete."""
+        return self.active and self.matcher.is_terminated()
 
     @property
     def ready(self) -> bool:
@@ -74,7 +88,10 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self._compiler = None
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")  # compiles
+        self._fill_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        self._num_threads = max(1, min(MAX_ACCEPT_THREADS, (os.cpu_count() or 1) // 2))
+        self._accept_pool = ThreadPoolExecutor(max_workers=self._num_threads, thread_name_prefix="grammar-accept")
         self._cache: dict[tuple[str, str], Future] = {}
         self._batch_matcher = None
         self._bitmask: torch.Tensor | None = None
@@ -111,12 +128,29 @@ class StructuredOutputManager:
             self._cache[key] = future
         return StructuredRequest(future, params.after_token_ids)
 
-    def fill_bitmask(self, matchers: list[Any], rows: list[int], num_rows: int) -> torch.Tensor:
-        """The first num_rows rows of a reused host bitmask (pinned on a GPU machine, so its copy to the
-        device does not block), row rows[i] filled with matchers[i]'s next-token mask, in parallel threads
-        (xgrammar's batch matcher, which releases the GIL); other rows are stale and must not be applied.
-        Reusing it is safe because each step's bitmask is filled after the previous step's sampling, its
-        only reader, has finished."""
+    def accept(self, matchers: list[Any], tokens: list[int]) -> None:
+        """Advances matchers[i] by tokens[i] (a matcher may repeat, its tokens in order). xgrammar runs
+        without the GIL, so chunks of the batch advance in parallel threads."""
+        import xgrammar as xgr
+
+        num_chunks = min(self._num_threads, len(matchers) // MIN_MATCHERS_PER_THREAD)
+        if num_chunks <= 1:
+            xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+            return
+        bounds = [len(matchers) * k // num_chunks for k in range(num_chunks + 1)]
+        for k in range(1, num_chunks):  # a matcher's tokens stay in one chunk, in order
+            while 0 < bounds[k] < len(matchers) and matchers[bounds[k]] is matchers[bounds[k] - 1]:
+                bounds[k] += 1
+        list(self._accept_pool.map(lambda k: xgr.BatchGrammarMatcher.batch_accept_token(
+            matchers[bounds[k]:bounds[k + 1]], tokens[bounds[k]:bounds[k + 1]]), range(num_chunks)))
+
+    def start_fill(self, matchers: list[Any], rows: list[int], num_rows: int) -> Future:
+        """Starts filling the first num_rows rows of a reused host bitmask in a background thread (so the
+        step loop goes on meanwhile): row rows[i] gets matchers[i]'s next-token mask (xgrammar's batch
+        matcher, threads of its own); other rows are stale and must not be applied. The future gives the
+        bitmask (pinned on a GPU machine, so its copy to the device does not block). The matchers must not
+        advance until it is done. Reusing the buffer is safe because each step's fill starts after the
+        previous step's sampling, its only reader, has finished."""
         import xgrammar as xgr
 
         if self._batch_matcher is None:
@@ -125,8 +159,13 @@ class StructuredOutputManager:
             self._bitmask = xgr.allocate_token_bitmask(max(num_rows, 64), self.vocab_size)
             if torch.cuda.is_available():
                 self._bitmask = self._bitmask.pin_memory()
-        self._batch_matcher.batch_fill_next_token_bitmask(matchers, self._bitmask, rows)
-        return self._bitmask[:num_rows]
+        bitmask = self._bitmask
+
+        def fill() -> torch.Tensor:
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+            return bitmask[:num_rows]
+
+        return self._fill_thread.submit(fill)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
