@@ -200,13 +200,13 @@ def test_grammar_applies_only_after_the_reasoning_end_marker():
     request.structured = StructuredRequest(done, after_token_ids=[5, 6])
     request.structured.matcher = _RecordingMatcher()
     scheduler.add_request(request)
-    accept = lambda matchers, tokens: [m.accept_token(t) for m, t in zip(matchers, tokens)]
     for token in (1, 5, 2, 5, 6, 7, 8):
         out = scheduler.schedule()
         # masked only once the marker was generated: the token after "5, 6" is the first constrained one
         rows, _ = scheduler.structured_rows(list(out.num_scheduled_tokens), [True])
         assert bool(rows) == request.structured.active
         runner_output = ModelRunnerOutput(["think"], [[token]], [None])
-        scheduler.advance_grammars(runner_output, accept)
+        for r, t in zip(*scheduler.grammar_tokens(runner_output)):
+            r.structured.matcher.accept_token(t)
         scheduler.update_from_output(out, runner_output)
     assert request.structured.matcher.accepted == [7, 8]

@@ -114,6 +114,34 @@ def test_sampling_kernel_draws_from_softmax_over_temperature():
     assert not torch.equal(sample_from_logits(logits[few], temperature[few], seed=99, block=64).cpu(), sampled[few])
 
 
+def test_sampling_kernel_keeps_to_a_grammar_bitmask():
+    """Rows masked by a packed bitmask (vocab not a multiple of 32, allowed sets across several splits):
+    greedy rows take the argmax of the reference-masked logits, sampled rows draw only allowed tokens, an
+    all-ones row is unconstrained."""
+    torch.manual_seed(4)
+    rows, vocab = 6, 2500
+    logits = torch.randn(rows, vocab, device=DEVICE)
+    allowed = torch.rand(rows, vocab) < 0.05
+    allowed[0] = True
+    allowed[1] = False
+    allowed[1, [3, 1999, 2499]] = True  # the global argmax is very likely elsewhere
+    words = torch.zeros(rows, (vocab + 31) // 32, dtype=torch.int64)
+    for bit in range(32):
+        column = torch.arange(bit, words.shape[1] * 32, 32)
+        present = column < vocab
+        words[:, present] |= allowed[:, column[present]].long() << bit
+    bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(DEVICE)
+    reference = logits.cpu().masked_fill(~allowed, float("-inf"))
+    greedy = torch.zeros(rows, device=DEVICE)
+    assert sample_from_logits(logits, greedy, seed=5, bitmask=bitmask).tolist() == reference.argmax(-1).tolist()
+    for seed in range(4):
+        drawn = sample_from_logits(logits, torch.ones(rows, device=DEVICE), seed=seed, block=256,
+                                   bitmask=bitmask).cpu()
+        assert allowed[torch.arange(rows), drawn].all()
+    with pytest.raises(ValueError, match="bitmask"):
+        sample_from_logits(logits, greedy, seed=5, bitmask=bitmask[:, :-1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k,bias", [(37, 96, True), (64, 256, False), (5, 200, True)])
 def test_gemv_matches_float64(dtype, n, k, bias):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokenmill.structured import manager as manager_module
-from tokenmill.structured.manager import StructuredOutputManager
+from tokenmill.structured.manager import StructuredOutputManager, StructuredRequest
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -19,6 +19,14 @@ GRAMMAR = 'root ::= ("a" | "b")+ "c" ("a" | "b" | "c")*'
 def grammar():
     info = xgr.TokenizerInfo(VOCAB, stop_token_ids=[len(VOCAB) - 1])
     return xgr.GrammarCompiler(info).compile_grammar(xgr.Grammar.from_ebnf(GRAMMAR))
+
+
+def grammars(matchers) -> list[StructuredRequest]:
+    out = []
+    for matcher in matchers:
+        out.append(StructuredRequest(None))
+        out[-1].matcher = matcher
+    return out
 
 
 def allowed(matcher) -> list[int]:
@@ -48,22 +56,29 @@ def test_accept_in_parallel_chunks_equals_one_by_one(num_threads, monkeypatch):
                 assert reference[i].accept_token(token)
                 matchers.append(batch[i])
                 tokens.append(token)
-        manager.accept(matchers, tokens)
+        manager.accept(grammars(matchers), tokens)
         for ours, theirs in zip(batch, reference):
             assert ours.is_terminated() == theirs.is_terminated()
             if not theirs.is_terminated():
                 assert allowed(ours) == allowed(theirs)
 
 
-def test_start_fill_fills_the_given_rows_in_the_background():
+def test_start_advance_accepts_then_fills_the_rows_whose_grammar_goes_on():
     manager = StructuredOutputManager(lambda: None, len(VOCAB))
     compiled = grammar()
-    first, second = xgr.GrammarMatcher(compiled), xgr.GrammarMatcher(compiled)
-    for token in (0, 1):  # "a" "b": "c" is allowed now
-        second.accept_token(token)
-    bitmask = manager.start_fill([first, second], [3, 1], 5).result()
+    first, second, ending = grammars([xgr.GrammarMatcher(compiled) for _ in range(3)])
+    for token in (0, 2):  # "a" "c": the stop token may come next
+        ending.matcher.accept_token(token)
+    # "a" "b" for the second (then "c" is allowed), the stop token for the third; the first waits
+    job = manager.start_advance([second, second, ending], [0, 1, len(VOCAB) - 1], [3, 1, 4],
+                                [first, second, ending], 5)
+    bitmask = job.result()
     assert bitmask.shape == (5, 1) and bitmask.dtype == torch.int32
     unpack = lambda row: [t for t in range(len(VOCAB)) if bitmask[row, 0] >> t & 1]
-    assert unpack(3) == allowed(first)
-    assert unpack(1) == allowed(second)
+    assert unpack(3) == allowed(first.matcher)
+    assert unpack(1) == allowed(second.matcher)
     assert 2 not in unpack(3) and 2 in unpack(1)
+    for row in (0, 2, 4):  # unconstrained, or a grammar that just ended: everything allowed
+        assert unpack(row) == list(range(len(VOCAB)))
+    manager.update_terminated([second, ending])
+    assert (second.terminated, ending.terminated) == (False, True)

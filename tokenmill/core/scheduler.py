@@ -234,14 +234,13 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return request.is_finished
 
-    def advance_grammars(self, runner_output: ModelRunnerOutput,
-                         accept: Callable[[list[Any], list[int]], None]) -> None:
-        """Feeds a step's sampled tokens to the grammars of the constrained requests, before
-        update_from_output (which ends a request whose grammar terminated): accept(matchers, tokens) gets
-        one token per matcher. A grammar still waiting for its start marker (reasoning) only watches."""
+    def grammar_tokens(self, runner_output: ModelRunnerOutput) -> tuple[list[Request], list[int]]:
+        """(requests, tokens): a step's sampled tokens that advance grammars, each with its request (which
+        repeats if it sampled several), for the engine to accept before update_from_output. A grammar
+        still waiting for its start marker (reasoning) only watches the tokens go by."""
+        requests, tokens = [], []
         if not self.num_structured_requests:
-            return
-        matchers, tokens = [], []
+            return requests, tokens
         for request_id, new_token_ids in zip(runner_output.req_ids, runner_output.sampled_token_ids):
             request = self.requests.get(request_id)
             if request is None or request.structured is None or request.is_finished or not new_token_ids:
@@ -249,18 +248,18 @@ class Scheduler:
             structured = request.structured
             for token_id in new_token_ids:
                 if structured.active:
-                    matchers.append(structured.matcher)
+                    requests.append(request)
                     tokens.append(token_id)
                 else:
                     structured.observe(request.output_token_ids, token_id)
-        if matchers:
-            accept(matchers, tokens)
+        return requests, tokens
 
     def structured_rows(self, req_ids: list[str], samples: Sequence[bool]) -> tuple[list[int], list[Any]]:
-        """(rows, matchers): the batch rows of a launched step whose next token a grammar constrains, and
-        those grammars' matchers; rows that only compute a prompt chunk (samples[i] false), requests that
-        ended since the step was scheduled and grammars that have terminated are left out."""
-        rows, matchers = [], []
+        """(rows, structured requests): the batch rows of a launched step whose next token a grammar
+        constrains, with those requests' grammars; rows that only compute a prompt chunk (samples[i]
+        false), requests that ended since the step was scheduled and grammars known to have terminated
+        are left out."""
+        rows, grammars = [], []
         if self.num_structured_requests:
             for i, request_id in enumerate(req_ids):
                 request = self.requests.get(request_id)
@@ -268,8 +267,15 @@ class Scheduler:
                         and request.structured.active and not request.is_finished \
                         and not request.structured.terminated:
                     rows.append(i)
-                    matchers.append(request.structured.matcher)
-        return rows, matchers
+                    grammars.append(request.structured)
+        return rows, grammars
+
+    def finish_terminated_grammars(self, requests: list[Request]) -> None:
+        """Ends the requests whose grammar terminated at a token already reported (when the accept ran
+        beside the update): they end as stopped, with no new token, reported in the next outputs."""
+        ended = self.finish_requests([r.request_id for r in requests if r.structured.terminated],
+                                     RequestStatus.FINISHED_STOPPED)
+        self.unreported += [EngineCoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in ended]
 
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0

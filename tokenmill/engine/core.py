@@ -65,7 +65,9 @@ class EngineCore:
         # processed; `unsampled` (constrained requests, async) has its forward pass queued, its sampling not.
         self.pending: tuple | None = None
         self.unsampled: tuple | None = None
-        self.masks: tuple | None = None  # (PendingStep, rows, Future of the bitmask or None) being filled
+        # (PendingStep, requests, Future of (rows, bitmask)): the grammars advancing, then filling the
+        # masks of the unsampled step, in the background
+        self.advancing: tuple | None = None
         num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.runner.kv_bytes_per_block()
         if num_host_blocks and config.cache.enable_prefix_caching:
             self.runner.initialize_host_cache(num_host_blocks)
@@ -88,22 +90,21 @@ class EngineCore:
             core_request.structured = self.structured.request(params.structured_outputs)
         self.scheduler.add_request(core_request)
 
-    def _start_masks(self, launched) -> None:
-        """Starts filling the grammar masks of a launched step's constrained rows, in the background."""
-        rows, matchers = self.scheduler.structured_rows(launched.req_ids, launched.done)
-        job = self.structured.start_fill(matchers, rows, len(launched.req_ids)) if rows else None
-        self.masks = (launched, rows, job)
-
     def _sample(self, launched) -> None:
-        """Queues a launched step's sampling; the rows of constrained requests are masked by their grammars'
-        next-token bitmasks, whose fill started once the previous step's tokens had advanced the grammars."""
+        """Queues a launched step's sampling, the rows of constrained requests masked by their grammars'
+        next-token bitmasks: filled in the background since the previous step's tokens came in (async
+        scheduling), else now."""
         with step_timer.phase("grammar"):
-            if self.masks is None or self.masks[0] is not launched:
-                self._start_masks(launched)
-            _, rows, job = self.masks
-            self.masks = None
-            bitmask = job.result() if job is not None else None
-        self.runner.sample(launched, rows, bitmask)
+            if self.advancing is not None and self.advancing[0] is launched:
+                _, requests, job = self.advancing
+                self.advancing = None
+                bitmask = job.result()
+                self.structured.update_terminated([r.structured for r in requests])
+                self.scheduler.finish_terminated_grammars(requests)
+            else:
+                rows, grammars = self.scheduler.structured_rows(launched.req_ids, launched.done)
+                bitmask = self.structured.fill(grammars, rows, len(launched.req_ids)) if rows else None
+        self.runner.sample(launched, bitmask)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -150,21 +151,34 @@ class EngineCore:
         return outputs
 
     def _finish_pending(self) -> list[EngineCoreOutput]:
-        """Waits for the pending step's tokens and updates its requests; the unsampled step's masks start
-        filling as soon as those tokens have advanced the grammars."""
+        """Waits for the pending step's tokens, advances the grammars by them and updates the requests.
+        With a step launched but not sampled (async scheduling, constrained requests), the grammars
+        advance in the background, beside the update and the frontend, and then fill that step's masks;
+        a grammar that ended there ends its request when that step is sampled."""
         if self.pending is None:
-            if self.unsampled is not None:
-                self._start_masks(self.unsampled[1])
+            if self.unsampled is not None and self.advancing is None:  # the first step launched
+                self._start_advance([], [])
             return []
         scheduler_output, launched = self.pending
         self.pending = None
         runner_output = self.runner.finish_step(launched)
         with step_timer.phase("accept"):
-            self.scheduler.advance_grammars(runner_output, self.structured.accept)
+            requests, tokens = self.scheduler.grammar_tokens(runner_output)
             if self.unsampled is not None:
-                self._start_masks(self.unsampled[1])
+                self._start_advance(requests, tokens)
+            elif requests:
+                grammars = [r.structured for r in requests]
+                self.structured.accept(grammars, tokens)
+                self.structured.update_terminated(grammars)
         with step_timer.phase("update"):
             return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _start_advance(self, requests: list[Request], tokens: list[int]) -> None:
+        launched = self.unsampled[1]
+        rows, grammars = self.scheduler.structured_rows(launched.req_ids, launched.done)
+        job = self.structured.start_advance([r.structured for r in requests], tokens, rows, grammars,
+                                            len(launched.req_ids))
+        self.advancing = (launched, requests, job)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -54,19 +54,28 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata, bitmask: torch.Tensor | None = None
+                 ) -> SamplerOutput:
+        """`bitmask` (a grammar's, [B, ceil(vocab / 32)] int32 on the logits' device, all ones in unconstrained
+        rows) sets the logits of disallowed tokens to -inf before anything else (logprobs included, as in
+        vLLM): inside the fused kernel when that samples and no logprobs are asked for, else in place."""
         fused = logits.is_cuda and meta.top_k is None and meta.top_p is None and meta.min_p is None \
             and not meta.generators
         if not fused or meta.max_num_logprobs is not None or meta.logit_bias or meta.min_tokens_masks \
                 or meta.output_token_ids is not None:
             logits = logits.float()  # the fused kernel alone reads the logits in their own dtype
+        if bitmask is not None and (not fused or meta.max_num_logprobs is not None):
+            import xgrammar as xgr
+
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            bitmask = None
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         logits = self._apply_logits_processors(logits, meta)
         if fused:
             from tokenmill.layers.triton_ops import sample_from_logits
 
             seed = 0 if meta.all_greedy else int(torch.randint(0, 2**31 - 1, ()).item())  # host RNG: no sync
-            sampled = sample_from_logits(logits, meta.temperature, seed)
+            sampled = sample_from_logits(logits, meta.temperature, seed, bitmask=bitmask)
         elif meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif meta.all_random:

@@ -78,8 +78,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gumbel_max_update(best, best_index, row_ptr, cols, end, bits, scale, is_random):
+def _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols, end, bits, scale, is_random,
+                       HAS_MASK: tl.constexpr):
     x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:  # a grammar's bitmask: bit c % 32 of word c // 32 allows token c
+        words = tl.load(mask_row_ptr + cols // 32, mask=cols < end, other=0)
+        x = tl.where(((words >> (cols % 32)) & 1) != 0, x, float("-inf"))
     if is_random:
         # Gumbel-max in base 2: argmax(logit / T + G) = argmax(log2(e) * logit / T - log2(-log2(u))), u uniform
         # in the open interval (0, 1) from the top 24 bits
@@ -90,8 +94,8 @@ def _gumbel_max_update(best, best_index, row_ptr, cols, end, bits, scale, is_ran
 
 
 @triton.jit(do_not_specialize=["split_size", "num_splits", "seed"])
-def _sample_kernel(logits_ptr, temperature_ptr, values_ptr, indices_ptr, logits_stride, row_counters, vocab,
-                   split_size, num_splits, seed, BLOCK: tl.constexpr):
+def _sample_kernel(logits_ptr, temperature_ptr, mask_ptr, values_ptr, indices_ptr, logits_stride, mask_stride,
+                   row_counters, vocab, split_size, num_splits, seed, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
@@ -100,6 +104,7 @@ def _sample_kernel(logits_ptr, temperature_ptr, values_ptr, indices_ptr, logits_
     start = split * split_size
     end = tl.minimum(start + split_size, vocab)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
+    mask_row_ptr = mask_ptr + row.to(tl.int64) * mask_stride
     QUARTER: tl.constexpr = BLOCK // 4
     best = tl.full([QUARTER], float("-inf"), tl.float32)
     best_index = tl.zeros([QUARTER], tl.int32) + start  # a valid id even if the whole split is -inf
@@ -108,36 +113,44 @@ def _sample_kernel(logits_ptr, temperature_ptr, values_ptr, indices_ptr, logits_
         # One Philox call gives four 32-bit words: one per quarter of the block. Counters are unique per
         # (row, column): rows are row_counters apart, a multiple of BLOCK at least the vocabulary.
         b0, b1, b2, b3 = tl.randint4x(seed, row * row_counters + cols)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols, end,
-                                              b0.to(tl.uint32, bitcast=True), scale, is_random)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols + QUARTER, end,
-                                              b1.to(tl.uint32, bitcast=True), scale, is_random)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols + 2 * QUARTER, end,
-                                              b2.to(tl.uint32, bitcast=True), scale, is_random)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, cols + 3 * QUARTER, end,
-                                              b3.to(tl.uint32, bitcast=True), scale, is_random)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols, end,
+                                              b0.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols + QUARTER, end,
+                                              b1.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols + 2 * QUARTER, end,
+                                              b2.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
+        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols + 3 * QUARTER, end,
+                                              b3.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
     top = tl.max(best, axis=0)
     tl.store(values_ptr + row * num_splits + split, top)
     tl.store(indices_ptr + row * num_splits + split, tl.min(tl.where(best == top, best_index, 2147483647), axis=0))
 
 
-def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 1024) -> torch.Tensor:
+def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 1024,
+                       bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of logits [rows, vocab] (any float dtype, rows may be strided): the argmax for
     rows of temperature 0, else a draw from softmax(logits / temperature) by the Gumbel-max trick, in one
     pass over the logits with the noise made in registers (Philox, keyed by `seed`, row and column).
-    Noise is computed only for rows that sample.
+    Noise is computed only for rows that sample. With a bitmask ([rows, >= ceil(vocab / 32)] int32 on the
+    logits' device, bit c % 32 of word c // 32 set where token c is allowed: a grammar's), only allowed
+    tokens can be chosen, with the logits of the others taken as -inf.
     Ties go to the lowest id. Returns int64 [rows]."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1 or temperature.shape != (rows,):
         raise ValueError("sample_from_logits needs a contiguous vocab dim and one temperature per row")
+    if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.shape[0] != rows or bitmask.stride(-1) != 1
+                                or 32 * bitmask.shape[1] < vocab):
+        raise ValueError(f"the bitmask must be int32 [{rows}, >= {triton.cdiv(vocab, 32)}] with contiguous rows")
     blocks = triton.cdiv(vocab, block)
     wanted_splits = triton.cdiv(2 * num_sms(logits.device), max(rows, 1))  # about two programs per SM
     split_size = block * triton.cdiv(blocks, min(blocks, wanted_splits))
     num_splits = triton.cdiv(vocab, split_size)
     values = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
     indices = torch.empty(rows, num_splits, dtype=torch.int32, device=logits.device)
-    _sample_kernel[(rows, num_splits)](logits, temperature, values, indices, logits.stride(0), blocks * block, vocab,
-                                       split_size, num_splits, seed, BLOCK=block, num_warps=4)
+    mask = bitmask if bitmask is not None else indices
+    _sample_kernel[(rows, num_splits)](logits, temperature, mask, values, indices, logits.stride(0), mask.stride(0),
+                                       blocks * block, vocab, split_size, num_splits, seed, BLOCK=block,
+                                       HAS_MASK=bitmask is not None, num_warps=4)
     if num_splits == 1:
         return indices[:, 0].long()
     return indices.gather(1, values.argmax(dim=1, keepdim=True)).squeeze(1).long()

@@ -8,7 +8,8 @@
                    bitmask (xgrammar's batch matcher, threads of its own) while the step loop updates the
                    requests and the frontend processes their outputs; with async scheduling the next
                    step's forward pass is already running on the device meanwhile
-    runner      -> logits[rows] masked in one op (xgrammar's kernel) before sampling
+    runner      -> the bitmask masks the logits inside the sampling kernel (or in one op, xgrammar's, before
+                   other sampling paths)
 Unconstrained requests never touch any of this.
 """
 
@@ -56,6 +57,9 @@ class StructuredRequest:
         self.error: str | None = None  # the compile failed: the request ends instead of running
         self.after_token_ids = after_token_ids or []
         self.active = not self.after_token_ids  # constraining yet (false while the model is reasoning)
+        # The grammar has accepted its end, so the request is complete: read from the matcher on the step
+        # loop's thread once the accept that ended it is known to be over.
+        self.terminated = False
 
     def observe(self, output_token_ids: list[int], token_id: int) -> None:
         """Activates the grammar once the output (output_token_ids, then token_id) ends with
@@ -63,11 +67,6 @@ class StructuredRequest:
         n = len(self.after_token_ids)
         if (output_token_ids[max(0, len(output_token_ids) - n + 1):] + [token_id])[-n:] == self.after_token_ids:
             self.active = True
-
-    @property
-    def terminated(self) -> bool:
-        """The grammar has accepted its end: the request is complete."""
-        return self.active and self.matcher.is_terminated()
 
     @property
     def ready(self) -> bool:
@@ -89,7 +88,7 @@ class StructuredOutputManager:
         self._compiler = None
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")  # compiles
-        self._fill_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        self._advance_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-advance")
         self._num_threads = max(1, min(MAX_ACCEPT_THREADS, (os.cpu_count() or 1) // 2))
         self._accept_pool = ThreadPoolExecutor(max_workers=self._num_threads, thread_name_prefix="grammar-accept")
         self._cache: dict[tuple[str, str], Future] = {}
@@ -128,11 +127,12 @@ class StructuredOutputManager:
             self._cache[key] = future
         return StructuredRequest(future, params.after_token_ids)
 
-    def accept(self, matchers: list[Any], tokens: list[int]) -> None:
-        """Advances matchers[i] by tokens[i] (a matcher may repeat, its tokens in order). xgrammar runs
-        without the GIL, so chunks of the batch advance in parallel threads."""
+    def accept(self, requests: list[StructuredRequest], tokens: list[int]) -> None:
+        """Advances requests[i]'s matcher by tokens[i] (a request may repeat, its tokens in order). xgrammar
+        runs without the GIL, so chunks of the batch advance in parallel threads."""
         import xgrammar as xgr
 
+        matchers = [r.matcher for r in requests]
         num_chunks = min(self._num_threads, len(matchers) // MIN_MATCHERS_PER_THREAD)
         if num_chunks <= 1:
             xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
@@ -144,13 +144,11 @@ class StructuredOutputManager:
         list(self._accept_pool.map(lambda k: xgr.BatchGrammarMatcher.batch_accept_token(
             matchers[bounds[k]:bounds[k + 1]], tokens[bounds[k]:bounds[k + 1]]), range(num_chunks)))
 
-    def start_fill(self, matchers: list[Any], rows: list[int], num_rows: int) -> Future:
-        """Starts filling the first num_rows rows of a reused host bitmask in a background thread (so the
-        step loop goes on meanwhile): row rows[i] gets matchers[i]'s next-token mask (xgrammar's batch
-        matcher, threads of its own); other rows are stale and must not be applied. The future gives the
-        bitmask (pinned on a GPU machine, so its copy to the device does not block). The matchers must not
-        advance until it is done. Reusing the buffer is safe because each step's fill starts after the
-        previous step's sampling, its only reader, has finished."""
+    def fill(self, requests: list[StructuredRequest], rows: list[int], num_rows: int) -> torch.Tensor:
+        """The first num_rows rows of a reused host bitmask, row rows[i] holding requests[i]'s next-token
+        mask (xgrammar's batch matcher, threads of its own), the other rows all ones (no constraint).
+        Pinned on a GPU machine, so its copy to the device does not block. Reusing the buffer is safe
+        because each step's fill starts after the previous step's sampling, its only reader, has finished."""
         import xgrammar as xgr
 
         if self._batch_matcher is None:
@@ -159,18 +157,35 @@ class StructuredOutputManager:
             self._bitmask = xgr.allocate_token_bitmask(max(num_rows, 64), self.vocab_size)
             if torch.cuda.is_available():
                 self._bitmask = self._bitmask.pin_memory()
-        bitmask = self._bitmask
+        bitmask = self._bitmask[:num_rows]
+        unconstrained = torch.ones(num_rows, dtype=torch.bool)
+        unconstrained[rows] = False
+        bitmask[unconstrained] = -1  # every token allowed
+        self._batch_matcher.batch_fill_next_token_bitmask([r.matcher for r in requests], self._bitmask, rows)
+        return bitmask
 
-        def fill() -> torch.Tensor:
-            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-            return bitmask[:num_rows]
+    def start_advance(self, requests: list[StructuredRequest], tokens: list[int], rows: list[int],
+                      row_requests: list[StructuredRequest], num_rows: int) -> Future:
+        """In a background thread, while the step loop goes on: accept(requests, tokens), then fill the
+        masks of those row_requests whose grammar did not just terminate. The future gives the bitmask
+        (None if no row is constrained). No matcher may be touched by anyone else until it is done; then
+        the accepted requests' `terminated` must be read (update_terminated)."""
 
-        return self._fill_thread.submit(fill)
+        def advance() -> torch.Tensor | None:
+            started.set()
+            if requests:
+                self.accept(requests, tokens)
+            live = [(row, r) for row, r in zip(rows, row_requests) if not r.matcher.is_terminated()]
+            return self.fill([r for _, r in live], [row for row, _ in live], num_rows) if live else None
 
+        started = threading.Event()
+        job = self._advance_thread.submit(advance)
+        # Waiting hands the GIL to the new job at once (else it waits for the switch interval, 5 ms, while
+        # this thread runs Python); the job gives it back as soon as it calls into xgrammar.
+        started.wait()
+        return job
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Masks logits[rows] in place by the same rows of bitmask ([>= max(rows) + 1, ceil(vocab / 32)] int32,
-    on the host): disallowed tokens become -inf; the other rows of logits are left alone."""
-    import xgrammar as xgr
-
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+    @staticmethod
+    def update_terminated(requests: list[StructuredRequest]) -> None:
+        for request in requests:
+            request.terminated = request.matcher.is_terminated()

@@ -33,7 +33,6 @@ from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
 from tokenmill.loader import ModelSource, config_dtype, load_model
 from tokenmill.metrics import step_timer
-from tokenmill.structured.manager import apply_bitmask
 from tokenmill.worker.buffers import StagedBuffer
 from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_capture_sizes
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch
@@ -304,16 +303,15 @@ class ModelRunner:
         return pending
 
     @torch.inference_mode()
-    def sample(self, pending: PendingStep, grammar_rows: list[int] = (), grammar_bitmask: torch.Tensor | None = None
-               ) -> None:
-        """Queues a launched step's sampling and the copy of the sampled tokens to the host. Rows
-        `grammar_rows` of its logits are masked first by the same rows of `grammar_bitmask` (host, int32)."""
+    def sample(self, pending: PendingStep, grammar_bitmask: torch.Tensor | None = None) -> None:
+        """Queues a launched step's sampling and the copy of the sampled tokens to the host. A grammar
+        bitmask (host, int32, one row per request of the step, all ones for the unconstrained) limits
+        each row to its allowed tokens."""
         if pending.logits is None:
             return
         with step_timer.phase("sample"):
-            if grammar_rows:
-                apply_bitmask(pending.logits, grammar_bitmask, grammar_rows)
-            out = self.sampler(pending.logits, pending.sampling_metadata)
+            bitmask = None if grammar_bitmask is None else grammar_bitmask.to(self.device, non_blocking=True)
+            out = self.sampler(pending.logits, pending.sampling_metadata, bitmask)
             pending.logits = pending.sampling_metadata = None
             if self.config.scheduler.async_scheduling:  # the next step may need these before the host has them
                 self.last_sampled = out.sampled_token_ids
