@@ -63,22 +63,19 @@ def test_accept_in_parallel_chunks_equals_one_by_one(num_threads, monkeypatch):
                 assert allowed(ours) == allowed(theirs)
 
 
-def test_start_advance_accepts_then_fills_the_rows_whose_grammar_goes_on():
+def test_start_fill_fills_the_given_rows_in_the_background_and_allows_everything_elsewhere():
     manager = StructuredOutputManager(lambda: None, len(VOCAB))
     compiled = grammar()
-    first, second, ending = grammars([xgr.GrammarMatcher(compiled) for _ in range(3)])
-    for token in (0, 2):  # "a" "c": the stop token may come next
-        ending.matcher.accept_token(token)
-    # "a" "b" for the second (then "c" is allowed), the stop token for the third; the first waits
-    job = manager.start_advance([second, second, ending], [0, 1, len(VOCAB) - 1], [3, 1, 4],
-                                [first, second, ending], 5)
-    bitmask = job.result()
+    first, second = grammars([xgr.GrammarMatcher(compiled) for _ in range(2)])
+    manager.accept([second, second], [0, 1])  # "a" "b": "c" is allowed now
+    bitmask = manager.start_fill([first, second], [3, 1], 5).result()
     assert bitmask.shape == (5, 1) and bitmask.dtype == torch.int32
     unpack = lambda row: [t for t in range(len(VOCAB)) if bitmask[row, 0] >> t & 1]
     assert unpack(3) == allowed(first.matcher)
     assert unpack(1) == allowed(second.matcher)
     assert 2 not in unpack(3) and 2 in unpack(1)
-    for row in (0, 2, 4):  # unconstrained, or a grammar that just ended: everything allowed
+    for row in (0, 2, 4):  # unconstrained rows
         assert unpack(row) == list(range(len(VOCAB)))
-    manager.update_terminated([second, ending])
-    assert (second.terminated, ending.terminated) == (False, True)
+    manager.accept([second, second], [2, len(VOCAB) - 1])  # "c", then the stop token
+    manager.update_terminated([first, second])
+    assert (first.terminated, second.terminated) == (False, True)

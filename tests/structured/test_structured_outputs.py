@@ -136,8 +136,7 @@ def test_async_scheduling_masks_a_step_ahead_with_the_outputs_of_sync_scheduling
     and its mask filled while that pass runs; greedy outputs equal those of synchronous scheduling, where
     mask and step alternate."""
     prompts = [{"prompt": f"Item {i} as JSON: "} for i in range(4)]
-    # With ignore_eos a request ends only when its grammar terminates, which async scheduling learns a step
-    # later (the accept runs beside the update): it must end at the same token, as stopped.
+    # With ignore_eos a request ends only when its grammar terminates: at the same token, as stopped.
     params = [SamplingParams(temperature=0, max_tokens=80, ignore_eos=k % 2 == 0,
                              structured_outputs=StructuredOutputsParams(json=SCHEMAS[i]))
               for k, i in enumerate((0, 4, 7, 9))]

@@ -270,13 +270,6 @@ class Scheduler:
                     grammars.append(request.structured)
         return rows, grammars
 
-    def finish_terminated_grammars(self, requests: list[Request]) -> None:
-        """Ends the requests whose grammar terminated at a token already reported (when the accept ran
-        beside the update): they end as stopped, with no new token, reported in the next outputs."""
-        ended = self.finish_requests([r.request_id for r in requests if r.structured.terminated],
-                                     RequestStatus.FINISHED_STOPPED)
-        self.unreported += [EngineCoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in ended]
-
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0
 

@@ -65,9 +65,7 @@ class EngineCore:
         # processed; `unsampled` (constrained requests, async) has its forward pass queued, its sampling not.
         self.pending: tuple | None = None
         self.unsampled: tuple | None = None
-        # (PendingStep, requests, Future of (rows, bitmask)): the grammars advancing, then filling the
-        # masks of the unsampled step, in the background
-        self.advancing: tuple | None = None
+        self.filling: tuple | None = None  # (PendingStep, Future of its grammar bitmask, or None if unconstrained)
         num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.runner.kv_bytes_per_block()
         if num_host_blocks and config.cache.enable_prefix_caching:
             self.runner.initialize_host_cache(num_host_blocks)
@@ -95,15 +93,12 @@ class EngineCore:
         next-token bitmasks: filled in the background since the previous step's tokens came in (async
         scheduling), else now."""
         with step_timer.phase("grammar"):
-            if self.advancing is not None and self.advancing[0] is launched:
-                _, requests, job = self.advancing
-                self.advancing = None
-                bitmask = job.result()
-                self.structured.update_terminated([r.structured for r in requests])
-                self.scheduler.finish_terminated_grammars(requests)
+            if self.filling is not None and self.filling[0] is launched:
+                bitmask = self.filling[1].result() if self.filling[1] is not None else None
             else:
                 rows, grammars = self.scheduler.structured_rows(launched.req_ids, launched.done)
                 bitmask = self.structured.fill(grammars, rows, len(launched.req_ids)) if rows else None
+            self.filling = None
         self.runner.sample(launched, bitmask)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
@@ -152,33 +147,31 @@ class EngineCore:
 
     def _finish_pending(self) -> list[EngineCoreOutput]:
         """Waits for the pending step's tokens, advances the grammars by them and updates the requests.
-        With a step launched but not sampled (async scheduling, constrained requests), the grammars
-        advance in the background, beside the update and the frontend, and then fill that step's masks;
-        a grammar that ended there ends its request when that step is sampled."""
+        With a step launched but not sampled (async scheduling, constrained requests), its masks start
+        filling in the background as soon as the grammars have advanced, beside the update and the frontend."""
         if self.pending is None:
-            if self.unsampled is not None and self.advancing is None:  # the first step launched
-                self._start_advance([], [])
+            if self.unsampled is not None and self.filling is None:  # the first step launched
+                self._start_fill()
             return []
         scheduler_output, launched = self.pending
         self.pending = None
         runner_output = self.runner.finish_step(launched)
         with step_timer.phase("accept"):
             requests, tokens = self.scheduler.grammar_tokens(runner_output)
-            if self.unsampled is not None:
-                self._start_advance(requests, tokens)
-            elif requests:
+            if requests:
                 grammars = [r.structured for r in requests]
                 self.structured.accept(grammars, tokens)
                 self.structured.update_terminated(grammars)
+            if self.unsampled is not None:
+                self._start_fill()
         with step_timer.phase("update"):
             return self.scheduler.update_from_output(scheduler_output, runner_output)
 
-    def _start_advance(self, requests: list[Request], tokens: list[int]) -> None:
+    def _start_fill(self) -> None:
         launched = self.unsampled[1]
         rows, grammars = self.scheduler.structured_rows(launched.req_ids, launched.done)
-        job = self.structured.start_advance([r.structured for r in requests], tokens, rows, grammars,
-                                            len(launched.req_ids))
-        self.advancing = (launched, requests, job)
+        job = self.structured.start_fill(grammars, rows, len(launched.req_ids)) if rows else None
+        self.filling = (launched, job)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

@@ -2,7 +2,7 @@
 
     add_request -> compile(spec) in a worker thread (cached by spec) -> Future[CompiledGrammar]
     schedule    -> a constrained request is admitted once its grammar is ready
-    accept      -> a step's sampled tokens advance their matchers (chunks in parallel threads: xgrammar
+    accept      -> a step's sampled tokens advance their matchers, chunks in parallel threads (xgrammar
                    releases the GIL); then the update ends the requests whose grammar terminated
     bitmask     -> right after the accept, a background thread fills the next step's rows of one batch
                    bitmask (xgrammar's batch matcher, threads of its own) while the step loop updates the
@@ -57,9 +57,7 @@ class StructuredRequest:
         self.error: str | None = None  # the compile failed: the request ends instead of running
         self.after_token_ids = after_token_ids or []
         self.active = not self.after_token_ids  # constraining yet (false while the model is reasoning)
-        # The grammar has accepted its end, so the request is complete: read from the matcher on the step
-        # loop's thread once the accept that ended it is known to be over.
-        self.terminated = False
+        self.terminated = False  # the grammar has accepted its end: the request is complete
 
     def observe(self, output_token_ids: list[int], token_id: int) -> None:
         """Activates the grammar once the output (output_token_ids, then token_id) ends with
@@ -88,7 +86,7 @@ class StructuredOutputManager:
         self._compiler = None
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")  # compiles
-        self._advance_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-advance")
+        self._fill_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-fill")
         self._num_threads = max(1, min(MAX_ACCEPT_THREADS, (os.cpu_count() or 1) // 2))
         self._accept_pool = ThreadPoolExecutor(max_workers=self._num_threads, thread_name_prefix="grammar-accept")
         self._cache: dict[tuple[str, str], Future] = {}
@@ -164,22 +162,15 @@ class StructuredOutputManager:
         self._batch_matcher.batch_fill_next_token_bitmask([r.matcher for r in requests], self._bitmask, rows)
         return bitmask
 
-    def start_advance(self, requests: list[StructuredRequest], tokens: list[int], rows: list[int],
-                      row_requests: list[StructuredRequest], num_rows: int) -> Future:
-        """In a background thread, while the step loop goes on: accept(requests, tokens), then fill the
-        masks of those row_requests whose grammar did not just terminate. The future gives the bitmask
-        (None if no row is constrained). No matcher may be touched by anyone else until it is done; then
-        the accepted requests' `terminated` must be read (update_terminated)."""
-
-        def advance() -> torch.Tensor | None:
+    def start_fill(self, requests: list[StructuredRequest], rows: list[int], num_rows: int) -> Future:
+        """fill() in a background thread, while the step loop goes on; the future gives the bitmask. The
+        matchers must not advance until it is done."""
+        def fill() -> torch.Tensor:
             started.set()
-            if requests:
-                self.accept(requests, tokens)
-            live = [(row, r) for row, r in zip(rows, row_requests) if not r.matcher.is_terminated()]
-            return self.fill([r for _, r in live], [row for row, _ in live], num_rows) if live else None
+            return self.fill(requests, rows, num_rows)
 
         started = threading.Event()
-        job = self._advance_thread.submit(advance)
+        job = self._fill_thread.submit(fill)
         # Waiting hands the GIL to the new job at once (else it waits for the switch interval, 5 ms, while
         # this thread runs Python); the job gives it back as soon as it calls into xgrammar.
         started.wait()
@@ -187,5 +178,6 @@ class StructuredOutputManager:
 
     @staticmethod
     def update_terminated(requests: list[StructuredRequest]) -> None:
+        """Reads whether each grammar has accepted its end (after accept)."""
         for request in requests:
             request.terminated = request.matcher.is_terminated()
