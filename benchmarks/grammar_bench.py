@@ -1,5 +1,6 @@
 """Host cost of the grammar work per step, on the bench's JSON schema and tokenizer: filling the batch
-bitmask and accepting one token per matcher, serially and in parallel threads; and how long a background
+bitmask and accepting one token per matcher, serially and in parallel threads (and serially without the
+rollback history); and how long a background
 thread waits for the GIL while the main thread runs Python.
 
     python benchmarks/grammar_bench.py      # needs xgrammar and .bench-tokenizer; about 20 s
@@ -35,11 +36,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     pool = ThreadPoolExecutor(8)
     print(f"{os.cpu_count()} CPUs; ms per step, median of 30 steps; tokens drawn uniformly from each mask")
-    print(f"{'matchers':>8} {'fill':>7} {'fill 4t':>8} {'accept':>7} {'acc 2t':>7} {'acc 4t':>7} {'acc 8t':>7}")
+    print(f"{'matchers':>8} {'fill':>7} {'fill 4t':>8} {'accept':>7} {'acc 2t':>7} {'acc 4t':>7} {'acc 8t':>7} "
+          f"{'no hist':>7}")
     for batch in (64, 128, 256):
         bitmask = xgr.allocate_token_bitmask(batch, vocab)
         fillers = {"fill": xgr.BatchGrammarMatcher(), "fill 4t": xgr.BatchGrammarMatcher(max_threads=4)}
         matchers = [xgr.GrammarMatcher(grammar) for _ in range(batch)]
+        no_history = [xgr.GrammarMatcher(grammar, max_rollback_tokens=0) for _ in range(batch)]  # same states
         times: dict[str, list[float]] = {}
         for step in range(90):
             for name, filler in fillers.items():
@@ -57,10 +60,16 @@ def main() -> None:
                 list(pool.map(lambda k: xgr.BatchGrammarMatcher.batch_accept_token(
                     matchers[bounds[k]:bounds[k + 1]], tokens[bounds[k]:bounds[k + 1]]), range(threads)))
             times.setdefault("accept" if threads == 1 else f"acc {threads}t", []).append(time.perf_counter() - started)
-            matchers = [xgr.GrammarMatcher(grammar) if m.is_terminated() else m for m in matchers]
+            started = time.perf_counter()
+            xgr.BatchGrammarMatcher.batch_accept_token(no_history, tokens)
+            times.setdefault("no hist", []).append(time.perf_counter() - started)
+            ended = [i for i, m in enumerate(matchers) if m.is_terminated()]
+            for i in ended:
+                matchers[i] = xgr.GrammarMatcher(grammar)
+                no_history[i] = xgr.GrammarMatcher(grammar, max_rollback_tokens=0)
         row = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         print(f"{batch:8d} {row['fill']:7.2f} {row['fill 4t']:8.2f} {row['accept']:7.2f} {row['acc 2t']:7.2f} "
-              f"{row['acc 4t']:7.2f} {row['acc 8t']:7.2f}")
+              f"{row['acc 4t']:7.2f} {row['acc 8t']:7.2f} {row['no hist']:7.2f}")
 
     for handshake in (False, True):  # a job submitted, then the main thread runs Python for 5 ms
         waits = []

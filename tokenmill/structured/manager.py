@@ -147,6 +147,31 @@ class StructuredOutputManager:
         mask (xgrammar's batch matcher, threads of its own), the other rows all ones (no constraint).
         Pinned on a GPU machine, so its copy to the device does not block. Reusing the buffer is safe
         because each step's fill starts after the previous step's sampling, its only reader, has finished."""
+        bitmask, fill = self._prepare_fill(requests, rows, num_rows)
+        fill()
+        return bitmask
+
+    def start_fill(self, requests: list[StructuredRequest], rows: list[int], num_rows: int) -> Future:
+        """fill() in a background thread, while the step loop goes on; the future gives the bitmask. The
+        matchers must not advance until it is done."""
+        bitmask, fill = self._prepare_fill(requests, rows, num_rows)
+
+        def job() -> torch.Tensor:
+            started.set()
+            fill()
+            return bitmask
+
+        started = threading.Event()
+        future = self._fill_thread.submit(job)
+        # The job holds the GIL only to enter xgrammar, which releases it; everything else was prepared
+        # here. Waiting for it to start hands it the GIL at once (else it waits for the switch interval,
+        # 5 ms, while this thread runs Python).
+        started.wait()
+        return future
+
+    def _prepare_fill(self, requests: list[StructuredRequest], rows: list[int], num_rows: int):
+        """(bitmask, fill): the rows to fill, unconstrained rows already all ones, and the xgrammar call
+        that fills the others."""
         import xgrammar as xgr
 
         if self._batch_matcher is None:
@@ -159,22 +184,8 @@ class StructuredOutputManager:
         unconstrained = torch.ones(num_rows, dtype=torch.bool)
         unconstrained[rows] = False
         bitmask[unconstrained] = -1  # every token allowed
-        self._batch_matcher.batch_fill_next_token_bitmask([r.matcher for r in requests], self._bitmask, rows)
-        return bitmask
-
-    def start_fill(self, requests: list[StructuredRequest], rows: list[int], num_rows: int) -> Future:
-        """fill() in a background thread, while the step loop goes on; the future gives the bitmask. The
-        matchers must not advance until it is done."""
-        def fill() -> torch.Tensor:
-            started.set()
-            return self.fill(requests, rows, num_rows)
-
-        started = threading.Event()
-        job = self._fill_thread.submit(fill)
-        # Waiting hands the GIL to the new job at once (else it waits for the switch interval, 5 ms, while
-        # this thread runs Python); the job gives it back as soon as it calls into xgrammar.
-        started.wait()
-        return job
+        matchers, full = [r.matcher for r in requests], self._bitmask
+        return bitmask, lambda: self._batch_matcher.batch_fill_next_token_bitmask(matchers, full, rows)
 
     @staticmethod
     def update_terminated(requests: list[StructuredRequest]) -> None:
