@@ -160,10 +160,12 @@ class EngineCore:
             requests, tokens = self.scheduler.grammar_tokens(runner_output)
             if requests:
                 grammars = [r.structured for r in requests]
-                self.structured.accept(grammars, tokens)
+                with step_timer.phase("accept_call"):
+                    self.structured.accept(grammars, tokens)
                 self.structured.update_terminated(grammars)
             if self.unsampled is not None:
-                self._start_fill()
+                with step_timer.phase("fill_start"):
+                    self._start_fill()
         with step_timer.phase("update"):
             return self.scheduler.update_from_output(scheduler_output, runner_output)
 

@@ -21,8 +21,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
+from tokenmill.metrics import step_timer
 from tokenmill.sampling_params import StructuredOutputsParams
 
 # Accepting a token costs tens of microseconds in a JSON grammar (a string token walks the parser character
@@ -181,11 +183,16 @@ class StructuredOutputManager:
             if torch.cuda.is_available():
                 self._bitmask = self._bitmask.pin_memory()
         bitmask = self._bitmask[:num_rows]
-        unconstrained = torch.ones(num_rows, dtype=torch.bool)
+        unconstrained = np.ones(num_rows, dtype=bool)
         unconstrained[rows] = False
-        bitmask[unconstrained] = -1  # every token allowed
+        bitmask.numpy()[unconstrained] = -1  # every token allowed (numpy: torch would wake its CPU thread pool)
         matchers, full = [r.matcher for r in requests], self._bitmask
-        return bitmask, lambda: self._batch_matcher.batch_fill_next_token_bitmask(matchers, full, rows)
+
+        def fill() -> None:
+            with step_timer.phase("fill_job"):
+                self._batch_matcher.batch_fill_next_token_bitmask(matchers, full, rows)
+
+        return bitmask, fill
 
     @staticmethod
     def update_terminated(requests: list[StructuredRequest]) -> None:
