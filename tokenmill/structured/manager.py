@@ -29,9 +29,11 @@ from tokenmill.sampling_params import StructuredOutputsParams
 
 # Accepting a token costs tens of microseconds in a JSON grammar (a string token walks the parser character
 # by character), so a batch of constrained requests is split across threads: each thread takes at least
-# this many matchers, and at most this many threads run.
+# this many matchers, and at most this many threads run. Mask fills use as many threads of xgrammar's
+# own. More threads than this were slower on the H100 machine's 16 cores (benchmarks/grammar_bench.py):
+# they contend with the step loop's thread and each other.
 MIN_MATCHERS_PER_THREAD = 16
-MAX_ACCEPT_THREADS = 8
+MAX_GRAMMAR_THREADS = 4
 
 
 def _parse(kind: str, spec: str):
@@ -89,7 +91,7 @@ class StructuredOutputManager:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")  # compiles
         self._fill_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-fill")
-        self._num_threads = max(1, min(MAX_ACCEPT_THREADS, (os.cpu_count() or 1) // 2))
+        self._num_threads = max(1, min(MAX_GRAMMAR_THREADS, (os.cpu_count() or 1) // 2))
         self._accept_pool = ThreadPoolExecutor(max_workers=self._num_threads, thread_name_prefix="grammar-accept")
         self._cache: dict[tuple[str, str], Future] = {}
         self._batch_matcher = None
@@ -177,7 +179,7 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher()
+            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=self._num_threads)
         if self._bitmask is None or self._bitmask.shape[0] < num_rows:
             self._bitmask = xgr.allocate_token_bitmask(max(num_rows, 64), self.vocab_size)
             if torch.cuda.is_available():
