@@ -100,6 +100,8 @@ class Timeline:
 
 
 def run(llm, prompts, params, kv_bytes_per_token: int) -> tuple[float, list[dict], list]:
+    if not llm.reset_prefix_cache():  # every run computes its prompts
+        raise RuntimeError("the prefix cache could not be reset")
     timeline = Timeline(llm.llm_engine, kv_bytes_per_token)
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -163,7 +165,7 @@ def main() -> None:
     constraint = StructuredOutputsParams(json=JSON_ARRAY_SCHEMA) if args.structured else None
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n, ignore_eos=True, structured_outputs=constraint)
               for n in workload.output_lens]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)
+    llm.generate(prompts[:2], [params[0], SamplingParams(max_tokens=8, ignore_eos=True)], use_tqdm=False)
     wall, steps, outputs = run(llm, prompts, params, kv_bytes_per_token)
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     label = "constrained" if args.structured else "nano"

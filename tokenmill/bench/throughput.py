@@ -78,7 +78,9 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
         llm.llm_engine.core.structured.request(StructuredOutputsParams(json=FIFTY_PROPERTIES_SCHEMA)).future.result()
         extra.update(structured=args.structured, compile_ms_50_properties=1e3 * (time.perf_counter() - started))
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up: kernels compiled, caches touched
+    # warm-up: kernels compiled (with a grammar's mask and without, for the structured comparison)
+    warm_up = params[:2] if not structured else [params[0], SamplingParams(max_tokens=8, ignore_eos=True)]
+    llm.generate(prompts[:2], warm_up, use_tqdm=False)
     seconds, lengths = _timed_generate(llm, prompts, params)
     produced = sum(lengths)
     if structured:
@@ -97,6 +99,9 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
 
 
 def _timed_generate(llm, prompts: list[dict], params: list) -> tuple[float, list[int]]:
+    # Every timed run computes its prompts: none left cached by the warm-up or by the run before it.
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the prefix cache could not be reset: blocks are still held")
     step_timer.reset()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
