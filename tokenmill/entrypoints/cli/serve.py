@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-stop-strings", type=int, default=limits.max_stop_strings,
                         help="the most entries a request's `stop` and `stop_token_ids` may each have "
                              "(default: %(default)s)")
+    parser.add_argument("--max-stop-string-length", type=int, default=limits.max_stop_string_length,
+                        help="the most characters one entry of a request's `stop` may have (default: %(default)s)")
     parser.add_argument("--max-json-depth", type=int, default=limits.max_json_depth,
                         help="how deeply lists and objects may nest in free-form fields (response_format, "
                              "structured_outputs, tools, tool_choice, chat_template_kwargs) (default: %(default)s)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import os
@@ -234,7 +235,7 @@ async def run_server(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     chat_template = load_chat_template(args.chat_template)
     names = served_model_names(args)
-    limits = RequestLimits(args.max_request_body_bytes, args.max_n, args.max_stop_strings, args.max_json_depth)
+    limits = RequestLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(RequestLimits)})
     config = EngineConfig.from_kwargs(**engine_kwargs(args), served_model_name=names[0])
     engine = await asyncio.to_thread(AsyncLLM, config)
     try:

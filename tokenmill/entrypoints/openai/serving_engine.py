@@ -42,17 +42,26 @@ class OpenAIServing:
             raise OpenAIError(f"The model `{model}` does not exist.", HTTPStatus.NOT_FOUND, "model")
 
     def check_limits(self, request: BaseModel) -> None:
-        """The RequestLimits a parsed request must keep (fields a request type lacks are skipped)."""
-        n = getattr(request, "n", 1)
+        """The RequestLimits a parsed request must keep. Only fields its type declares are read: unknown fields
+        are kept as sent (extra="allow"), so /tokenize's body may carry an "n" that is a dict."""
+        def field(name: str, default: Any = None) -> Any:
+            return getattr(request, name) if name in type(request).model_fields else default
+
+        n = field("n", 1)
         if n > self.limits.max_n:
             raise OpenAIError(f"n must be at most {self.limits.max_n}, got {n}", param="n")
         for name in ("stop", "stop_token_ids"):
-            values = getattr(request, name, None)
+            values = field(name)
             if isinstance(values, list) and len(values) > self.limits.max_stop_strings:
                 raise OpenAIError(f"{name} must have at most {self.limits.max_stop_strings} entries, got "
                                   f"{len(values)}", param=name)
+        stop = field("stop")
+        longest = max(map(len, [stop] if isinstance(stop, str) else stop or []), default=0)
+        if longest > self.limits.max_stop_string_length:
+            raise OpenAIError(f"stop strings must be at most {self.limits.max_stop_string_length} characters long, "
+                              f"got one of {longest}", param="stop")
         for name in FREE_FORM_FIELDS:
-            if json_depth_exceeds(getattr(request, name, None), self.limits.max_json_depth):
+            if json_depth_exceeds(field(name), self.limits.max_json_depth):
                 raise OpenAIError(f"{name} is nested too deeply: at most {self.limits.max_json_depth} levels of "
                                   "lists and objects", param=name)
 
