@@ -8,7 +8,10 @@ if not torch.cuda.is_available():
 
 
 import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -75,3 +78,31 @@ def assert_pool_free() -> Callable:
         assert scheduler.kv.pool.num_free_blocks == scheduler.kv.pool.num_blocks
 
     return check
+
+
+RELIABILITY_RESULTS_ENV = "TOKENMILL_RELIABILITY_RESULTS"
+
+
+@pytest.fixture(scope="session")
+def reliability_results(tmp_path_factory) -> Path:
+    """Where reliability tests record their numbers, for tools/reliability_report.py (docs/reliability.md):
+    $TOKENMILL_RELIABILITY_RESULTS, else a temporary folder, so the recording runs (and can break) in every
+    test run, not only when the doc is regenerated."""
+    folder = Path(os.environ.get(RELIABILITY_RESULTS_ENV) or tmp_path_factory.mktemp("reliability"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def record_reliability(reliability_results, request) -> Callable[..., None]:
+    """record(attack, clients=, requests=, bodies=, lost_requests=, server_errors=, kv_leaked=, **more) writes
+    this test's numbers as one JSON file. Tests record what they measured before asserting on it, so a
+    failing run leaves its real numbers behind."""
+
+    def record(attack: str, **numbers: float | int | str | None) -> None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name).strip("_")
+        path = reliability_results / f"{request.module.__name__.rsplit('.', 1)[-1]}-{name}.json"
+        record = {"attack": attack, "test": request.node.nodeid, "recorded": time.time(), **numbers}
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+    return record

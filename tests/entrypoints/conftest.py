@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT_S = 300.0
 # Short contexts keep the long-prompt tests fast on CPU; 256 MiB of KV is ~5.8k tokens (45 KiB each).
@@ -58,6 +59,23 @@ class ServerProcess:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{self.log()[-5000:]}")
+
+    def metrics(self, headers: dict[str, str] | None = None) -> dict[str, float]:
+        """/metrics as sample name -> value (the model_name label dropped; histograms by their _count and _sum)."""
+        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
+        return {sample.name: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if "le" not in sample.labels}
+
+    def wait_idle(self, timeout_s: float = 20.0, headers: dict[str, str] | None = None) -> dict[str, float]:
+        """The metrics once nothing runs, waits or holds KV blocks, or as they are after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            values = self.metrics(headers)
+            idle = (values["vllm:num_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
+                    and values["vllm:kv_cache_usage_perc"] == 0)
+            if idle or time.monotonic() > deadline:
+                return values
+            time.sleep(0.2)
 
     @property
     def core_pid(self) -> int:

@@ -34,24 +34,6 @@ def async_client(server) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def metrics(url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
-    """Sample name -> value (the model_name label dropped; histograms by their _count and _sum)."""
-    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
-    return {sample.name: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if "le" not in sample.labels}
-
-
-def wait_idle(url: str, timeout_s: float = 20.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        values = metrics(url)
-        idle = (values["vllm:num_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
-                and values["vllm:kv_cache_usage_perc"] == 0)
-        if idle or time.monotonic() > deadline:
-            return values
-        time.sleep(0.2)
-
-
 def chat_prompt_ids(tokenizer, messages) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -217,7 +199,7 @@ def test_prefix_cache_reports_cached_tokens(server, client):
     second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
-    values = metrics(server.url)
+    values = server.metrics()
     assert values["vllm:prefix_cache_hits_total"] >= second.usage.prompt_tokens_details.cached_tokens
 
 
@@ -326,10 +308,10 @@ def test_concurrent_streams_then_idle(server, async_client):
     async def main():
         return await asyncio.gather(*(one(i) for i in range(32)))
 
-    before = metrics(server.url)
+    before = server.metrics()
     results = asyncio.run(main())
     assert all(usage == 8 and finishes == ["length"] and text for text, usage, finishes in results)
-    values = wait_idle(server.url)
+    values = server.wait_idle()
     assert values["vllm:num_requests_running"] == 0 and values["vllm:kv_cache_usage_perc"] == 0
     assert values["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] >= 32 * 8
     assert values["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] >= 32
@@ -345,7 +327,7 @@ def test_client_disconnects_abort_requests(server, client):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/v1/completions", json={**COMPLETION, "max_tokens": 400, "ignore_eos": True},
                    timeout=1.0)
-    values = wait_idle(server.url)
+    values = server.wait_idle()
     assert values["vllm:num_requests_running"] == 0
     assert values["vllm:num_requests_waiting"] == 0
     assert values["vllm:kv_cache_usage_perc"] == 0
@@ -359,7 +341,7 @@ def test_metrics_exposition(server):
                  "vllm:time_per_output_token_seconds", "vllm:e2e_request_latency_seconds", "vllm:num_preemptions",
                  "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
         assert name in names, name
-    values = metrics(server.url)
+    values = server.metrics()
     assert values["vllm:prompt_tokens_total"] > 0 and values["vllm:time_to_first_token_seconds_count"] > 0
 
 
@@ -419,7 +401,7 @@ def test_engine_core_death(keyed_server):
     chunks = iter(stream)
     next(chunks)
     deadline = time.monotonic() + 30
-    while metrics(url, headers)["vllm:num_requests_running"] < 2 and time.monotonic() < deadline:
+    while keyed_server.metrics(headers)["vllm:num_requests_running"] < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     os.kill(keyed_server.core_pid, signal.SIGKILL)
 

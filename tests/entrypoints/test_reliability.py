@@ -1,5 +1,6 @@
-"""Reliability and security of the OpenAI server: hostile request bodies, request-size limits, the API key
-on every route, and a graceful drain on SIGTERM. Real `tokenmill serve` processes (conftest.py)."""
+"""Reliability and security of the OpenAI server: hostile request bodies, hand-written and generated from the
+server's own OpenAPI schema (schemathesis), request-size limits, the API key on every route, and a graceful
+drain on SIGTERM. Real `tokenmill serve` processes (conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import json
 import signal
 import threading
 import time
+from collections import Counter
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode
 
 from tokenmill.entrypoints.openai import api_server
 
@@ -66,6 +73,10 @@ HOSTILE_CASES = [
          "1000-stop-strings"),
     case("/v1/chat/completions", {**CHAT, "stop": [f"s{i}" for i in range(1000)]}, 400, "stop", "at most 256",
          "chat-1000-stop-strings"),
+    case("/v1/completions", {**COMPLETION, "stop": "x" * 1025}, 400, "stop", "at most 1024 characters",
+         "stop-string-1025-chars"),
+    case("/v1/chat/completions", {**CHAT, "stop": ["ok", "y" * (1 << 20)]}, 400, "stop", "at most 1024 characters",
+         "chat-1mb-stop-string"),
     case("/v1/completions", {**COMPLETION, "stop_token_ids": list(range(1000))}, 400, "stop_token_ids",
          "at most 256", "1000-stop-token-ids"),
     case("/v1/completions", {**COMPLETION, "stop_token_ids": [10**20]}, 400, "stop_token_ids", "", "huge-stop-id"),
@@ -188,19 +199,133 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-def assert_still_serving(url: str) -> None:
-    """A normal small request goes through the whole engine (one token keeps it quick on CPU)."""
-    response = post(f"{url}/v1/completions", {**COMPLETION, "max_tokens": 1})
+def serve_one(url: str) -> httpx.Response:
+    """A normal small request, through the whole engine (one token keeps it quick on CPU)."""
+    return post(f"{url}/v1/completions", {**COMPLETION, "max_tokens": 1})
+
+
+def assert_served(response: httpx.Response) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] >= 1
 
 
+def assert_still_serving(url: str) -> None:
+    assert_served(serve_one(url))
+
+
 @pytest.mark.parametrize("path, body, status, param, message", HOSTILE_CASES)
-def test_hostile_bodies(hostile_server, path, body, status, param, message):
-    error = assert_openai_error(post(f"{hostile_server.url}{path}", body), status)
+def test_hostile_bodies(hostile_server, path, body, status, param, message, record_reliability):
+    response = post(f"{hostile_server.url}{path}", body)
+    after = serve_one(hostile_server.url)
+    record_reliability("hostile bodies (hand-written), each followed by a normal request", bodies=1, requests=2,
+                       lost_requests=int(response.status_code != status) + int(after.status_code != 200),
+                       server_errors=int(response.status_code >= 500) + int(after.status_code >= 500))
+    error = assert_openai_error(response, status)
     assert message.lower() in error["message"].lower(), error
     if param is not None:
         assert error["param"] == param, error
+    assert_served(after)
+
+
+def test_unknown_fields_named_like_limited_ones_are_ignored(hostile_server):
+    """Unknown fields are accepted and ignored; an "n" that is a dict once gave /tokenize a 500 (schemathesis)."""
+    extra = {"n": {"a": 1}, "stop": [1, [2]], "stop_token_ids": "x", "tools": 5}
+    response = post(f"{hostile_server.url}/tokenize", {"prompt": "Hi", **extra})
+    assert response.status_code == 200 and response.json()["count"] >= 1, response.text
+    response = post(f"{hostile_server.url}/detokenize", {"tokens": [1, 2], **extra})
+    assert response.status_code == 200, response.text
+
+
+def test_stop_string_at_the_length_limit_is_served(hostile_server):
+    body = {**COMPLETION, "max_tokens": 1, "stop": ["z" * 1024, "ok"]}
+    assert_served(post(f"{hostile_server.url}/v1/completions", body))
+
+
+# ---- fuzzing: bodies generated from the server's own OpenAPI schema -----------------------------------
+
+FUZZ_ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
+FUZZ_EXAMPLES = 30  # per route and generation mode: about a minute for all four routes on a 2-core CPU
+FUZZ_MAX_TOKENS = 2
+FUZZ_MAX_N = 2
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(hostile_server) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"{hostile_server.url}/openapi.json", headers=AUTH, timeout=TIMEOUT_S)
+
+
+def keep_cheap(path: str, body: Any) -> Any:
+    """Caps what a generated body may cost on CPU: a valid (or null, or missing: "fill the context") token
+    budget becomes at most FUZZ_MAX_TOKENS and a valid n at most FUZZ_MAX_N, and a named model is the served
+    one. Values the server must refuse (negative, huge, of the wrong type) are left for it to refuse."""
+    if not isinstance(body, dict):
+        return body
+    if path.startswith("/v1/") and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = FUZZ_MAX_TOKENS
+    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        value = body.get(name)
+        if name in body and (value is None or type(value) is int and 1 <= value <= MAX_MODEL_LEN):
+            body[name] = min(value or FUZZ_MAX_TOKENS, FUZZ_MAX_TOKENS)
+    if type(body.get("n")) is int and 1 <= body["n"] <= 128:
+        body["n"] = min(body["n"], FUZZ_MAX_N)
+    if "model" in body:
+        body["model"] = MODEL
+    return body
+
+
+def fuzz_failure(response: requests.Response | schemathesis.Response) -> str | None:
+    """What is wrong with an answer to a generated body: a 5xx, a 4xx not in OpenAI's error shape, or an
+    error event inside a 200 stream."""
+    if response.status_code >= 500:
+        return f"{response.status_code}: {response.text[:300]}"
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return f"{response.status_code} without an OpenAI error body: {response.text[:300]}"
+        return None
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: {")]
+    errors = [event for event in events if '"error"' in event[:10]]
+    return f"an error event in a 200 stream: {errors[0][:300]}" if errors else None
+
+
+@pytest.mark.parametrize("path", FUZZ_ROUTES)
+def test_schemathesis_bodies_never_get_a_5xx(hostile_server, openapi_schema, path, record_reliability):
+    """Bodies the schema allows and bodies it forbids (schemathesis' positive and negative modes), derandomized
+    so that CI runs the same ones: each gets a 2xx or an OpenAI-shaped 4xx within TIMEOUT_S, never a 5xx."""
+    operation = openapi_schema[path]["POST"]
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, database=None, deadline=None,
+                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def fuzz(case: schemathesis.Case) -> None:
+            # Failures are collected, not raised: hypothesis would shrink them by sending many more bodies.
+            case.body = keep_cheap(path, case.body)
+            try:
+                response = case.call(base_url=hostile_server.url, headers=AUTH, timeout=TIMEOUT_S)
+            except requests.RequestException as e:  # a hang (timeout) or a crash (connection refused)
+                failures.append(f"{type(e).__name__} for {case.body!r:.300}")
+                statuses["no answer"] += 1
+                return
+            statuses[response.status_code] += 1
+            failure = fuzz_failure(response)
+            if failure:
+                failures.append(f"{failure} for {case.body!r:.300}")
+
+        fuzz()
+    alive = hostile_server.proc.poll() is None
+    idle = hostile_server.wait_idle(headers=AUTH) if alive else {}
+    record_reliability(f"schemathesis on {path} (positive and negative bodies)", bodies=sum(statuses.values()),
+                       requests=sum(statuses.values()), lost_requests=len(failures) + (not alive),
+                       server_errors=sum(n for status, n in statuses.items() if status >= 500),
+                       kv_leaked=idle.get("vllm:kv_cache_usage_perc"),
+                       detail="statuses " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items(), key=str)))
+    assert alive, hostile_server.log()[-3000:]
+    assert idle["vllm:kv_cache_usage_perc"] == 0, idle
+    assert not failures, "\n".join(failures[:10])
     assert_still_serving(hostile_server.url)
 
 
@@ -224,8 +349,8 @@ def test_limit_flags_defaults():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve"])
-    assert (args.max_request_body_bytes, args.max_n, args.max_stop_strings, args.max_json_depth,
-            args.shutdown_timeout) == (16 << 20, 128, 256, 64, 30.0)
+    assert (args.max_request_body_bytes, args.max_n, args.max_stop_strings, args.max_stop_string_length,
+            args.max_json_depth, args.shutdown_timeout) == (16 << 20, 128, 256, 1024, 64, 30.0)
 
 
 # ---- the API key on every route ------------------------------------------------------------------------
