@@ -4,12 +4,18 @@ the kernels (their sum and the device's busy span), idle gaps between kernels (w
 ran during each), and host time after the last kernel.
 
     python benchmarks/ttft_gaps.py      # on the GPU machine, about a minute
+
+Then the host's share alone: the same request with the model's forward replaced by empty outputs of
+the right shapes, timed and profiled (cProfile, by own time).
 """
 
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import sys
+import time
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -62,6 +68,7 @@ def main() -> None:
     for dur, a, b, before, after in sorted(gaps, reverse=True)[:8]:
         calls = sorted({r["name"] for r in runtime if r["ts"] < b and r["ts"] + r["dur"] > a})
         print(f"  {dur / 1e3:6.2f} ms after {before[:50]!r} before {after[:50]!r}; host: {', '.join(calls)[:120]}")
+    host_only(llm, prompt, one)
     by_name = defaultdict(lambda: [0.0, 0])
     for e in kernels:
         by_name[e["name"]][0] += e["dur"]
@@ -69,6 +76,29 @@ def main() -> None:
     print(f"{'kernel':<80} {'ms':>7} {'calls':>5}")
     for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"{name[:80]:<80} {dur / 1e3:7.2f} {n:5d}")
+
+
+def host_only(llm, prompt, params) -> None:
+    model = llm.llm_engine.core.runner.model
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    forward, logits = model.forward, model.compute_logits
+    model.forward = lambda ids, pos: torch.empty(ids.shape[0], hidden, device="cuda", dtype=torch.bfloat16)
+    model.compute_logits = lambda h: torch.zeros(h.shape[0], vocab, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for _ in range(10):
+        llm.reset_prefix_cache()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        times.append(1e3 * (time.perf_counter() - started))
+    llm.reset_prefix_cache()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    llm.generate([prompt], params, use_tqdm=False)
+    profiler.disable()
+    model.forward, model.compute_logits = forward, logits
+    print(f"host only (empty forward): {sorted(times)[len(times) // 2]:.2f} ms median of {len(times)}")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
 if __name__ == "__main__":
