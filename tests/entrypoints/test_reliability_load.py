@@ -234,9 +234,6 @@ def test_load_every_request_completes_and_memory_stays_flat(load_rounds, record_
     assert sum(growth) <= MAX_RSS_GROWTH_BYTES, f"RSS grew by {sum(growth) / 2**20:.1f} MiB between identical rounds"
 
 
-@pytest.mark.xfail(strict=True, reason="EngineCore.step() leaves an empty pending step behind once the last "
-                                       "request is done under async scheduling, so has_unfinished_requests() "
-                                       "stays true and the core steps, and messages the frontend, forever")
 def test_idle_server_does_not_spin(load_rounds):
     """Once the load is over nothing runs: the engine core and the frontend must sleep, not burn the CPU."""
     used = load_rounds["idle_cpu_s"]

@@ -134,6 +134,10 @@ class EngineCore:
         outputs = self._finish_pending()
         if launched.logits is None:
             self.pending = (scheduler_output, launched)
+            if not launched.req_ids:
+                # Nothing was launched: finish it now (its update still reports the requests the scheduler
+                # ended), or an idle engine would always hold a pending step and step forever.
+                outputs += self._finish_pending()
         return outputs
 
     def _flush(self) -> list[EngineCoreOutput]:
