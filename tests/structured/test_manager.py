@@ -77,5 +77,4 @@ def test_start_fill_fills_the_given_rows_in_the_background_and_allows_everything
     for row in (0, 2, 4):  # unconstrained rows
         assert unpack(row) == list(range(len(VOCAB)))
     manager.accept([second, second], [2, len(VOCAB) - 1])  # "c", then the stop token
-    manager.update_terminated([first, second])
     assert (first.terminated, second.terminated) == (False, True)

@@ -14,7 +14,7 @@ Order of a step:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tokenmill.config import SchedulerConfig

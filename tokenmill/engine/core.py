@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerOutput, SchedulerStats
+from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
@@ -123,9 +123,7 @@ class EngineCore:
             self._sample(launched)
             self.pending = (scheduler_output, launched)
             return outputs + self._finish_pending()
-        if self.unsampled is not None:
-            self._sample(self.unsampled[1])
-            self.pending, self.unsampled = self.unsampled, None
+        self._sample_unsampled()
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
         launched = self.runner.launch_step(scheduler_output, sample=self.scheduler.num_structured_requests == 0)
@@ -143,11 +141,17 @@ class EngineCore:
     def _flush(self) -> list[EngineCoreOutput]:
         """Finishes the steps in flight (the switch to sync scheduling)."""
         outputs = self._finish_pending()
-        if self.unsampled is not None:
-            self._sample(self.unsampled[1])
-            self.pending, self.unsampled = self.unsampled, None
+        if self._sample_unsampled():
             outputs += self._finish_pending()
         return outputs
+
+    def _sample_unsampled(self) -> bool:
+        """Queues the sampling of the step whose forward pass alone was launched; it becomes the pending one."""
+        if self.unsampled is None:
+            return False
+        self._sample(self.unsampled[1])
+        self.pending, self.unsampled = self.unsampled, None
+        return True
 
     def _finish_pending(self) -> list[EngineCoreOutput]:
         """Waits for the pending step's tokens, advances the grammars by them and updates the requests.
@@ -163,10 +167,8 @@ class EngineCore:
         with step_timer.phase("accept"):
             requests, tokens = self.scheduler.grammar_tokens(runner_output)
             if requests:
-                grammars = [r.structured for r in requests]
                 with step_timer.phase("accept_call"):
-                    self.structured.accept(grammars, tokens)
-                self.structured.update_terminated(grammars)
+                    self.structured.accept([r.structured for r in requests], tokens)
             if self.unsampled is not None:
                 with step_timer.phase("fill_start"):
                     self._start_fill()

@@ -130,21 +130,24 @@ class StructuredOutputManager:
         return StructuredRequest(future, params.after_token_ids)
 
     def accept(self, requests: list[StructuredRequest], tokens: list[int]) -> None:
-        """Advances requests[i]'s matcher by tokens[i] (a request may repeat, its tokens in order). xgrammar
-        runs without the GIL, so chunks of the batch advance in parallel threads."""
+        """Advances requests[i]'s matcher by tokens[i] (a request may repeat, its tokens in order), then sets
+        each request's `terminated`. xgrammar runs without the GIL, so chunks of the batch advance in
+        parallel threads."""
         import xgrammar as xgr
 
         matchers = [r.matcher for r in requests]
         num_chunks = min(self._num_threads, len(matchers) // MIN_MATCHERS_PER_THREAD)
         if num_chunks <= 1:
             xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
-            return
-        bounds = [len(matchers) * k // num_chunks for k in range(num_chunks + 1)]
-        for k in range(1, num_chunks):  # a matcher's tokens stay in one chunk, in order
-            while 0 < bounds[k] < len(matchers) and matchers[bounds[k]] is matchers[bounds[k] - 1]:
-                bounds[k] += 1
-        list(self._accept_pool.map(lambda k: xgr.BatchGrammarMatcher.batch_accept_token(
-            matchers[bounds[k]:bounds[k + 1]], tokens[bounds[k]:bounds[k + 1]]), range(num_chunks)))
+        else:
+            bounds = [len(matchers) * k // num_chunks for k in range(num_chunks + 1)]
+            for k in range(1, num_chunks):  # a matcher's tokens stay in one chunk, in order
+                while 0 < bounds[k] < len(matchers) and matchers[bounds[k]] is matchers[bounds[k] - 1]:
+                    bounds[k] += 1
+            list(self._accept_pool.map(lambda k: xgr.BatchGrammarMatcher.batch_accept_token(
+                matchers[bounds[k]:bounds[k + 1]], tokens[bounds[k]:bounds[k + 1]]), range(num_chunks)))
+        for request in requests:
+            request.terminated = request.matcher.is_terminated()
 
     def fill(self, requests: list[StructuredRequest], rows: list[int], num_rows: int) -> torch.Tensor:
         """The first num_rows rows of a reused host bitmask, row rows[i] holding requests[i]'s next-token
@@ -195,9 +198,3 @@ class StructuredOutputManager:
                 self._batch_matcher.batch_fill_next_token_bitmask(matchers, full, rows)
 
         return bitmask, fill
-
-    @staticmethod
-    def update_terminated(requests: list[StructuredRequest]) -> None:
-        """Reads whether each grammar has accepted its end (after accept)."""
-        for request in requests:
-            request.terminated = request.matcher.is_terminated()
