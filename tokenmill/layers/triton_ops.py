@@ -93,7 +93,7 @@ def _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols, end, bits,
     return tl.where(take, x, best), tl.where(take, cols, best_index)
 
 
-@triton.jit(do_not_specialize=["split_size", "num_splits", "seed"])
+@triton.jit(do_not_specialize=["mask_stride", "split_size", "num_splits", "seed"])
 def _sample_kernel(logits_ptr, temperature_ptr, mask_ptr, values_ptr, indices_ptr, logits_stride, mask_stride,
                    row_counters, vocab, split_size, num_splits, seed, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
     row = tl.program_id(0)
