@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -13,17 +15,24 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata
 class ForwardContext:
     attn_metadata: AttentionMetadata
     backend: AttentionBackend
+    # Set when only each request's last row is read after the forward pass (its logits): the rows of
+    # the hidden states the last layer computes past attention, and attention metadata with those rows
+    # as one query each over all the request's keys.
+    logits_rows: torch.Tensor | None = None
+    logits_metadata: AttentionMetadata | None = None
 
 
 _context: ForwardContext | None = None
 
 
 @contextmanager
-def set_forward_context(attn_metadata: AttentionMetadata, backend: AttentionBackend) -> Iterator[None]:
+def set_forward_context(attn_metadata: AttentionMetadata, backend: AttentionBackend,
+                        logits_rows: torch.Tensor | None = None,
+                        logits_metadata: AttentionMetadata | None = None) -> Iterator[None]:
     global _context
     if _context is not None:
         raise RuntimeError("forward contexts do not nest")
-    _context = ForwardContext(attn_metadata, backend)
+    _context = ForwardContext(attn_metadata, backend, logits_rows, logits_metadata)
     try:
         yield
     finally:

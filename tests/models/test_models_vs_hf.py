@@ -80,3 +80,20 @@ def test_embedded_smollm2_matches_hf(smol_tokenizer, assert_pool_free):
     for output in outputs:  # incremental detokenization gives the tokenizer's own decoding
         assert output.outputs[0].text == smol_tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True)
     assert_pool_free(llm)
+
+
+def test_logits_rows_only_last_layer_matches_every_row(tiny_model_dir):
+    """A prefill step's last layer computes only the rows that get logits (past writing every key); with
+    prompt logprobs it computes every row. The sampled tokens' logprobs agree either way."""
+    llm = LLM(tiny_model_dir("qwen3"), dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=512)
+    requests = [{"prompt_token_ids": p} for p in make_prompts(seed=5)]
+    runs = []
+    for prompt_logprobs in (None, 1):
+        params = SamplingParams(temperature=0.0, max_tokens=2, logprobs=5, prompt_logprobs=prompt_logprobs,
+                                ignore_eos=True)
+        runs.append([out.outputs[0] for out in llm.generate(requests, params, use_tqdm=False)])
+    for pruned, full in zip(*runs):
+        assert pruned.token_ids == full.token_ids
+        for a, b in zip(pruned.logprobs, full.logprobs):
+            assert a.keys() == b.keys()
+            torch.testing.assert_close([a[t].logprob for t in a], [b[t].logprob for t in a], rtol=0, atol=1e-5)

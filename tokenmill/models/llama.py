@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.forward_context import get_forward_context
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.layernorm import RMSNorm
@@ -48,7 +49,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, logits_only: bool = False) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         if qkv.is_cuda:  # one kernel: q/k norms and rotary, in place on the projection
             from tokenmill.layers.triton_ops import qk_norm_rope_inplace
@@ -66,7 +67,7 @@ class LlamaAttention(nn.Module):
             if self.use_qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, logits_only))
 
 
 class LlamaMLP(nn.Module):
@@ -91,14 +92,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """With `logits_only`, rows past attention are only the forward context's logits_rows."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states = self.self_attn(positions, hidden_states, logits_only)
+        if logits_only:
+            residual = residual[get_forward_context().logits_rows]
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -113,9 +117,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states of every row, or only of the forward context's logits_rows when it sets them: the
+        last layer then computes keys and values for every row, and the rest only for those rows."""
         hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        logits_only = get_forward_context().logits_rows is not None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden_states, residual = layer(positions, hidden_states, residual, logits_only and i == last)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -141,7 +149,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size] (or
+        [len(logits_rows), hidden_size], see LlamaModel.forward)."""
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,9 @@ class ModelRunner:
         self.last_sampled_index: dict[str, int] = {}
         self.block_table = StagedBuffer((self.max_num_reqs, self.max_blocks_per_req), torch.int32, self.device)
         self._arange = np.arange(num_rows + 1, dtype=np.int64)
+        # query_start_loc of one query row per request (the logits rows' attention in the last layer)
+        self.one_row_each = torch.arange(self.max_num_reqs + 1, dtype=torch.int32)
+        self.one_row_each_gpu = self.one_row_each.to(self.device)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs
         self.graphs = CudaGraphs("decode", capture_sizes(self.max_num_reqs) if use_graphs else [])
         self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
@@ -283,18 +286,21 @@ class ModelRunner:
                 self.inputs_copied.record()
         launch = "launch_graph" if graph_size is not None else "launch_mixed_graph" if mixed_size else "launch_eager"
         with step_timer.phase(launch):
+            prompt_logprobs = {}
             if graph_size is not None:
                 logits = self.graphs.replay(graph_size)[:num_reqs]
-                hidden_states = None
             else:
+                logits_rows, logits_metadata = None, None
                 if mixed_size is not None:
                     hidden_states = self.mixed_graphs.replay(mixed_size)
                 else:
-                    with set_forward_context(attn_metadata, self.backend):
+                    logits_rows, logits_metadata = self._logits_only(rows, attn_metadata, logits_indices)
+                    with set_forward_context(attn_metadata, self.backend, logits_rows, logits_metadata):
                         hidden_states = self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
-                logits = self.model.compute_logits(hidden_states[logits_indices])
-            prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states) \
-                if hidden_states is not None else {}
+                if logits_rows is None:
+                    prompt_logprobs = self._prompt_logprobs(rows, num_scheduled, hidden_states)
+                    hidden_states = hidden_states[logits_indices]
+                logits = self.model.compute_logits(hidden_states)
         done = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
         pending = PendingStep([batch.req_ids[r] for r in rows], done, None, None, prompt_logprobs, None, logits,
                               sampling_metadata)
@@ -412,6 +418,21 @@ class ModelRunner:
             slot_mapping=self.slot_mapping.gpu[:padded_tokens],
             query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs],
             split_decodes=max_query_len > 1 and bool((num_scheduled == 1).any()))
+
+    def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, AttentionMetadata | None]:
+        """(logits rows, their attention metadata) for a forward pass whose last layer computes only the
+        rows that get logits, or (None, None) where other rows are needed too (prompt logprobs) or there
+        are no others (every request has one new token)."""
+        n = metadata.num_reqs
+        if metadata.num_actual_tokens == n or any(
+                self.batch.states[r].sampling_params.prompt_logprobs is not None for r in rows.tolist()):
+            return None, None
+        return logits_indices, AttentionMetadata(
+            num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=metadata.max_seq_len,
+            query_start_loc=self.one_row_each_gpu[:n + 1], seq_lens=metadata.seq_lens, block_table=metadata.block_table,
+            slot_mapping=metadata.slot_mapping[:n], query_start_loc_cpu=self.one_row_each[:n + 1],
+            seq_lens_cpu=metadata.seq_lens_cpu)
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch
