@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.core.block_pool import BlockPool, hash_block_tokens
+from tokenmill.core.block_pool import BlockPool, hash_full_blocks
 from tokenmill.core.interface import ModelRunnerOutput
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
@@ -44,7 +44,7 @@ def test_block_pool_free_queue_order_and_eviction():
     pool = BlockPool(4, enable_caching=True)
     a, b = pool.get_new_blocks(2)
     assert (a.block_id, b.block_id) == (0, 1)
-    h = hash_block_tokens(None, [1, 2, 3, 4])
+    [h] = hash_full_blocks(None, [1, 2, 3, 4], BS)
     pool.cache_full_blocks([a, b], [h], 0, 1)
     pool.free_blocks([b, a])  # tail first
     # b had no hash: it goes to the front; a (hashed) to the back, so it is evicted last
@@ -60,10 +60,23 @@ def test_block_pool_free_queue_order_and_eviction():
 
 
 def test_hash_chain_depends_on_parent_and_tokens():
-    h1 = hash_block_tokens(None, [1, 2, 3, 4])
-    assert hash_block_tokens(None, [1, 2, 3, 4]) == h1
-    assert hash_block_tokens(h1, [5, 6, 7, 8]) != hash_block_tokens(None, [5, 6, 7, 8])
-    assert hash_block_tokens(None, [1, 2, 3, 5]) != h1
+    [h1] = hash_full_blocks(None, [1, 2, 3, 4], BS)
+    assert hash_full_blocks(None, [1, 2, 3, 4], BS) == [h1]
+    assert hash_full_blocks(h1, [5, 6, 7, 8], BS) != hash_full_blocks(None, [5, 6, 7, 8], BS)
+    assert hash_full_blocks(None, [1, 2, 3, 5], BS) != [h1]
+    assert hash_full_blocks(None, [1, 2, 3, 4], BS, extra_keys=("lora", 1)) != [h1]
+
+
+def test_hash_chain_covers_full_blocks_only_and_extends_block_by_block():
+    tokens = list(range(100, 111))  # two full blocks of 4 and 3 tokens left over
+    h1, h2 = hash_full_blocks(None, tokens, BS)
+    assert hash_full_blocks(None, tokens[:8], BS) == [h1, h2]
+    assert hash_full_blocks(h1, tokens[4:8], BS) == [h2]
+    assert h1 != h2 and hash_full_blocks(None, tokens[4:8], BS) != [h2]
+    assert hash_full_blocks(None, tokens[:3], BS) == []
+    # one token id apart, or a large id, changes the block and every block after it
+    assert hash_full_blocks(None, [100, 101, 102, 104] + tokens[4:8], BS)[1] != h2
+    assert hash_full_blocks(None, [2**40] + tokens[1:4], BS) != hash_full_blocks(None, [0] + tokens[1:4], BS)
 
 
 def test_fcfs_admission_and_exact_block_ids():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.core.block_pool import hash_block_tokens
+from tokenmill.core.block_pool import hash_full_blocks
 from tokenmill.core.host_tier import HostKVTier
 
 PREFIX = list(range(2000, 2100))  # 6 full blocks of 16 + 4 tokens
@@ -37,7 +37,7 @@ def test_evicted_prefix_comes_back_from_the_host_tier(model_dir, assert_pool_fre
     for i in range(3):  # 150-token strangers fill the 12-block device pool, evicting the prefix
         generate(llm, list(range(5000 + 200 * i, 5150 + 200 * i)))
     assert llm.llm_engine.core.scheduler.kv.pool.get_cached_block(
-        hash_block_tokens(None, PREFIX[:16])) is None  # gone from the device
+        hash_full_blocks(None, PREFIX[:16], 16)[0]) is None  # gone from the device
     second = generate(llm, PREFIX + [4, 5])
     stats = llm.llm_engine.core.stats()
     assert second.num_cached_tokens == 96

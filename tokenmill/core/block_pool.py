@@ -13,24 +13,28 @@ first, so the least useful are evicted first.
 from __future__ import annotations
 
 import hashlib
-from array import array
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 BlockHash = bytes
 
 
-def hash_block_tokens(parent_hash: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> BlockHash:
-    """sha256 over the parent's hash, the block's exact token ids and any extra keys.
+def hash_full_blocks(parent_hash: BlockHash | None, token_ids: Sequence[int], block_size: int,
+                     extra_keys: tuple = ()) -> list[BlockHash]:
+    """The hash chain over each full block of `token_ids`: a block's hash is sha256 over its parent's
+    hash (`parent_hash` for the first), its exact token ids and any extra keys.
 
     A 256-bit hash of the full chain makes a collision (two different prefixes, one hash) practically
-    impossible, so a hit never hands a request someone else's KV.
+    impossible, so a hit never hands a request someone else's KV. The tokens become bytes in one call
+    and each block is one sha256 call: a 4096-token prompt is 256 blocks on the time-to-first-token path.
     """
-    h = hashlib.sha256(parent_hash or b"\0")
-    h.update(array("q", token_ids).tobytes())
-    if extra_keys:
-        h.update(repr(extra_keys).encode())
-    return h.digest()
+    data = struct.pack(f"{len(token_ids)}q", *token_ids)
+    block_bytes = 8 * block_size
+    suffix = repr(extra_keys).encode() if extra_keys else b""
+    block_hash = parent_hash or b"\0"
+    return [block_hash := hashlib.sha256(block_hash + data[start:start + block_bytes] + suffix).digest()
+            for start in range(0, len(data) - block_bytes + 1, block_bytes)]
 
 
 class KVCacheBlock:

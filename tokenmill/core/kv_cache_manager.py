@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
+from tokenmill.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_full_blocks
 from tokenmill.core.host_tier import HostKVTier
 from tokenmill.core.request import Request
 
@@ -47,9 +47,9 @@ class KVCacheManager:
         hashes = self.req_to_hashes.setdefault(request.request_id, [])
         bs = self.block_size
         num_full = request.num_tokens // bs
-        tokens = request.all_token_ids
-        for i in range(len(hashes), num_full):
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, tokens[i * bs:(i + 1) * bs]))
+        if num_full > len(hashes):
+            new_tokens = request.all_token_ids[len(hashes) * bs:num_full * bs]
+            hashes.extend(hash_full_blocks(hashes[-1] if hashes else None, new_tokens, bs))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], list[int], int]:
