@@ -10,6 +10,8 @@ block-table entries past a request's length) holds NaN, as do outputs before a k
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ class PagedBatch:
             slot_mapping=torch.full((self.query.shape[0],), -1, dtype=torch.int64, device=self.query.device),
             query_start_loc_cpu=self.query_start_loc.cpu(),
             seq_lens_cpu=self.seq_lens.cpu(),
-            split_decodes=max(self.q_lens_list) > 1 and 1 in self.q_lens_list,
+            num_decodes=len(list(itertools.takewhile(lambda n: n == 1, self.q_lens_list))) if max(self.q_lens_list) > 1 else 0,
         )
 
     def reference(self) -> torch.Tensor:
@@ -284,21 +286,21 @@ def test_decode_split_count_depends_on_shapes_only() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
-@pytest.mark.parametrize("split_decodes", [True, False])
-def test_mixed_batch_through_backend(dtype: torch.dtype, group: int, split_decodes: bool) -> None:
-    """Prefills with cached prefixes and decodes in one step, through AttentionBackend.forward: the
+@pytest.mark.parametrize("decodes_apart", [True, False])
+def test_mixed_batch_through_backend(dtype: torch.dtype, group: int, decodes_apart: bool) -> None:
+    """Decodes, then prefills with cached prefixes, in one step, through AttentionBackend.forward: the
     one-token requests in a launch of their own, or in the prefill-shaped launch with the rest."""
     s = sizes(
-        cpu=dict(seq_lens=[13, 30, 6, 9], q_lens=[5, 1, 6, 1], num_kv_heads=1, head_dim=32, block_size=4),
-        gpu=dict(seq_lens=[700, 1500, 64, 2000, 33], q_lens=[150, 1, 64, 1, 20], num_kv_heads=8, head_dim=128,
+        cpu=dict(seq_lens=[30, 9, 13, 6], q_lens=[1, 1, 5, 6], num_kv_heads=1, head_dim=32, block_size=4),
+        gpu=dict(seq_lens=[1500, 2000, 700, 64, 33], q_lens=[1, 1, 150, 64, 20], num_kv_heads=8, head_dim=128,
                  block_size=16),
     )  # fmt: skip
     batch = PagedBatch(s["seq_lens"], s["q_lens"], num_heads=group * s["num_kv_heads"], num_kv_heads=s["num_kv_heads"],
                        head_dim=s["head_dim"], block_size=s["block_size"], dtype=dtype, num_padding_tokens=1,
                        seed=10 + group).to(DEVICE)  # fmt: skip
     metadata = batch.metadata()
-    assert metadata.split_decodes
-    metadata.split_decodes = split_decodes
+    assert metadata.num_decodes == 2
+    metadata.num_decodes = 2 if decodes_apart else 0
     out = get_backend("triton").forward(batch.query, batch.kv_cache, metadata, batch.scale)
     check(out, batch, dtype)
 

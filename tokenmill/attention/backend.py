@@ -42,9 +42,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64, on the model's device
     query_start_loc_cpu: torch.Tensor  # [num_reqs + 1] int32, host copy
     seq_lens_cpu: torch.Tensor  # [num_reqs] int32, host copy
-    # A step mixing one-token requests with longer ones, in which a backend may give the one-token
-    # requests their own launch (decided once per step on the host, not per layer).
-    split_decodes: bool = False
+    # In a step mixing one-token requests with longer ones, the one-token requests come first: there are
+    # num_decodes of them, and a backend may give them a launch of their own (0: no such split).
+    num_decodes: int = 0
 
 
 class AttentionBackend(ABC):

@@ -661,7 +661,8 @@ class TritonPagedAttentionBackend(AttentionBackend):
 
     Decode-only steps (max_query_len == 1) take the split-KV path, whose launch depends only on tensor
     shapes, so it can be captured in a CUDA graph. Mixed steps launch twice over disjoint rows: the
-    decode tile shape for requests with one new token, the prefill tile shape for the others.
+    decode tile shape for the requests with one new token (first in the step), the prefill tile shape
+    for the others.
     """
 
     name = "triton"
@@ -682,9 +683,12 @@ class TritonPagedAttentionBackend(AttentionBackend):
         args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
         if metadata.max_query_len == 1:
             return paged_attention(*args, max_query_len=1)
-        if not metadata.split_decodes:
+        d = metadata.num_decodes
+        if d == 0:
             return paged_attention(*args, max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
-        # Requests with a single new token would waste most rows of a prefill-sized query tile, so they
-        # get their own launch with decode tiles (no split: the prefill launch fills the GPU anyway).
+        # Requests with a single new token would waste most rows of a prefill-sized query tile, so the
+        # first d requests (those) get a decode launch over just their rows, keys split as in a decode step.
         out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2)
-        return paged_attention(*args, max_query_len=1, out=out, num_splits=1, max_q_len=1)
+        paged_attention(query[:d], kv_cache, metadata.query_start_loc[:d + 1], metadata.seq_lens[:d],
+                        metadata.block_table[:d], scale, max_query_len=1, out=out[:d])
+        return out

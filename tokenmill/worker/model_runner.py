@@ -260,6 +260,9 @@ class ModelRunner:
         rows = np.array(sorted(batch.index[r] for r in scheduler_output.num_scheduled_tokens), dtype=np.int64)
         num_scheduled = np.array([scheduler_output.num_scheduled_tokens[batch.req_ids[r]] for r in rows],
                                  dtype=np.int64)
+        if num_scheduled.max() > 1 and (num_scheduled == 1).any():  # one-token requests first (num_decodes)
+            order = np.argsort(num_scheduled > 1, kind="stable")
+            rows, num_scheduled = rows[order], num_scheduled[order]
         num_reqs, num_tokens = len(rows), int(num_scheduled.sum())
         # Graphs cover steps where every row computes one token that is not a prompt position whose
         # logprob is still to report.
@@ -417,7 +420,7 @@ class ModelRunner:
             seq_lens=self.seq_lens.to_device(padded_reqs), block_table=self.block_table.gpu[:padded_reqs],
             slot_mapping=self.slot_mapping.gpu[:padded_tokens],
             query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs],
-            split_decodes=max_query_len > 1 and bool((num_scheduled == 1).any()))
+            num_decodes=int((num_scheduled == 1).sum()) if max_query_len > 1 else 0)
 
     def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
                      ) -> tuple[torch.Tensor | None, AttentionMetadata | None]:
