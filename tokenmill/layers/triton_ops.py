@@ -127,14 +127,18 @@ def _sample_kernel(logits_ptr, temperature_ptr, mask_ptr, values_ptr, indices_pt
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 1024,
-                       bitmask: torch.Tensor | None = None) -> torch.Tensor:
+                       bitmask: torch.Tensor | None = None, programs_per_sm: int = 16) -> torch.Tensor:
     """One token id per row of logits [rows, vocab] (any float dtype, rows may be strided): the argmax for
     rows of temperature 0, else a draw from softmax(logits / temperature) by the Gumbel-max trick, in one
     pass over the logits with the noise made in registers (Philox, keyed by `seed`, row and column).
     Noise is computed only for rows that sample. With a bitmask ([rows, >= ceil(vocab / 32)] int32 on the
     logits' device, bit c % 32 of word c // 32 set where token c is allowed: a grammar's), only allowed
     tokens can be chosen, with the logits of the others taken as -inf.
-    Ties go to the lowest id. Returns int64 [rows]."""
+    Ties go to the lowest id. Returns int64 [rows].
+
+    The noise makes the kernel compute-bound, so the vocabulary is split to give about `programs_per_sm`
+    programs per SM: 16 took 111 us against 164 us for 2 at 208 rows of 128,256 on an H100
+    (benchmarks/decode_ops_bench.py)."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1 or temperature.shape != (rows,):
         raise ValueError("sample_from_logits needs a contiguous vocab dim and one temperature per row")
@@ -142,7 +146,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
                                 or 32 * bitmask.shape[1] < vocab):
         raise ValueError(f"the bitmask must be int32 [{rows}, >= {triton.cdiv(vocab, 32)}] with contiguous rows")
     blocks = triton.cdiv(vocab, block)
-    wanted_splits = triton.cdiv(2 * num_sms(logits.device), max(rows, 1))  # about two programs per SM
+    wanted_splits = triton.cdiv(programs_per_sm * num_sms(logits.device), max(rows, 1))
     split_size = block * triton.cdiv(blocks, min(blocks, wanted_splits))
     num_splits = triton.cdiv(vocab, split_size)
     values = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
@@ -259,3 +263,4 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                                              weight.stride(0), HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
                                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return out
+

@@ -1,0 +1,112 @@
+"""Decode-step pieces as the engine runs them (inside CUDA graphs, weights cold in L2), Llama-3.1-8B, bf16:
+
+  1. the GEMMs of 8 layers (distinct weights, so none stays in L2) for M batch rows: cuBLAS (F.linear)
+     against the skinny Triton GEMM of gemm_bench.py with a few tile settings per matrix, per step (x32 layers + LM head);
+  2. the sampling kernel at 128,256 vocab for several programs-per-SM settings.
+
+    python benchmarks/decode_ops_bench.py [--m 16 64 128 208 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemm_bench import skinny_mm  # noqa: E402
+from tokenmill.layers.triton_ops import sample_from_logits  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAYERS = 8
+BANDWIDTH = 3.00e12
+# (block_n, block_k, split, warps, stages) candidates per matrix, from gemm_bench.py's sweep
+CANDIDATES = {
+    "qkv": [(64, 256, 1, 4, 4), (64, 128, 1, 4, 5), (64, 128, 2, 4, 4), (64, 64, 1, 8, 5)],
+    "o": [(64, 256, 2, 4, 5), (64, 128, 2, 8, 4), (64, 64, 4, 8, 4), (64, 128, 4, 4, 4)],
+    "gate_up": [(128, 128, 1, 8, 4), (64, 128, 1, 4, 3), (128, 64, 1, 8, 3), (128, 64, 1, 8, 4)],
+    "down": [(128, 128, 4, 4, 5), (64, 128, 2, 4, 5), (64, 128, 2, 4, 4), (64, 64, 2, 8, 5)],
+}
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of fn, captured once in a CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemms(ms: list[int]) -> None:
+    weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5 for _ in range(LAYERS)]
+               for name, (n, k) in SHAPES.items()}
+    print(f"GEMMs of {LAYERS} layers in one graph, us per layer (floor at {BANDWIDTH / 1e12:.2f} TB/s)")
+    print(f"{'matrix':8s} {'M':>4s} {'floor':>6s} {'cuBLAS':>7s} {'best triton':>11s}  setting")
+    for m in ms:
+        step_cublas = step_best = 0.0
+        for name, (n, k) in SHAPES.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            floor = (n * k + m * k + m * n) * 2 / BANDWIDTH
+            t_cublas = graph_time(lambda: [F.linear(x, w) for w in weights[name]]) / LAYERS
+            results = []
+            for setting in CANDIDATES[name]:
+                try:
+                    skinny_mm(x, weights[name][0], *setting)
+                except Exception:  # shapes it does not take, or out of resources
+                    continue
+                results.append((graph_time(lambda: [skinny_mm(x, w, *setting) for w in weights[name]]) / LAYERS,
+                                setting))
+            t_best, s_best = min(results)
+            step_cublas += t_cublas * 32
+            step_best += min(t_best, t_cublas) * 32
+            print(f"{name:8s} {m:4d} {floor * 1e6:6.1f} {t_cublas * 1e6:7.1f} {t_best * 1e6:11.1f}  {s_best}")
+        print(f"  M={m}: per step (32 layers, no LM head) cuBLAS {step_cublas * 1e3:.2f} ms, "
+              f"best of both {step_best * 1e3:.2f} ms")
+
+
+def sampling() -> None:
+    print("sampling, 128,256 vocab, temperature 1, us per call in a graph")
+    print(f"{'rows':>5s} " + " ".join(f"{'pps=' + str(p):>8s}" for p in (2, 4, 8, 16)))
+    for rows in (8, 64, 128, 208, 256):
+        logits = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
+        temperature = torch.ones(rows, device="cuda")
+        ref = sample_from_logits(logits, temperature, 7)
+        row = []
+        for pps in (2, 4, 8, 16):
+            assert torch.equal(sample_from_logits(logits, temperature, 7, programs_per_sm=pps), ref)
+            row.append(graph_time(lambda: sample_from_logits(logits, temperature, 7, programs_per_sm=pps)))
+        print(f"{rows:5d} " + " ".join(f"{t * 1e6:8.1f}" for t in row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--m", type=int, nargs="+", default=[16, 64, 128, 208, 256])
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    sampling()
+    gemms(args.m)
+
+
+if __name__ == "__main__":
+    main()
