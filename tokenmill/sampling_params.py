@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -159,6 +160,12 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
 
     def clone(self) -> "SamplingParams":
-        import copy
-
-        return copy.deepcopy(self)
+        """A copy that shares nothing mutable with this one: its lists, dicts and sets are copied (their
+        items are immutable) and structured_outputs deeply (a JSON schema nests). copy.deepcopy of the
+        whole object took about 0.2 ms of every request's host time."""
+        clone = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, (list, dict, set)):
+                setattr(clone, name, value.copy())
+        clone.structured_outputs = copy.deepcopy(self.structured_outputs)
+        return clone
