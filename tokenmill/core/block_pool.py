@@ -76,20 +76,20 @@ class BlockPool:
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         if num_blocks > self.num_free_blocks:
             raise ValueError(f"cannot get {num_blocks} blocks, only {self.num_free_blocks} free")
-        new_blocks = []
-        for _ in range(num_blocks):
-            _, block = self.free_queue.popitem(last=False)
-            self._evict(block)
+        popitem = self.free_queue.popitem
+        new_blocks = [popitem(last=False)[1] for _ in range(num_blocks)]  # from the front: eviction order
+        for block in new_blocks:
+            if block.block_hash is not None:
+                self._evict(block)
             block.ref_cnt = 1
-            new_blocks.append(block)
         return new_blocks
 
     def _evict(self, block: KVCacheBlock) -> None:
-        if block.block_hash is not None:
-            if self.cached.get(block.block_hash) is block:
-                del self.cached[block.block_hash]
-                self.evicted.append((block.block_id, block.block_hash))
-            block.block_hash = None
+        """Drops a reused block's hash, and its cache entry where it is the canonical copy."""
+        if self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+            self.evicted.append((block.block_id, block.block_hash))
+        block.block_hash = None
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Takes a reference on each block (a prefix hit); blocks with no holder leave the free queue."""
