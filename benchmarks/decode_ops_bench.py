@@ -20,10 +20,10 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemm_bench import skinny_mm  # noqa: E402
+from gemm_bench import SHAPES as ALL_SHAPES, skinny_mm  # noqa: E402
 from tokenmill.layers.triton_ops import sample_from_logits  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {name: ALL_SHAPES[name][:2] for name in ("qkv", "o", "gate_up", "down")}
 LAYERS = 8
 BANDWIDTH = 3.00e12
 # (block_n, block_k, split, warps, stages) candidates per matrix, from gemm_bench.py's sweep

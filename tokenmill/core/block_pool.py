@@ -13,9 +13,10 @@ first, so the least useful are evicted first.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+
+from tokenmill.core.request import token_array
 
 BlockHash = bytes
 
@@ -29,7 +30,7 @@ def hash_full_blocks(parent_hash: BlockHash | None, token_ids: Sequence[int], bl
     impossible, so a hit never hands a request someone else's KV. The tokens become bytes in one call
     and each block is one sha256 call: a 4096-token prompt is 256 blocks on the time-to-first-token path.
     """
-    data = struct.pack(f"{len(token_ids)}q", *token_ids)
+    data = token_array(token_ids).tobytes()
     block_bytes = 8 * block_size
     suffix = repr(extra_keys).encode() if extra_keys else b""
     block_hash = parent_hash or b"\0"

