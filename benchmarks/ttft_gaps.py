@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
 from tokenmill.bench.presets import model_path  # noqa: E402
+from tokenmill.forward_context import get_forward_context  # noqa: E402
 
 T = 4096
 
@@ -82,7 +83,11 @@ def host_only(llm, prompt, params) -> None:
     model = llm.llm_engine.core.runner.model
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
     forward, logits = model.forward, model.compute_logits
-    model.forward = lambda ids, pos: torch.empty(ids.shape[0], hidden, device="cuda", dtype=torch.bfloat16)
+    def empty_forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # the rows the model would return
+        rows = get_forward_context().logits_rows
+        return torch.empty(ids.shape[0] if rows is None else rows.shape[0], hidden, device="cuda", dtype=torch.bfloat16)
+
+    model.forward = empty_forward
     model.compute_logits = lambda h: torch.zeros(h.shape[0], vocab, device="cuda", dtype=torch.bfloat16)
     times = []
     for _ in range(10):
