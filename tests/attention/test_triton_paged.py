@@ -268,6 +268,26 @@ def test_decode_split_counts_agree() -> None:
         check(run_attention(batch, max_query_len=1, num_splits=num_splits), batch, dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_order_permutes_tiles_not_results(num_splits: int) -> None:
+    """A decode launch with `order` (request order[i] in tile i, padding tokens included) gives every
+    request its own result whatever the permutation; a wrong mapping would mix up rows."""
+    dtype = torch.float32
+    batch = PagedBatch([45, 3, 17, 30, 0], [1, 1, 1, 1, 0], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                       dtype=dtype, num_padding_tokens=2, seed=12).to(DEVICE)  # fmt: skip
+    num_tokens = batch.query.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    by_length = torch.tensor(batch.seq_lens_list).argsort(stable=True).tolist() + list(range(5, num_tokens))
+    for order in (list(range(num_tokens)), by_length, torch.randperm(num_tokens, generator=gen).tolist()):
+        order = torch.tensor(order, dtype=torch.int32, device=DEVICE)
+        check(run_attention(batch, max_query_len=1, num_splits=num_splits, order=order), batch, dtype)
+    if num_splits == 1:  # the tiles follow `order`: leave request 2 out (an index past the requests), its row stays
+        skip = torch.arange(num_tokens, dtype=torch.int32, device=DEVICE)
+        skip[2] = num_tokens
+        out = run_attention(batch, max_query_len=1, order=skip, num_splits=1)
+        assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
+
+
 def test_decode_split_count_depends_on_shapes_only() -> None:
     def num_splits(num_tokens: int, table_width: int) -> int:
         query = torch.empty((num_tokens, 32, 128), device=DEVICE)

@@ -247,6 +247,7 @@ def _paged_attention_kernel(
     block_table_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    order_ptr,
     partials_ptr,
     qk_scale,
     num_reqs,
@@ -274,6 +275,7 @@ def _paged_attention_kernel(
     PARTIAL_ROW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
 ):
     # Programs are numbered last query tile first: within a request later tiles see more keys, so the
     # longest programs start first and the short ones fill the tail.
@@ -283,27 +285,36 @@ def _paged_attention_kernel(
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
 
-    # Find the request owning this query tile: the last i with first_tile(i) <= tile_id.
-    lo = tl.full([], 0, tl.int32)
-    hi = lo + num_reqs
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if BLOCK_Q == 1:
-            first_tile = tl.load(query_start_loc_ptr + mid)
-        else:
-            first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        if first_tile <= tile_id:
-            lo = mid
-        else:
-            hi = mid - 1
-    req = lo
-    req_valid = req < num_reqs
-    q_start = tl.load(query_start_loc_ptr + req)
-    q_len = tl.load(query_start_loc_ptr + req + 1, mask=req_valid, other=0) - q_start
-    if BLOCK_Q == 1:
-        q_tile = tile_id - q_start
+    if HAS_ORDER:
+        # Decode (at most one query token per request): tile i is request order[i], so the requests the
+        # caller sorted last (the longest) start first, and no search is needed.
+        req = tl.load(order_ptr + tile_id)
+        req_valid = req < num_reqs
+        q_start = tl.load(query_start_loc_ptr + req, mask=req_valid, other=0)
+        q_len = tl.load(query_start_loc_ptr + req + 1, mask=req_valid, other=0) - q_start
+        q_tile = 0
     else:
-        q_tile = tile_id - (q_start // BLOCK_Q + req)
+        # Find the request owning this query tile: the last i with first_tile(i) <= tile_id.
+        lo = tl.full([], 0, tl.int32)
+        hi = lo + num_reqs
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if BLOCK_Q == 1:
+                first_tile = tl.load(query_start_loc_ptr + mid)
+            else:
+                first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+            if first_tile <= tile_id:
+                lo = mid
+            else:
+                hi = mid - 1
+        req = lo
+        req_valid = req < num_reqs
+        q_start = tl.load(query_start_loc_ptr + req)
+        q_len = tl.load(query_start_loc_ptr + req + 1, mask=req_valid, other=0) - q_start
+        if BLOCK_Q == 1:
+            q_tile = tile_id - q_start
+        else:
+            q_tile = tile_id - (q_start // BLOCK_Q + req)
     # Past the last request (padding tokens), past this request's queries, or filtered out.
     if (req >= num_reqs) | (q_tile * BLOCK_Q >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
         return
@@ -456,9 +467,13 @@ def _launch_config(
 ) -> dict:
     """Tile sizes and launch settings (measured on an H100, see benchmarks/kernel_bench.py --tune).
 
-    Decode: one token's GQA group per query tile (padded to 16 rows for tl.dot). Prefill: up to 128
+    Decode: one token's GQA group per query tile (padded to 16 rows for tl.dot), 128 keys per step for
+    16-bit caches (benchmarks/decode_balance_bench.py: 2-3 % faster than 64 at nano-like uneven
+    lengths, 208-256 requests). Prefill: up to 128
     rows (BLOCK_Q tokens x the group), where the tensor cores bound the time, unless that leaves too
-    few programs to fill the GPU (a short chunk), then 64. Under the interpreter (CPU) the smallest
+    few programs to fill the GPU (a short chunk), then 64; 32 keys per step, so the causal diagonal
+    wastes little (benchmarks/mixed_attention_bench.py --sweep: nano's 28 prompts of a 16k step 23 %
+    faster than with 128, one 4,096-token prompt the same). Under the interpreter (CPU) the smallest
     tiles tl.dot takes, so that tiny tests walk several query and key tiles.
     """
     if device.type != "cuda":
@@ -467,10 +482,11 @@ def _launch_config(
                     num_warps=4, num_stages=1)  # fmt: skip
     if max_query_len == 1:
         block_m = max(16, group_pad)
-        return dict(BLOCK_Q=1, BLOCK_M=block_m, BLOCK_N=64 if head_dim_pad <= 128 else 32, num_warps=4, num_stages=2)
+        block_n = (128 if dtype != torch.float32 else 64) if head_dim_pad <= 128 else 32
+        return dict(BLOCK_Q=1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
     big_tiles = head_dim_pad <= 128 and dtype != torch.float32
     if big_tiles and (num_tokens * group_pad // 128) * num_kv_heads >= 2 * num_sms(device):
-        rows, block_n, num_warps = 128, 128, 8
+        rows, block_n, num_warps = 128, 32, 4
     elif head_dim_pad <= 128:
         rows, block_n, num_warps = 64, 64, 4
     else:
@@ -532,6 +548,7 @@ def paged_attention(
     min_q_len: int = 0,
     max_q_len: int = 2**31 - 1,
     max_seq_len: int | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
@@ -544,6 +561,9 @@ def paged_attention(
     A prefill-shaped launch too few query tiles to fill the GPU splits its keys as well (default:
     prefill_num_splits, from the shapes and `max_seq_len`, an upper bound on seq_lens).
     Requests with q_len outside [min_q_len, max_q_len] are skipped (their rows are left as they were).
+    `order` (decode only: int32 [num_tokens], a permutation of the requests, which then must each own
+    at most one query token, in order) puts request order[i] in query tile i; tiles start last first,
+    so sorting the requests by ascending seq_len runs the longest first and the short ones fill the tail.
 
     Grid: (query tiles x num_kv_heads, num_splits), query tiles = num_tokens // BLOCK_Q + num_reqs, or
     num_tokens when BLOCK_Q == 1; then, when num_splits > 1, (num_tokens, num_heads) for the reduction.
@@ -564,6 +584,8 @@ def paged_attention(
         assert t.dtype in (torch.int32, torch.int64), f"{name} dtype {t.dtype}"
         assert t.device == query.device, f"{name} on {t.device}, query on {query.device}"
     assert max_query_len >= 1
+    assert order is None or (max_query_len == 1 and order.shape == (num_tokens,) and order.dtype == torch.int32
+                             and order.device == query.device), "order: int32 [num_tokens], decode only"
     if out is None:
         out = torch.empty_like(query)
     assert out.shape == query.shape and out.dtype == query.dtype and out.stride(2) == 1, "bad out tensor"
@@ -606,6 +628,7 @@ def paged_attention(
         block_table,
         seq_lens,
         query_start_loc,
+        order if order is not None else query_start_loc,
         partials,
         scale * LOG2E,
         num_reqs,
@@ -633,6 +656,7 @@ def paged_attention(
         PARTIAL_ROW=partial_row,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_in_fp32 else "tf32",
         DOT_IN_FP32=dot_in_fp32,
+        HAS_ORDER=order is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -682,7 +706,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
             return dense_causal_attention(query, key, value, scale)
         args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
         if metadata.max_query_len == 1:
-            return paged_attention(*args, max_query_len=1)
+            return paged_attention(*args, max_query_len=1, order=metadata.decode_order)
         d = metadata.num_decodes
         if d == 0:
             return paged_attention(*args, max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)

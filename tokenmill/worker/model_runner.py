@@ -85,6 +85,7 @@ class ModelRunner:
         self.seq_lens = StagedBuffer(self.max_num_reqs, torch.int32, self.device)
         self.query_start_loc = StagedBuffer(self.max_num_reqs + 1, torch.int32, self.device)
         self.logits_indices = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
+        self.decode_order = StagedBuffer(self.max_num_reqs, torch.int32, self.device)
         self.in_flight_dst = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.in_flight_src = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.sampling_buffers = {name: StagedBuffer(self.max_num_reqs, dtype, self.device) for name, dtype in (
@@ -220,6 +221,7 @@ class ModelRunner:
         self.seq_lens.gpu.zero_()
         self.query_start_loc.gpu.zero_()
         self.block_table.gpu.zero_()
+        self.decode_order.gpu.copy_(torch.arange(self.max_num_reqs, dtype=torch.int32))
 
         def forward(num_tokens: int, num_reqs: int, max_query_len: int) -> torch.Tensor:
             metadata = AttentionMetadata(
@@ -227,7 +229,8 @@ class ModelRunner:
                 max_seq_len=self.max_model_len, query_start_loc=self.query_start_loc.gpu[:num_reqs + 1],
                 seq_lens=self.seq_lens.gpu[:num_reqs], block_table=self.block_table.gpu[:num_reqs],
                 slot_mapping=self.slot_mapping.gpu[:num_tokens],
-                query_start_loc_cpu=self.query_start_loc.cpu[:num_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:num_reqs])
+                query_start_loc_cpu=self.query_start_loc.cpu[:num_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:num_reqs],
+                decode_order=self.decode_order.gpu[:num_tokens] if max_query_len == 1 else None)
             with set_forward_context(metadata, self.backend):
                 return self.model(self.input_ids.gpu[:num_tokens], self.positions.gpu[:num_tokens])
 
@@ -413,6 +416,11 @@ class ModelRunner:
         self.slot_mapping.to_device(padded_tokens)
         self.block_table.to_device(num_reqs)  # the padding requests' rows are never read
         max_query_len = int(num_scheduled.max())
+        decode_order = None
+        if max_query_len == 1:  # the longest requests first (see AttentionMetadata.decode_order)
+            self.decode_order.np[:num_reqs] = np.argsort(seq_lens[:num_reqs], kind="stable")
+            self.decode_order.np[num_reqs:padded_tokens] = self._arange[num_reqs:padded_tokens]
+            decode_order = self.decode_order.to_device(padded_tokens)
         return AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=padded_reqs, max_query_len=max_query_len,
             max_seq_len=int(seq_lens[:num_reqs].max()),
@@ -420,7 +428,7 @@ class ModelRunner:
             seq_lens=self.seq_lens.to_device(padded_reqs), block_table=self.block_table.gpu[:padded_reqs],
             slot_mapping=self.slot_mapping.gpu[:padded_tokens],
             query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs],
-            num_decodes=int((num_scheduled == 1).sum()) if max_query_len > 1 else 0)
+            num_decodes=int((num_scheduled == 1).sum()) if max_query_len > 1 else 0, decode_order=decode_order)
 
     def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
                      ) -> tuple[torch.Tensor | None, AttentionMetadata | None]:

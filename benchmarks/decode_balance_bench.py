@@ -1,0 +1,83 @@
+"""Decode attention with nano-like context lengths (uneven, uniform in [200, 2048]): does the order of the
+requests matter, and does mapping tiles to requests through a sorted `order` (longest started first, no
+search for the owning request) help? --sweep also times tile settings.
+
+    python benchmarks/decode_balance_bench.py [--sweep]
+
+Also prints the read bandwidth of a plain reduction over 4 GiB, the practical ceiling for decode.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernel_bench import Case, bench_graph  # noqa: E402
+from tokenmill.attention import triton_paged  # noqa: E402
+from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
+
+
+def read_bandwidth() -> float:
+    x = torch.empty(2 << 30, dtype=torch.bfloat16, device="cuda")
+    ms = triton.testing.do_bench(lambda: x.sum(dtype=torch.float32), warmup=10, rep=50, return_mode="median")
+    return x.numel() * 2 / (ms * 1e-3)
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name())
+    print(f"read bandwidth (bf16 sum over 4 GiB): {read_bandwidth() / 1e12:.2f} TB/s")
+    rng = random.Random(0)
+    for batch in (64, 128, 208, 256):
+        lens = [rng.randint(200, 2048) for _ in range(batch)]
+        layouts = {"random": lens, "longest first": sorted(lens, reverse=True), "shortest first": sorted(lens),
+                   "all at the mean": [sum(lens) // batch] * batch}
+        for name, seq_lens in layouts.items():
+            case = Case(name, seq_lens, [1] * batch, extra_table_columns=256)
+            orders = {"search": None, "order=identity": torch.arange(batch, dtype=torch.int32, device="cuda"),
+                      "order=ascending": case.seq_lens.argsort(stable=True).to(torch.int32)}
+            row = []
+            for order in orders.values():
+                def run(case=case, order=order):
+                    return paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens,
+                                           case.block_table, case.scale, 1, out=case.out, order=order)
+                ms = bench_graph(run)
+                row.append(f"{ms * 1e3:7.1f} us {case.kv_bytes() / (ms * 1e-3) / 1e12:5.2f} TB/s")
+            print(f"b={batch:3d} {name:15s} " + " | ".join(row))
+    print("(columns: " + ", ".join(orders) + "; tiles start from the last request)")
+    if "--sweep" in sys.argv:
+        sweep(rng)
+
+
+def sweep(rng: random.Random) -> None:
+    """Decode tile settings at nano-like lengths (random order), us per launch in a graph."""
+    cases = [Case(f"b={b}", [rng.randint(200, 2048) for _ in range(b)], [1] * b, extra_table_columns=256)
+             for b in (64, 208, 256)]
+    base = triton_paged._launch_config
+    print("sweep (BLOCK_N, warps, stages): " + ", ".join(c.name for c in cases))
+    for block_n, warps, stages in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 2), (32, 4, 3), (32, 4, 4),
+                                   (32, 2, 3), (16, 4, 3), (16, 4, 4), (16, 2, 4), (64, 2, 3), (64, 8, 3),
+                                   (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
+        def cfg(*args, _b=block_n, _w=warps, _s=stages):
+            c = base(*args)
+            return dict(c, BLOCK_N=_b, num_warps=_w, num_stages=_s) if args[3] == 1 else c
+
+        triton_paged._launch_config = cfg
+        triton_paged._decode_num_splits.cache_clear()
+        try:
+            times = [bench_graph(c.run) * 1e3 for c in cases]
+            print(f"  ({block_n:3d}, {warps}, {stages}): " + " ".join(
+                f"{t:7.1f} us {c.kv_bytes() / (t * 1e-6) / 1e12:4.2f} TB/s" for t, c in zip(times, cases)))
+        except Exception as e:  # out of shared memory or registers
+            print(f"  ({block_n:3d}, {warps}, {stages}): failed {type(e).__name__}")
+    triton_paged._launch_config = base
+
+
+if __name__ == "__main__":
+    main()
