@@ -44,6 +44,7 @@ class EngineCore:
         started = time.perf_counter()
         self.runner = ModelRunner(config, source)
         block_size = config.cache.block_size
+        self.runner.tune_gemms()
         graph_reserve = GRAPH_MEMORY_RESERVE if self.runner.graphs.sizes else 0
         num_blocks = determine_num_blocks(self.runner, config.cache, graph_reserve)
         max_model_len = config.scheduler.max_model_len

@@ -13,18 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from tokenmill.layers import cublaslt
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a single half-precision row on the GPU (batch-1 decode), which only streams
-    the weight: there a GEMV kernel reads it at more of the memory bandwidth than cuBLAS's choice
-    (benchmarks/gemv_bench.py, results/h100-2026-11-23-s3: 1.6-3.1 TB/s against 1.4-2.8 TB/s on an H100,
-    per Llama-3.1-8B matrix)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) \
-            and x.stride(1) == 1 and weight.stride(1) == 1:
-        from tokenmill.layers.triton_ops import gemv
+    """F.linear, except on the GPU:
+    - a single half-precision row (batch-1 decode) only streams the weight: there a GEMV kernel reads it
+      at more of the memory bandwidth than cuBLAS's choice (benchmarks/gemv_bench.py,
+      results/h100-2026-11-23-s3: 1.6-3.1 TB/s against 1.4-2.8 TB/s on an H100, per Llama-3.1-8B matrix);
+    - a product whose shape was tuned before the CUDA graphs were captured runs the cuBLASLt algorithm
+      that won (cublaslt.tune)."""
+    if x.is_cuda and x.dim() == 2:
+        if x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 \
+                and weight.stride(1) == 1:
+            from tokenmill.layers.triton_ops import gemv
 
-        return gemv(x, weight, bias)
+            return gemv(x, weight, bias)
+        if bias is None:
+            plan = cublaslt.plan_for(x, weight)
+            if plan is not None:
+                return plan(x, weight)
     return F.linear(x, weight, bias)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -29,8 +30,11 @@ from tokenmill.config import EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.core.kv_cache_manager import cdiv
 from tokenmill.forward_context import set_forward_context
+from tokenmill.layers import cublaslt
 from tokenmill.layers.attention import Attention
+from tokenmill.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
+from tokenmill.layers.vocab_embedding import ParallelLMHead
 from tokenmill.loader import ModelSource, config_dtype, load_model
 from tokenmill.metrics import step_timer
 from tokenmill.worker.buffers import StagedBuffer
@@ -240,6 +244,33 @@ class ModelRunner:
         if self.mixed_graphs.sizes:
             seconds += self.mixed_graphs.capture(lambda n: forward(n, self._mixed_num_reqs(n), n), pool=self.graphs.pool)
         return seconds
+
+    @torch.inference_mode()
+    def tune_gemms(self) -> None:
+        """Times cuBLASLt's algorithms against F.linear for the products the CUDA graphs will run (every
+        graph size, every weight shape) and for a full prefill chunk (max_num_batched_tokens rows, the
+        layers' weights); `linear()` then runs the winners (layers/cublaslt.py). Before the KV cache is
+        sized, so its scratch memory is free again by then. TOKENMILL_GEMM_TUNING=0 turns it off."""
+        if not self.graphs.sizes or os.environ.get("TOKENMILL_GEMM_TUNING", "1") == "0":
+            return
+        weights = self._linear_weights()
+        layers = {shape: w for shape, w in weights.items() if w[0] is not self.model.lm_head.weight}
+        try:
+            cublaslt.tune(weights, [s for s in self.graphs.sizes + self.mixed_graphs.sizes if s > 1])
+            cublaslt.tune(layers, [self.max_num_tokens], reps=3, screen=False)
+        except (RuntimeError, OSError) as e:  # no usable cuBLASLt: every product stays on F.linear
+            cublaslt.clear_plans()
+            logger.warning("GEMM tuning skipped: %s", e)
+        torch.cuda.empty_cache()
+
+    def _linear_weights(self) -> dict[tuple[int, int], list[torch.Tensor]]:
+        """The weights that go through `linear()` without a bias, by shape (the GEMMs cublaslt.tune plans)."""
+        shapes: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for module in self.model.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)) \
+                    and getattr(module, "bias", None) is None:
+                shapes.setdefault(tuple(module.weight.shape), []).append(module.weight)
+        return shapes
 
     def _mixed_num_reqs(self, num_tokens: int) -> int:
         """Request rows of a mixed-step graph of num_tokens tokens: every request has at least one."""
