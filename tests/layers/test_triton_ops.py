@@ -51,7 +51,8 @@ def test_silu_and_mul(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(1, 1, 32), (4, 2, 32), (20, 4, 64), (3, 1, 48)])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_qk_norm_rope_in_place_matches_rmsnorm_then_rotary(dtype, heads, kv_heads, head_dim, qk_norm):
+@pytest.mark.parametrize("write_kv", [False, True])
+def test_qk_norm_rope_in_place_matches_rmsnorm_then_rotary(dtype, heads, kv_heads, head_dim, qk_norm, write_kv):
     torch.manual_seed(2)
     rope = RotaryEmbedding(head_dim, 64, 10000.0).to(DEVICE)
     tokens = 6
@@ -69,11 +70,24 @@ def test_qk_norm_rope_in_place_matches_rmsnorm_then_rotary(dtype, heads, kv_head
         weights = (q_norm.weight, k_norm.weight, 1e-6)
     expected_q, expected_k = rope(positions, q, k)
     values = qkv[:, (heads + kv_heads) * head_dim:].clone()
-    qk_norm_rope_inplace(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, *weights)
+    cache = {}
+    if write_kv:  # [2, blocks, block_size, kv_heads, head_dim]; token 3 is padding (slot -1)
+        cache = dict(kv_cache=torch.full((2, 5, 4, kv_heads, head_dim), 7.0, device=DEVICE, dtype=dtype),
+                     slot_mapping=torch.tensor([9, 0, 19, -1, 4, 10], device=DEVICE))
+    if not qk_norm:
+        weights = (None, None, 1e-6)
+    qk_norm_rope_inplace(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, *weights, **cache)
     close(qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim), expected_q, dtype)
-    close(qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim),
-          expected_k, dtype)
+    keys = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
+    close(keys, expected_k, dtype)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], values)
+    if write_kv:  # exactly the rotated keys and the values, in their slots and nowhere else
+        expected_cache = torch.full_like(cache["kv_cache"], 7.0)
+        slots = cache["slot_mapping"]
+        real = slots >= 0
+        expected_cache[0].view(20, kv_heads, head_dim)[slots[real]] = keys[real]
+        expected_cache[1].view(20, kv_heads, head_dim)[slots[real]] = values.reshape(tokens, kv_heads, head_dim)[real]
+        assert torch.equal(cache["kv_cache"], expected_cache)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

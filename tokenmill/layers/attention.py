@@ -17,12 +17,15 @@ class Attention(nn.Module):
         # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner
         self.kv_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits_only: bool = False) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits_only: bool = False,
+                kv_written: bool = False) -> torch.Tensor:
         """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]. With
         `logits_only` (the context's logits_rows set), every key is written but only the logits rows attend:
-        -> [len(logits_rows), num_heads * head_dim]."""
+        -> [len(logits_rows), num_heads * head_dim]. `kv_written`: the caller already stored k and v in
+        this layer's cache at the step's slots (a fused kernel), so they are not written again."""
         ctx = get_forward_context()
-        ctx.backend.write_kv(k, v, self.kv_cache, ctx.attn_metadata.slot_mapping)
+        if not kv_written:
+            ctx.backend.write_kv(k, v, self.kv_cache, ctx.attn_metadata.slot_mapping)
         if logits_only:
             q = q[ctx.logits_rows]
             out = ctx.backend.forward(q, self.kv_cache, ctx.logits_metadata, self.scale)

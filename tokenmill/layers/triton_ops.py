@@ -161,18 +161,24 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, qkv_stride,
-                         cache_stride, eps, NUM_HEADS: tl.constexpr, NUM_QK_HEADS: tl.constexpr, HALF: tl.constexpr,
-                         BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, kv_cache_ptr,
+                         slot_mapping_ptr, qkv_stride, cache_stride, eps, stride_c_kv, stride_c_block, stride_c_slot,
+                         stride_c_head, NUM_HEADS: tl.constexpr, NUM_QK_HEADS: tl.constexpr,
+                         NUM_ALL_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                         BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr):
+    # Heads of one token: [0, NUM_HEADS) queries, then keys, then (only with WRITE_KV) values.
     token = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
-    mask = (heads[:, None] < NUM_QK_HEADS) & col_mask[None, :]
+    mask = (heads[:, None] < NUM_ALL_HEADS) & col_mask[None, :]
+    rotated = (heads < NUM_QK_HEADS)[:, None]
     base = qkv_ptr + token.to(tl.int64) * qkv_stride + heads[:, None] * (2 * HALF) + cols[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     dtype = x1.dtype
+    y1, y2 = x1, x2
     if HAS_NORM:  # per-head RMSNorm, queries and keys with their own weights (RMSNorm's rounding)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         rstd = tl.math.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)
@@ -181,41 +187,67 @@ def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr,
                       tl.load(k_weight_ptr + cols, mask=col_mask, other=0.0)[None, :]).to(tl.float32)
         w2 = tl.where(is_q, tl.load(q_weight_ptr + HALF + cols, mask=col_mask, other=0.0)[None, :],
                       tl.load(k_weight_ptr + HALF + cols, mask=col_mask, other=0.0)[None, :]).to(tl.float32)
-        x1 = (w1 * (f1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
-        x2 = (w2 * (f2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        y1 = (w1 * (f1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        y2 = (w2 * (f2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
     position = tl.load(positions_ptr + token)
     cos = tl.load(cos_ptr + position * cache_stride + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + position * cache_stride + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
-    a1 = (x1.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
-    b1 = (x2.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
-    a2 = (x2.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
-    b2 = (x1.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
-    tl.store(base, (a1 - b1).to(dtype), mask=mask)
-    tl.store(base + HALF, (a2 + b2).to(dtype), mask=mask)
+    a1 = (y1.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+    b1 = (y2.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
+    a2 = (y2.to(tl.float32) * cos[None, :]).to(dtype).to(tl.float32)
+    b2 = (y1.to(tl.float32) * sin[None, :]).to(dtype).to(tl.float32)
+    y1 = tl.where(rotated, (a1 - b1).to(dtype), x1)
+    y2 = tl.where(rotated, (a2 + b2).to(dtype), x2)
+    tl.store(base, y1, mask=mask & rotated)
+    tl.store(base + HALF, y2, mask=mask & rotated)
+    if WRITE_KV:  # keys (rotated) and values into their cache slot; slot -1 (padding) writes nothing
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        is_key = (heads >= NUM_HEADS) & (heads < NUM_QK_HEADS)
+        kv_head = tl.where(is_key, heads - NUM_HEADS, heads - NUM_QK_HEADS)
+        cache = (kv_cache_ptr + tl.where(is_key, 0, stride_c_kv)[:, None] + (slot // BLOCK_SIZE) * stride_c_block
+                 + (slot % BLOCK_SIZE) * stride_c_slot + kv_head[:, None] * stride_c_head + cols[None, :])
+        # (slot as a [BLOCK_HEADS] tensor: the interpreter mis-types scalar & tensor masks)
+        cache_mask = mask & ((heads >= NUM_HEADS) & (slot + 0 * heads >= 0))[:, None]
+        tl.store(cache, y1.to(kv_cache_ptr.dtype.element_ty), mask=cache_mask)
+        tl.store(cache + HALF, y2.to(kv_cache_ptr.dtype.element_ty), mask=cache_mask)
 
 
 def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                          num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
-                         k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> None:
+                         k_weight: torch.Tensor | None = None, eps: float = 1e-6, kv_cache: torch.Tensor | None = None,
+                         slot_mapping: torch.Tensor | None = None) -> None:
     """In one kernel, on the query and key heads of a packed projection qkv [tokens, (Hq + 2 Hkv) * head_dim]
     (rows may be strided): the optional per-head RMSNorm (Qwen3's q_norm / k_norm) and then rotary
-    embedding, in place. Values are untouched. Same rounding as RMSNorm followed by RotaryEmbedding."""
+    embedding, in place. Values are untouched. Same rounding as RMSNorm followed by RotaryEmbedding.
+    With kv_cache [2, num_blocks, block_size, Hkv, head_dim] (any strides but a contiguous head_dim) and
+    slot_mapping [tokens] (-1: skip), the same kernel also stores each token's keys (as rotated) and
+    values in its slot, as AttentionBackend.write_kv would: one launch per layer fewer."""
     tokens = qkv.shape[0]
     half = head_dim // 2
     if qkv.stride(-1) != 1 or qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim \
             or cos_cache.shape[-1] != half or not cos_cache.is_contiguous():
         raise ValueError("qk_norm_rope_inplace needs qkv [tokens, (Hq + 2 Hkv) * head_dim] with contiguous rows "
                          "and [max_position, head_dim/2] caches")
+    write_kv = kv_cache is not None
+    if write_kv and (kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != (num_kv_heads, head_dim)
+                     or kv_cache.stride(4) != 1 or slot_mapping is None or slot_mapping.shape != (tokens,)):
+        raise ValueError("kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim] with a contiguous "
+                         "head_dim, and slot_mapping [tokens]")
     if tokens == 0:
         return
     has_norm = q_weight is not None
     qk_heads = num_heads + num_kv_heads
-    block_heads = min(16, triton.next_power_of_2(qk_heads))
-    grid = (tokens, triton.cdiv(qk_heads, block_heads))
+    all_heads = qk_heads + (num_kv_heads if write_kv else 0)
+    block_heads = min(16, triton.next_power_of_2(all_heads))
+    grid = (tokens, triton.cdiv(all_heads, block_heads))
+    cache_strides = kv_cache.stride()[:4] if write_kv else (0, 0, 0, 0)
     _qk_norm_rope_kernel[grid](qkv, positions, cos_cache, sin_cache, q_weight if has_norm else qkv,
-                               k_weight if has_norm else qkv, qkv.stride(0), cos_cache.stride(0), eps,
-                               NUM_HEADS=num_heads, NUM_QK_HEADS=qk_heads, HALF=half, BLOCK_HEADS=block_heads,
-                               BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, num_warps=4)
+                               k_weight if has_norm else qkv, kv_cache if write_kv else qkv,
+                               slot_mapping if write_kv else positions, qkv.stride(0), cos_cache.stride(0), eps,
+                               *cache_strides, NUM_HEADS=num_heads, NUM_QK_HEADS=qk_heads, NUM_ALL_HEADS=all_heads,
+                               HALF=half, BLOCK_HEADS=block_heads, BLOCK_HALF=triton.next_power_of_2(half),
+                               HAS_NORM=has_norm, WRITE_KV=write_kv,
+                               BLOCK_SIZE=kv_cache.shape[2] if write_kv else 1, num_warps=4)
 
 
 @triton.jit

@@ -51,12 +51,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, logits_only: bool = False) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        if qkv.is_cuda:  # one kernel: q/k norms and rotary, in place on the projection
+        if qkv.is_cuda:  # one kernel: q/k norms and rotary in place on the projection, keys and values cached
             from tokenmill.layers.triton_ops import qk_norm_rope_inplace
 
-            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else ()
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else (None, None, 1e-6)
             qk_norm_rope_inplace(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
-                                 self.num_heads, self.num_kv_heads, self.head_dim, *norms)
+                                 self.num_heads, self.num_kv_heads, self.head_dim, *norms, kv_cache=self.attn.kv_cache,
+                                 slot_mapping=get_forward_context().attn_metadata.slot_mapping)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         num_tokens = hidden_states.shape[0]
@@ -67,7 +68,7 @@ class LlamaAttention(nn.Module):
             if self.use_qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, logits_only))
+        return self.o_proj(self.attn(q, k, v, logits_only, kv_written=qkv.is_cuda))
 
 
 class LlamaMLP(nn.Module):
