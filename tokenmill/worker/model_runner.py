@@ -470,11 +470,14 @@ class ModelRunner:
         if metadata.num_actual_tokens == n or any(
                 self.batch.states[r].sampling_params.prompt_logprobs is not None for r in rows.tolist()):
             return None, None
+        # One query row per request, as in a decode step, and in the same order (the longest first): the
+        # decode launch the CUDA graphs compiled, not a variant compiled on the first prefill.
+        self.decode_order.np[:n] = np.argsort(self.seq_lens.np[:n], kind="stable")
         return logits_indices, AttentionMetadata(
             num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=metadata.max_seq_len,
             query_start_loc=self.one_row_each_gpu[:n + 1], seq_lens=metadata.seq_lens, block_table=metadata.block_table,
             slot_mapping=metadata.slot_mapping[:n], query_start_loc_cpu=self.one_row_each[:n + 1],
-            seq_lens_cpu=metadata.seq_lens_cpu)
+            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=self.decode_order.to_device(n))
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch
