@@ -2,7 +2,7 @@
 Llama-3.1-8B's shapes for M batch rows, bf16, inside CUDA graphs of 8 layers with distinct weights (as
 the engine replays a decode step; the weights do not stay in L2).
 
-    python benchmarks/cublaslt_bench.py [--m 16 64 128 208 256] [--algos 32]
+    python benchmarks/cublaslt_bench.py [--m 16 64 128 208 256] [--shapes qkv o gate_up down lm_head]
 
 Prints, per (matrix, M): the weight-read floor at 3.00 TB/s, F.linear, the heuristic's first choice,
 the fastest algorithm (its index in the heuristic's list, tile id, split-K) and the per-step totals.
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_ops_bench import LAYERS, graph_time  # noqa: E402
+from decode_ops_bench import LAYERS  # noqa: E402
 from gemm_bench import SHAPES as ALL_SHAPES  # noqa: E402
-from tokenmill.layers.cublaslt import WORKSPACE_BYTES, LtMatmul, algo_config  # noqa: E402
+from tokenmill.layers.cublaslt import LtMatmul, algo_config, candidate_pool, graph_time  # noqa: E402
 
 BANDWIDTH = 3.00e12
 OTHER_M = [8, 16, 32, 48, 64, 96, 128, 160, 192, 208, 224, 256, 384, 512, 1024]
@@ -32,7 +32,6 @@ OTHER_M_LARGE = [2048, 4096, 8192, 16384, 32768]
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", type=int, nargs="+", default=[16, 64, 128, 208, 256])
-    parser.add_argument("--algos", type=int, default=32)
     parser.add_argument("--shapes", nargs="+", default=["qkv", "o", "gate_up", "down"])
     args = parser.parse_args()
     shapes = {name: ALL_SHAPES[name][:2] for name in args.shapes}
@@ -55,14 +54,8 @@ def main() -> None:
             t_linear_lt = graph_time(lambda: [F.linear(x, w) for w in weights[name]], reps) / LAYERS
             torch.backends.cuda.preferred_blas_library("cublas")
             lt = LtMatmul(m, n, k, torch.bfloat16)
-            candidates, seen = [], set()
-            for other in [m] + [o for o in (OTHER_M if m <= 1024 else OTHER_M_LARGE) if o != m]:  # other shapes' picks widen the search
-                for workspace in (WORKSPACE_BYTES, 0):
-                    for algo in LtMatmul(other, n, k, torch.bfloat16).heuristics(args.algos, workspace):
-                        key = bytes(algo)
-                        if key not in seen and lt.supports(algo):
-                            seen.add(key)
-                            candidates.append(algo)
+            others = [o for o in (OTHER_M if m <= 1024 else OTHER_M_LARGE) if o != m]  # their picks widen the search
+            candidates = [a for a in candidate_pool(n, k, torch.bfloat16, [m] + others) if lt.supports(a)]
             timed = []
             for index, algo in enumerate(candidates):
                 lt.run(x, weights[name][0], outs[0], algo)

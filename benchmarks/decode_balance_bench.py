@@ -19,7 +19,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_bench import Case, bench_graph  # noqa: E402
+from kernel_bench import BASE_CONFIG, Case, bench_graph, decode_config  # noqa: E402
 from tokenmill.attention import triton_paged  # noqa: E402
 from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
 
@@ -59,16 +59,11 @@ def sweep(rng: random.Random) -> None:
     """Decode tile settings at nano-like lengths (random order), us per launch in a graph."""
     cases = [Case(f"b={b}", [rng.randint(200, 2048) for _ in range(b)], [1] * b, extra_table_columns=256)
              for b in (64, 208, 256)]
-    base = triton_paged._launch_config
     print("sweep (BLOCK_N, warps, stages): " + ", ".join(c.name for c in cases))
     for block_n, warps, stages in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 2), (32, 4, 3), (32, 4, 4),
                                    (32, 2, 3), (16, 4, 3), (16, 4, 4), (16, 2, 4), (64, 2, 3), (64, 8, 3),
                                    (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
-        def cfg(*args, _b=block_n, _w=warps, _s=stages):
-            c = base(*args)
-            return dict(c, BLOCK_N=_b, num_warps=_w, num_stages=_s) if args[3] == 1 else c
-
-        triton_paged._launch_config = cfg
+        triton_paged._launch_config = decode_config(block_n, warps, stages)
         triton_paged._decode_num_splits.cache_clear()
         try:
             times = [bench_graph(c.run) * 1e3 for c in cases]
@@ -76,7 +71,7 @@ def sweep(rng: random.Random) -> None:
                 f"{t:7.1f} us {c.kv_bytes() / (t * 1e-6) / 1e12:4.2f} TB/s" for t, c in zip(times, cases)))
         except Exception as e:  # out of shared memory or registers
             print(f"  ({block_n:3d}, {warps}, {stages}): failed {type(e).__name__}")
-    triton_paged._launch_config = base
+    triton_paged._launch_config = BASE_CONFIG
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemm_bench import SHAPES as ALL_SHAPES, skinny_mm  # noqa: E402
+from tokenmill.layers.cublaslt import graph_time  # noqa: E402
 from tokenmill.layers.triton_ops import sample_from_logits  # noqa: E402
 
 SHAPES = {name: ALL_SHAPES[name][:2] for name in ("qkv", "o", "gate_up", "down")}
@@ -33,29 +34,6 @@ CANDIDATES = {
     "gate_up": [(128, 128, 1, 8, 4), (64, 128, 1, 4, 3), (128, 64, 1, 8, 3), (128, 64, 1, 8, 4)],
     "down": [(128, 128, 4, 4, 5), (64, 128, 2, 4, 5), (64, 128, 2, 4, 4), (64, 64, 2, 8, 5)],
 }
-
-
-def graph_time(fn, reps: int = 20) -> float:
-    """Seconds per call of fn, captured once in a CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def gemms(ms: list[int]) -> None:

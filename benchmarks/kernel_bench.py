@@ -180,10 +180,32 @@ def main() -> None:
     print(f"\n(total {time.time() - t0:.0f} s)")
 
 
+BASE_CONFIG = triton_paged._launch_config
+
+
+def decode_config(block_n: int, warps: int, stages: int):
+    """A stand-in for triton_paged._launch_config: these decode settings, the engine's for prefill."""
+    def cfg(dtype, head_dim_pad, group_pad, max_query_len, *rest):
+        c = BASE_CONFIG(dtype, head_dim_pad, group_pad, max_query_len, *rest)
+        return dict(c, BLOCK_N=block_n, num_warps=warps, num_stages=stages) if max_query_len == 1 else c
+    return cfg
+
+
+def prefill_config(rows: int, block_n: int, warps: int, stages: int):
+    """A stand-in for triton_paged._launch_config: query tiles of up to `rows` rows and these prefill
+    settings, the engine's for decode."""
+    def cfg(dtype, head_dim_pad, group_pad, max_query_len, *rest):
+        c = BASE_CONFIG(dtype, head_dim_pad, group_pad, max_query_len, *rest)
+        if max_query_len == 1:
+            return c
+        m = max(16, group_pad, min(rows, triton.next_power_of_2(max_query_len) * group_pad))
+        return dict(c, BLOCK_M=m, BLOCK_Q=m // group_pad, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return cfg
+
+
 def tune(cases: list[Case]) -> None:
     """Sweep launch settings by overriding the config and split policy; prints ms per setting
     (decode: CUDA-graph replays; prefill: eager)."""
-    base_config = triton_paged._launch_config
     base_programs = triton_paged.PROGRAMS_PER_SM
     decode = [c for c in cases if max(c.q_lens_list) == 1]
     prefill = [c for c in cases if max(c.q_lens_list) > 1]
@@ -191,29 +213,19 @@ def tune(cases: list[Case]) -> None:
     for block_n, warps, stages, per_sm in [(64, 4, 3, 4), (64, 4, 2, 4), (128, 4, 2, 4), (128, 4, 3, 4),
                                            (64, 4, 3, 8), (128, 4, 2, 8), (32, 4, 3, 8), (64, 2, 3, 4),
                                            (64, 8, 3, 4), (128, 8, 2, 4), (64, 4, 3, 16)]:  # fmt: skip
-        def cfg(dtype, hd, gp, mql, *rest, _b=block_n, _w=warps, _s=stages):
-            c = base_config(dtype, hd, gp, mql, *rest)
-            return dict(c, BLOCK_N=_b, num_warps=_w, num_stages=_s) if mql == 1 else c
-
-        triton_paged._launch_config, triton_paged.PROGRAMS_PER_SM = cfg, per_sm
+        triton_paged._launch_config = decode_config(block_n, warps, stages)
+        triton_paged.PROGRAMS_PER_SM = per_sm
         triton_paged._decode_num_splits.cache_clear()
         print(f"  BLOCK_N={block_n:3d} warps={warps} stages={stages} per_sm={per_sm:2d}: " + _time_all(decode, True))
-    triton_paged._launch_config, triton_paged.PROGRAMS_PER_SM = base_config, base_programs
+    triton_paged._launch_config, triton_paged.PROGRAMS_PER_SM = BASE_CONFIG, base_programs
     triton_paged._decode_num_splits.cache_clear()
     print("prefill sweep (ms):", ", ".join(c.name for c in prefill))
     for block_m, block_n, warps, stages in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3),
                                             (128, 128, 8, 2), (128, 128, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3),
                                             (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3)]:  # fmt: skip
-        def cfg(dtype, hd, gp, mql, *rest, _m=block_m, _b=block_n, _w=warps, _s=stages):
-            c = base_config(dtype, hd, gp, mql, *rest)
-            if mql == 1:
-                return c
-            m = max(16, gp, min(_m, triton.next_power_of_2(mql) * gp))
-            return dict(c, BLOCK_M=m, BLOCK_Q=m // gp, BLOCK_N=_b, num_warps=_w, num_stages=_s)
-
-        triton_paged._launch_config = cfg
+        triton_paged._launch_config = prefill_config(block_m, block_n, warps, stages)
         print(f"  BLOCK_M={block_m:3d} BLOCK_N={block_n:3d} warps={warps} stages={stages}: " + _time_all(prefill))
-    triton_paged._launch_config = base_config
+    triton_paged._launch_config = BASE_CONFIG
 
 
 def _time_all(cases: list[Case], graph: bool = False) -> str:

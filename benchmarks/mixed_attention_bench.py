@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernel_bench import PEAK_FLOPS, Case  # noqa: E402
+from kernel_bench import BASE_CONFIG, PEAK_FLOPS, Case, prefill_config  # noqa: E402
 
 from tokenmill.attention import triton_paged  # noqa: E402
 from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
@@ -54,18 +53,10 @@ def main() -> None:
     timed(mixed.name + ": decodes' launch", mixed, mixed.flops() - only.flops(),
           lambda: paged_attention(*args(mixed), 1, out=mixed.out, num_splits=1, max_q_len=1))
     if "--sweep" in sys.argv:
-        base = triton_paged._launch_config
         for rows, block_n, warps, stages in [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3),
                                              (128, 64, 8, 4), (128, 32, 4, 3), (128, 32, 8, 4), (64, 64, 4, 3),
                                              (64, 128, 4, 3), (64, 32, 4, 3), (256, 64, 8, 3), (256, 32, 8, 3)]:
-            def cfg(dtype, hd, gp, mql, *rest, _r=rows, _b=block_n, _w=warps, _s=stages):
-                c = base(dtype, hd, gp, mql, *rest)
-                if mql == 1:
-                    return c
-                m = max(16, gp, min(_r, triton.next_power_of_2(mql) * gp))
-                return dict(c, BLOCK_M=m, BLOCK_Q=m // gp, BLOCK_N=_b, num_warps=_w, num_stages=_s)
-
-            triton_paged._launch_config = cfg
+            triton_paged._launch_config = prefill_config(rows, block_n, warps, stages)
             try:
                 timed(f"  rows {rows} BLOCK_N {block_n} warps {warps} stages {stages}: prompts", only, only.flops(),
                       lambda: paged_attention(*args(only), max_q, out=only.out))
@@ -73,7 +64,7 @@ def main() -> None:
                       lambda: paged_attention(*args(single), 4096, out=single.out))
             except Exception as e:  # a setting that does not fit
                 print(f"  rows {rows} BLOCK_N {block_n} warps {warps} stages {stages}: failed {type(e).__name__}")
-        triton_paged._launch_config = base
+        triton_paged._launch_config = BASE_CONFIG
 
 
 if __name__ == "__main__":

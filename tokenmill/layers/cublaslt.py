@@ -191,7 +191,7 @@ def clear_plans() -> None:
     _plans.clear()
 
 
-def _graph_time(fn, reps: int) -> float:
+def graph_time(fn, reps: int = 20) -> float:
     """Seconds per call of fn, captured in a CUDA graph (after a warm-up on a side stream) and replayed;
     the median of `reps` replays."""
     stream = torch.cuda.Stream()
@@ -214,11 +214,12 @@ def _graph_time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _candidate_pool(n: int, k: int, dtype: torch.dtype) -> list[_Algo]:
+def candidate_pool(n: int, k: int, dtype: torch.dtype, sizes=POOL_SIZES) -> list[_Algo]:
     """Distinct algorithms the heuristic offers for this weight at several batch sizes, with and without
-    a workspace (an algorithm found for one size often runs, and sometimes wins, at another)."""
+    a workspace (an algorithm found for one size often runs, and sometimes wins, at another), in the
+    order found: the first is the heuristic's own pick for sizes[0]."""
     pool, seen = [], set()
-    for m in POOL_SIZES:
+    for m in sizes:
         lt = LtMatmul(m, n, k, dtype)
         for workspace in (WORKSPACE_BYTES, 0):
             for algo in lt.heuristics(POOL_PER_SIZE, workspace):
@@ -261,26 +262,27 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], r
 
         def timed(lt: LtMatmul, x: torch.Tensor, algo: _Algo, reps: int) -> float:
             o = out[:lt.m]
-            return _graph_time(lambda: [lt.run(x, w, o, algo) for w in rotation], reps)
+            return graph_time(lambda: [lt.run(x, w, o, algo) for w in rotation], reps)
 
-        pool = _candidate_pool(n, k, dtype) if screen else []
         shortlist: dict[bytes, _Algo] = {}
-        for m in sorted({min(max(s, sizes[0]), sizes[-1]) for s in SCREEN_SIZES}) if screen else []:
-            x = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
-            lt = LtMatmul(m, n, k, dtype)
-            screened = sorted((timed(lt, x, algo, 2), i) for i, algo in enumerate(pool) if lt.supports(algo))
-            shortlist.update((bytes(pool[i]), pool[i]) for _, i in screened[:SHORTLIST_PER_SIZE])
+        if screen:
+            pool = candidate_pool(n, k, dtype)
+            for m in sorted({min(max(s, sizes[0]), sizes[-1]) for s in SCREEN_SIZES}):
+                x = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
+                lt = LtMatmul(m, n, k, dtype)
+                screened = sorted((timed(lt, x, algo, 2), i) for i, algo in enumerate(pool) if lt.supports(algo))
+                shortlist.update((bytes(pool[i]), pool[i]) for _, i in screened[:SHORTLIST_PER_SIZE])
         for m in sizes:
             x = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
             lt = LtMatmul(m, n, k, dtype)
-            baseline = _graph_time(lambda: [F.linear(x, w) for w in rotation], reps)
+            baseline = graph_time(lambda: [F.linear(x, w) for w in rotation], reps)
             if screen:
                 candidates = lt.heuristics(1) + [a for a in shortlist.values() if lt.supports(a)]
             else:
-                candidates = lt.heuristics(POOL_PER_SIZE) + lt.heuristics(POOL_PER_SIZE, 0)
-            best, algo = min(((timed(lt, x, a, reps), i) for i, a in enumerate(candidates)), default=(None, None))
+                candidates = candidate_pool(n, k, dtype, [m])
+            best, index = min(((timed(lt, x, a, reps), i) for i, a in enumerate(candidates)), default=(None, None))
             if best is not None and best < MARGIN * baseline:
-                plan = Plan(lt, candidates[algo])
+                plan = Plan(lt, candidates[index])
                 if _agrees(plan, x, rotation[0]):
                     _plans[(m, n, k, dtype)] = plan
                     kept += 1

@@ -54,10 +54,11 @@ class LlamaAttention(nn.Module):
         if qkv.is_cuda:  # one kernel: q/k norms and rotary in place on the projection, keys and values cached
             from tokenmill.layers.triton_ops import qk_norm_rope_inplace
 
-            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.use_qk_norm else (None, None, 1e-6)
+            norms = dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
+                         eps=self.q_norm.eps) if self.use_qk_norm else {}
             qk_norm_rope_inplace(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
-                                 self.num_heads, self.num_kv_heads, self.head_dim, *norms, kv_cache=self.attn.kv_cache,
-                                 slot_mapping=get_forward_context().attn_metadata.slot_mapping)
+                                 self.num_heads, self.num_kv_heads, self.head_dim, **norms,
+                                 kv_cache=self.attn.kv_cache, slot_mapping=get_forward_context().attn_metadata.slot_mapping)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         num_tokens = hidden_states.shape[0]

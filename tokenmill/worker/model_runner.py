@@ -447,11 +447,7 @@ class ModelRunner:
         self.slot_mapping.to_device(padded_tokens)
         self.block_table.to_device(num_reqs)  # the padding requests' rows are never read
         max_query_len = int(num_scheduled.max())
-        decode_order = None
-        if max_query_len == 1:  # the longest requests first (see AttentionMetadata.decode_order)
-            self.decode_order.np[:num_reqs] = np.argsort(seq_lens[:num_reqs], kind="stable")
-            self.decode_order.np[num_reqs:padded_tokens] = self._arange[num_reqs:padded_tokens]
-            decode_order = self.decode_order.to_device(padded_tokens)
+        decode_order = self._decode_order(num_reqs, padded_tokens) if max_query_len == 1 else None
         return AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=padded_reqs, max_query_len=max_query_len,
             max_seq_len=int(seq_lens[:num_reqs].max()),
@@ -472,12 +468,18 @@ class ModelRunner:
             return None, None
         # One query row per request, as in a decode step, and in the same order (the longest first): the
         # decode launch the CUDA graphs compiled, not a variant compiled on the first prefill.
-        self.decode_order.np[:n] = np.argsort(self.seq_lens.np[:n], kind="stable")
         return logits_indices, AttentionMetadata(
             num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=metadata.max_seq_len,
             query_start_loc=self.one_row_each_gpu[:n + 1], seq_lens=metadata.seq_lens, block_table=metadata.block_table,
             slot_mapping=metadata.slot_mapping[:n], query_start_loc_cpu=self.one_row_each[:n + 1],
-            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=self.decode_order.to_device(n))
+            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=self._decode_order(n, n))
+
+    def _decode_order(self, num_reqs: int, padded: int) -> torch.Tensor:
+        """AttentionMetadata.decode_order for the staged seq_lens: the requests by ascending length (the
+        longest start first), then the padding rows up to `padded`."""
+        self.decode_order.np[:num_reqs] = np.argsort(self.seq_lens.np[:num_reqs], kind="stable")
+        self.decode_order.np[num_reqs:padded] = self._arange[num_reqs:padded]
+        return self.decode_order.to_device(padded)
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch
