@@ -433,6 +433,193 @@ def _reduce_splits_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+# --------------------------------------------------------------------------------------------------
+# work-balanced decode
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _work_split(seq_lens_ptr, num_reqs, program, num_programs, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+                REQS_PAD: tl.constexpr):
+    """The decode step's work, (request, kv head, key tile) units numbered request-major, then head, then
+    tile, and this program's share of it, [start, end): the programs get equal shares (+-1).
+    Returns (reqs, seq_lens, tiles per head, first unit of each request, start, end)."""
+    reqs = tl.arange(0, REQS_PAD)
+    lens = tl.load(seq_lens_ptr + reqs, mask=reqs < num_reqs, other=0)
+    tiles = tl.cdiv(lens, BLOCK_N)
+    units_end = tl.cumsum(tiles * NUM_KV_HEADS, 0)
+    units_start = units_end - tiles * NUM_KV_HEADS
+    total = tl.sum(tiles * NUM_KV_HEADS, 0).to(tl.int64)
+    start = (program * total // num_programs).to(tl.int32)
+    end = ((program + 1) * total // num_programs).to(tl.int32)
+    return reqs, lens, tiles, units_start, units_end, start, end, total
+
+
+@triton.jit
+def _owner(unit, total, num_programs):
+    """The program whose share holds work unit `unit` (see _work_split)."""
+    return (((unit + 1).to(tl.int64) * num_programs + total - 1) // total - 1).to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _balanced_decode_kernel(
+    out_ptr,
+    q_ptr,
+    kv_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    partials_ptr,
+    qk_scale,
+    num_reqs,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    stride_bt_req,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    REQS_PAD: tl.constexpr,
+    PARTIAL_ROW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    program = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    reqs, lens, tiles, units_start, units_end, start, end, total = _work_split(
+        seq_lens_ptr, num_reqs, program, num_programs, NUM_KV_HEADS, BLOCK_N, REQS_PAD)
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP
+    dim_offsets = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dim_offsets < HEAD_DIM
+    unit = start
+    while unit < end:
+        # The segment: this program's units of one (request, kv head) pair.
+        req = tl.sum((units_end <= unit).to(tl.int32), 0)
+        is_req = reqs == req
+        req_tiles = tl.sum(tl.where(is_req, tiles, 0), 0)
+        seq_len = tl.sum(tl.where(is_req, lens, 0), 0)
+        kv_head = (unit - tl.sum(tl.where(is_req, units_start, 0), 0)) // req_tiles
+        pair_start = tl.sum(tl.where(is_req, units_start, 0), 0) + kv_head * req_tiles
+        pair_end = pair_start + req_tiles
+        tile_lo = unit - pair_start
+        tile_hi = tl.minimum(end, pair_end) - pair_start
+
+        token = tl.load(query_start_loc_ptr + req).to(tl.int64)
+        heads = kv_head * GROUP + rows
+        q = tl.load(q_ptr + token * stride_q_tok + heads[:, None] * stride_q_head + dim_offsets[None, :],
+                    mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+        row_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + seq_len - 1
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt_req
+        k_head_ptr = kv_cache_ptr + kv_head * stride_c_head
+        v_head_ptr = k_head_ptr + stride_c_kv
+        num_full_tiles = seq_len // BLOCK_N
+        for tile in range(tile_lo, tl.minimum(tile_hi, num_full_tiles)):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
+                stride_c_block, stride_c_slot, dim_offsets,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, DOT_IN_FP32,
+            )  # fmt: skip
+        for tile in range(tl.maximum(tile_lo, num_full_tiles), tile_hi):
+            acc, l_i, m_i = _attend_tile(
+                acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
+                stride_c_block, stride_c_slot, dim_offsets,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_IN_FP32,
+            )  # fmt: skip
+        if (pair_start >= start) & (pair_end <= end):  # the whole pair: the final output
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + token * stride_o_tok + heads[:, None] * stride_o_head + dim_offsets[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+        else:
+            # A piece of a pair that other programs share: slot 0 if it opens this program's share, else 1.
+            part_rows = ((program * 2 + (unit > start).to(tl.int32)) * GROUP + rows).to(tl.int64) * PARTIAL_ROW
+            tl.store(partials_ptr + part_rows + HEAD_DIM, m_i, mask=row_valid)
+            tl.store(partials_ptr + part_rows + HEAD_DIM + 1, l_i, mask=row_valid)
+            tl.store(partials_ptr + part_rows[:, None] + dim_offsets[None, :], acc,
+                     mask=row_valid[:, None] & dim_valid[None, :])
+        unit = pair_start + tile_hi
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def _balanced_reduce_kernel(
+    out_ptr,
+    partials_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    num_reqs,
+    num_programs,
+    stride_o_tok,
+    stride_o_head,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    REQS_PAD: tl.constexpr,
+    PARTIAL_ROW: tl.constexpr,
+):
+    """Program p merges the pair whose last piece opens program p's share, if that pair began in an
+    earlier program: its pieces are slot 1 (or 0, if the pair opened that share too) of the first owner
+    and slot 0 of every later one."""
+    program = tl.program_id(0)
+    reqs, lens, tiles, units_start, units_end, start, end, total = _work_split(
+        seq_lens_ptr, num_reqs, program, num_programs, NUM_KV_HEADS, BLOCK_N, REQS_PAD)
+    if start >= end:
+        return
+    req = tl.sum((units_end <= start).to(tl.int32), 0)
+    is_req = reqs == req
+    req_tiles = tl.sum(tl.where(is_req, tiles, 0), 0)
+    kv_head = (start - tl.sum(tl.where(is_req, units_start, 0), 0)) // req_tiles
+    pair_start = tl.sum(tl.where(is_req, units_start, 0), 0) + kv_head * req_tiles
+    pair_end = pair_start + req_tiles
+    if (pair_start >= start) | (pair_end > end):
+        return  # opened here (whole, or merged by a later program), or continued by the next program
+    first = _owner(pair_start, total, num_programs)
+    first_start = (first.to(tl.int64) * total // num_programs).to(tl.int32)
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for p in range(first, program + 1):
+        # Programs with an empty share (more programs than work) wrote nothing: they weigh nothing.
+        # (A [BLOCK_M] comparison rather than a scalar one: the interpreter mis-types scalar & tensor masks.)
+        p_valid = row_valid & (p * total // num_programs < (p + 1) * total // num_programs + 0 * rows)
+        slot = ((p == first) & (pair_start > first_start)).to(tl.int32)
+        part_rows = ((p * 2 + slot) * GROUP + rows).to(tl.int64) * PARTIAL_ROW
+        m_p = tl.load(partials_ptr + part_rows + HEAD_DIM, mask=p_valid, other=float("-inf"))
+        l_p = tl.load(partials_ptr + part_rows + HEAD_DIM + 1, mask=p_valid, other=0.0)
+        acc_p = tl.load(partials_ptr + part_rows[:, None] + dims[None, :],
+                        mask=p_valid[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+        m_new = tl.maximum(m, m_p)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_p - m_new)
+        l = l * alpha + l_p * beta
+        acc = acc * alpha[:, None] + acc_p * beta[:, None]
+        m = m_new
+    token = tl.load(query_start_loc_ptr + req).to(tl.int64)
+    heads = kv_head * GROUP + rows
+    out = acc / tl.where(row_valid, l, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims[None, :] < HEAD_DIM))
+
+
 def dense_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """One request's causal attention over its own new keys ([tokens, heads, head_dim] each, no cached
     prefix) through torch's fused attention, which picks the fastest kernel the GPU has: cuDNN's on an
@@ -677,6 +864,64 @@ def paged_attention(
             num_warps=4,
         )
     return out
+
+
+def balanced_decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_programs: int | None = None,
+) -> torch.Tensor:
+    """Decode attention (one query token per request) over paged keys, the work spread evenly over a
+    fixed number of programs: the step's (request, kv head, key tile) units are cut into equal contiguous
+    shares, so long and short requests cost the same per key; a pair cut between programs is merged by
+    `_balanced_reduce_kernel`. The grid depends only on the device (CUDA-graph safe)."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    num_reqs = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(query)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    head_dim_pad = max(16, _next_power_of_2(head_dim))
+    cfg = _balanced_config(query.dtype, head_dim_pad, query.device)
+    if num_programs is None:
+        num_programs = cfg["programs_per_sm"] * num_sms(query.device)
+    partial_row = head_dim_pad + 16
+    partials = torch.empty((num_programs, 2, group, partial_row), dtype=torch.float32, device=query.device)
+    block_m = max(16, _next_power_of_2(group))
+    reqs_pad = max(16, _next_power_of_2(num_reqs))
+    dot_in_fp32 = query.dtype == torch.bfloat16 and INTERPRETED
+    stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, _ = kv_cache.stride()
+    _balanced_decode_kernel[(num_programs,)](
+        out, query, kv_cache, block_table, seq_lens, query_start_loc, partials, scale * LOG2E, num_reqs,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        stride_c_kv, stride_c_block, stride_c_slot, stride_c_head, block_table.stride(0),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], REQS_PAD=reqs_pad, PARTIAL_ROW=partial_row,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_in_fp32 else "tf32", DOT_IN_FP32=dot_in_fp32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    _balanced_reduce_kernel[(num_programs,)](
+        out, partials, seq_lens, query_start_loc, num_reqs, num_programs, out.stride(0), out.stride(1),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, BLOCK_M=block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_N=cfg["BLOCK_N"], REQS_PAD=reqs_pad, PARTIAL_ROW=partial_row, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _balanced_config(dtype: torch.dtype, head_dim_pad: int, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1, programs_per_sm=1)
+    block_n = (128 if dtype != torch.float32 else 64) if head_dim_pad <= 128 else 32
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=2, programs_per_sm=1)
 
 
 @register_backend
