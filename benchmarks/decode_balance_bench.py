@@ -1,9 +1,8 @@
 """Decode attention with nano-like context lengths (uneven, uniform in [200, 2048]): does the order of the
 requests matter, and does mapping tiles to requests through a sorted `order` (longest started first, no
-search for the owning request) help? --sweep also times tile settings; --balanced compares the engine's
-decode launch with the work-balanced kernel (balanced_decode_attention) over its settings.
+search for the owning request) help? --sweep also times tile settings.
 
-    python benchmarks/decode_balance_bench.py [--sweep] [--balanced]
+    python benchmarks/decode_balance_bench.py [--sweep]
 
 Also prints the read bandwidth of a plain reduction over 4 GiB, the practical ceiling for decode.
 """
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernel_bench import BASE_CONFIG, Case, bench_graph, decode_config  # noqa: E402
 from tokenmill.attention import triton_paged  # noqa: E402
-from tokenmill.attention.triton_paged import balanced_decode_attention, paged_attention  # noqa: E402
+from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
 
 
 def read_bandwidth() -> float:
@@ -35,9 +34,6 @@ def main() -> None:
     print(torch.cuda.get_device_name())
     print(f"read bandwidth (bf16 sum over 4 GiB): {read_bandwidth() / 1e12:.2f} TB/s")
     rng = random.Random(0)
-    if "--balanced" in sys.argv:
-        balanced(rng)
-        return
     for batch in (64, 128, 208, 256):
         lens = [rng.randint(200, 2048) for _ in range(batch)]
         layouts = {"random": lens, "longest first": sorted(lens, reverse=True), "shortest first": sorted(lens),
@@ -76,41 +72,6 @@ def sweep(rng: random.Random) -> None:
         except Exception as e:  # out of shared memory or registers
             print(f"  ({block_n:3d}, {warps}, {stages}): failed {type(e).__name__}")
     triton_paged._launch_config = BASE_CONFIG
-
-
-def balanced(rng: random.Random) -> None:
-    """us per decode launch (CUDA graph): the engine's kernel with its sorted order, then the work-balanced
-    kernel at its settings (BLOCK_N, warps, stages, programs per SM); batch-1 cases at the latency
-    bench's context lengths, the rest nano-like."""
-    cases = [Case("b=1 L=640", [640], [1], extra_table_columns=256),
-             Case("b=1 L=4096", [4096], [1], extra_table_columns=256)]
-    cases += [Case(f"b={b}", [rng.randint(200, 2048) for _ in range(b)], [1] * b, extra_table_columns=256)
-              for b in (8, 64, 128, 208, 256)]
-
-    def engine(case: Case) -> torch.Tensor:
-        order = case.seq_lens.argsort(stable=True).to(torch.int32)
-        return paged_attention(case.query, case.kv_cache, case.query_start_loc, case.seq_lens, case.block_table,
-                               case.scale, 1, out=case.out, order=order)
-
-    def row(label: str, fn) -> None:
-        try:
-            times = [bench_graph(lambda c=c: fn(c)) * 1e3 for c in cases]
-        except Exception as e:  # out of shared memory or registers
-            print(f"{label:22s} failed {type(e).__name__}: {str(e)[:80]}")
-            return
-        print(f"{label:22s} " + " ".join(f"{t:7.1f}us {c.kv_bytes() / (t * 1e-6) / 1e12:4.2f}" for t, c in zip(times, cases)))
-
-    print("us and TB/s per launch: " + ", ".join(c.name for c in cases))
-    row("engine (order)", engine)
-    base = triton_paged._balanced_config
-    for block_n, warps, stages, per_sm in [(128, 4, 2, 1), (128, 4, 2, 2), (128, 4, 1, 2), (64, 4, 2, 1), (64, 4, 2, 2),
-                                           (64, 4, 2, 3), (64, 4, 3, 2), (64, 4, 3, 3), (32, 4, 3, 4), (32, 4, 4, 3),
-                                           (128, 8, 2, 1), (64, 8, 3, 2)]:
-        triton_paged._balanced_config = lambda *a, c=dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                                                           programs_per_sm=per_sm): c
-        row(f"balanced {block_n:3d},{warps},{stages},{per_sm}", lambda c: balanced_decode_attention(
-            c.query, c.kv_cache, c.query_start_loc, c.seq_lens, c.block_table, c.scale, out=c.out))
-    triton_paged._balanced_config = base
 
 
 if __name__ == "__main__":

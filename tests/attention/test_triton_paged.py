@@ -17,7 +17,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata, get_backend
 from tokenmill.attention import triton_paged
-from tokenmill.attention.triton_paged import balanced_decode_attention, decode_num_splits, paged_attention, write_kv
+from tokenmill.attention.triton_paged import decode_num_splits, paged_attention, write_kv
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -286,28 +286,6 @@ def test_decode_order_permutes_tiles_not_results(num_splits: int) -> None:
         skip[2] = num_tokens
         out = run_attention(batch, max_query_len=1, order=skip, num_splits=1)
         assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("group", [1, 3, 4, 8])
-def test_balanced_decode(dtype: torch.dtype, head_dim: int, group: int) -> None:
-    """The work-balanced decode kernel with shares that cut (request, kv head) pairs anywhere: fewer
-    programs than pairs, about one key tile each, and more programs than key tiles (idle ones); zero-length
-    padding requests and padding tokens are left alone."""
-    s = sizes(
-        cpu=dict(seq_lens=[45, 3, 0, 17, 30, 1], num_kv_heads=2, block_size=4, programs=[1, 3, 7, 40]),
-        gpu=dict(seq_lens=[1000, 1, 17, 4000, 0, 64, 513], num_kv_heads=2, block_size=16, programs=[1, 5, 70, 264]),
-    )
-    batch = PagedBatch(s["seq_lens"], [min(1, n) for n in s["seq_lens"]], num_heads=group * s["num_kv_heads"],
-                       num_kv_heads=s["num_kv_heads"], head_dim=head_dim, block_size=s["block_size"], dtype=dtype,
-                       num_padding_tokens=2, seed=group).to(DEVICE)  # fmt: skip
-    for num_programs in s["programs"]:
-        out = torch.full_like(batch.query, float("nan"))
-        balanced_decode_attention(batch.query, batch.kv_cache, batch.query_start_loc, batch.seq_lens,
-                                  batch.block_table, batch.scale, out=out, num_programs=num_programs)
-        check(out, batch, dtype)
-        assert out[sum(batch.q_lens_list):].isnan().all()
 
 
 def test_decode_split_count_depends_on_shapes_only() -> None:
