@@ -46,7 +46,8 @@ class AttentionMetadata:
     # num_decodes of them, and a backend may give them a launch of their own (0: no such split).
     num_decodes: int = 0
     # Decode steps (one token per request): int32 [num_tokens], the requests by ascending seq_len with the
-    # padding tokens' rows after them; a backend may use it to start the longest first (None: not given).
+    # padding tokens' rows after them; mixed steps: int32 [num_decodes], the one-token requests by ascending
+    # seq_len. A backend may use it to start the longest first (None: not given).
     decode_order: torch.Tensor | None = None
 
 

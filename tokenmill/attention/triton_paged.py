@@ -63,6 +63,10 @@ MIN_TILES_PER_SPLIT = 4
 DENSE_PREFILL_MIN_TOKENS = 1024
 # Used where there is no CUDA device (the interpreter): small, so CPU tests exercise several splits.
 CPU_NUM_SMS = 4
+# The smallest prefill query tile on a GPU. Steps whose longest query has a few tokens read keys far
+# more than they compute, so a taller tile than they fill costs little, and every short query length
+# shares one compiled variant instead of one per power of two.
+MIN_PREFILL_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,11 +473,11 @@ def _launch_config(
 
     Decode: one token's GQA group per query tile (padded to 16 rows for tl.dot), 128 keys per step for
     16-bit caches (benchmarks/decode_balance_bench.py: 2-3 % faster than 64 at nano-like uneven
-    lengths, 208-256 requests). Prefill: up to 128
-    rows (BLOCK_Q tokens x the group), where the tensor cores bound the time, unless that leaves too
-    few programs to fill the GPU (a short chunk), then 64; 32 keys per step, so the causal diagonal
-    wastes little (benchmarks/mixed_attention_bench.py --sweep: nano's 28 prompts of a 16k step 23 %
-    faster than with 128, one 4,096-token prompt the same). Under the interpreter (CPU) the smallest
+    lengths, 208-256 requests). Prefill: 128 rows (BLOCK_Q tokens x the group), where the tensor
+    cores bound the time, unless that leaves too few programs to fill the GPU (a short chunk), then 64
+    (MIN_PREFILL_ROWS, also for short queries); 32 keys per step, so the causal diagonal wastes little
+    (benchmarks/mixed_attention_bench.py --sweep: nano's 28 prompts of a 16k step 23 % faster than
+    with 128, one 4,096-token prompt the same). Under the interpreter (CPU) the smallest
     tiles tl.dot takes, so that tiny tests walk several query and key tiles.
     """
     if device.type != "cuda":
@@ -491,7 +495,7 @@ def _launch_config(
         rows, block_n, num_warps = 64, 64, 4
     else:
         rows, block_n, num_warps = 64, 32, 8
-    block_m = max(16, group_pad, min(rows, _next_power_of_2(max_query_len) * group_pad))
+    block_m = max(MIN_PREFILL_ROWS, group_pad, min(rows, _next_power_of_2(max_query_len) * group_pad))
     return dict(BLOCK_Q=block_m // group_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=3)
 
 
@@ -531,7 +535,9 @@ def _prefill_num_splits(num_tokens: int, group_pad: int, block_m: int, block_n: 
     if programs >= num_sms(device):
         return 1
     wanted = _next_power_of_2(_cdiv(num_sms(device), programs))
-    return max(1, min(wanted, _cdiv(max_seq_len, block_n) // MIN_TILES_PER_SPLIT, MAX_PREFILL_SPLITS))
+    # A power of two, like the decode path's counts: the reduction kernels decode compiled serve it too.
+    most = 1 << max(0, (_cdiv(max_seq_len, block_n) // MIN_TILES_PER_SPLIT).bit_length() - 1)
+    return min(wanted, most, MAX_PREFILL_SPLITS)
 
 
 def paged_attention(
@@ -714,5 +720,5 @@ class TritonPagedAttentionBackend(AttentionBackend):
         # first d requests (those) get a decode launch over just their rows, keys split as in a decode step.
         out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2)
         paged_attention(query[:d], kv_cache, metadata.query_start_loc[:d + 1], metadata.seq_lens[:d],
-                        metadata.block_table[:d], scale, max_query_len=1, out=out[:d])
+                        metadata.block_table[:d], scale, max_query_len=1, out=out[:d], order=metadata.decode_order)
         return out

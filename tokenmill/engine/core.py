@@ -55,6 +55,8 @@ class EngineCore:
                 "kv_cache_memory_bytes, or lower max_model_len")
         self.runner.initialize_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
+        if self.runner.device.type == "cuda":  # compiles what the graphs did not, before the first request
+            logger.info("warm-up steps: %.1f s", self.runner.warm_up())
         self.num_blocks = num_blocks
         logger.info("KV cache: %d blocks of %d tokens (%d tokens), max concurrency %.1f at max_model_len=%d; "
                     "engine ready in %.1f s", num_blocks, block_size, num_blocks * block_size,

@@ -43,6 +43,9 @@ from tokenmill.worker.input_batch import CachedRequestState, InputBatch
 
 logger = logging.getLogger(__name__)
 
+# The cached prefix of warm_up's long-prefix steps: long enough that a short step over it splits its keys.
+WARM_UP_PREFIX = 4096
+
 
 @dataclass
 class PendingStep:
@@ -90,6 +93,7 @@ class ModelRunner:
         self.query_start_loc = StagedBuffer(self.max_num_reqs + 1, torch.int32, self.device)
         self.logits_indices = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.decode_order = StagedBuffer(self.max_num_reqs, torch.int32, self.device)
+        self.logits_order = StagedBuffer(self.max_num_reqs, torch.int32, self.device)  # (_logits_only's own)
         self.in_flight_dst = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.in_flight_src = StagedBuffer(self.max_num_reqs, torch.int64, self.device)
         self.sampling_buffers = {name: StagedBuffer(self.max_num_reqs, dtype, self.device) for name, dtype in (
@@ -184,20 +188,13 @@ class ModelRunner:
                               device=self.device)
         for attn in self.attn_layers:
             attn.kv_cache = scratch
-        qsl = torch.tensor([0] + np.cumsum(seq_lens).tolist(), dtype=torch.int32)
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
         block_table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
         slots, first_block = [], 0
         for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
             block_table[i, :nb] = torch.arange(first_block, first_block + nb)
             slots.append(torch.arange(n) + first_block * bs)
             first_block += nb
-        metadata = AttentionMetadata(
-            num_actual_tokens=num_tokens, num_reqs=len(seq_lens), max_query_len=max(seq_lens),
-            max_seq_len=max(seq_lens), query_start_loc=qsl.to(self.device), seq_lens=lens.to(self.device),
-            block_table=block_table.to(self.device), slot_mapping=torch.cat(slots).to(self.device),
-            query_start_loc_cpu=qsl, seq_lens_cpu=lens)
-        positions = torch.cat([torch.arange(n) for n in seq_lens]).to(self.device)
+        metadata, positions = self._dummy_metadata(seq_lens, seq_lens, block_table, torch.cat(slots))
         input_ids = torch.randint(0, self.vocab_size, (num_tokens,), device=self.device)
         with set_forward_context(metadata, self.backend):
             hidden_states = self.model(input_ids, positions)
@@ -210,6 +207,66 @@ class ModelRunner:
         for attn in self.attn_layers:
             attn.kv_cache = torch.empty(0)
         del scratch, hidden_states, logits
+
+    def _dummy_metadata(self, q_lens: list[int], seq_lens: list[int], block_table: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
+        """(metadata, positions) of a made-up step: request i computes its last q_lens[i] of seq_lens[i]
+        tokens, one-token requests first; block_table and slot_mapping on the host."""
+        qsl = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        max_query_len = max(q_lens)
+        num_decodes = q_lens.count(1) if max_query_len > 1 else 0
+        metadata = AttentionMetadata(
+            num_actual_tokens=int(qsl[-1]), num_reqs=len(seq_lens), max_query_len=max_query_len,
+            max_seq_len=max(seq_lens), query_start_loc=qsl.to(self.device), seq_lens=lens.to(self.device),
+            block_table=block_table.to(self.device), slot_mapping=slot_mapping.to(self.device),
+            query_start_loc_cpu=qsl, seq_lens_cpu=lens, num_decodes=num_decodes,
+            decode_order=torch.arange(num_decodes, dtype=torch.int32, device=self.device) if num_decodes else None)
+        positions = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)]).to(self.device)
+        return metadata, positions
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Runs once each kernel variant that serving may launch and start-up has not (the CUDA graphs
+        cover decode), so that none is compiled in the middle of serving, where a Triton compile stalls
+        every request for about a second. Prefill-shaped steps at each power-of-two query length: alone
+        over a short and over a long (WARM_UP_PREFIX) cached prefix, and many at once after a one-token
+        request, each with only the logits rows in the last layer as in a real step; one fresh prompt as
+        long as a step allows; the sampler with no filters. Needs the KV cache: reads its block 0, writes
+        nothing. Returns seconds taken."""
+        started = time.perf_counter()
+        steps: list[tuple[list[int], list[int]]] = []  # (q_lens, seq_lens)
+        q = 2
+        while q <= min(self.max_num_tokens, self.max_model_len):
+            steps.append(([q], [min(self.max_model_len, q + self.block_size)]))
+            steps.append(([q], [min(self.max_model_len, q + WARM_UP_PREFIX)]))
+            n = min(self.max_num_reqs - 1, (self.max_num_tokens - 1) // q)
+            if n > 0:
+                steps.append(([1] + [q] * n, [min(self.max_model_len, WARM_UP_PREFIX)] + [q + self.block_size] * n))
+            q *= 2
+        longest = min(self.max_num_tokens, self.max_model_len)
+        steps.append(([longest], [longest]))
+        for q_lens, seq_lens in steps:
+            num_tokens, num_reqs = sum(q_lens), len(q_lens)
+            block_table = torch.zeros(num_reqs, self.max_blocks_per_req, dtype=torch.int32)
+            metadata, positions = self._dummy_metadata(q_lens, seq_lens, block_table,
+                                                       torch.full((num_tokens,), -1, dtype=torch.int64))
+            logits_rows = metadata.query_start_loc[1:].long() - 1
+            logits_metadata = AttentionMetadata(
+                num_actual_tokens=num_reqs, num_reqs=num_reqs, max_query_len=1, max_seq_len=metadata.max_seq_len,
+                query_start_loc=self.one_row_each_gpu[:num_reqs + 1], seq_lens=metadata.seq_lens,
+                block_table=metadata.block_table, slot_mapping=metadata.slot_mapping[:num_reqs],
+                query_start_loc_cpu=self.one_row_each[:num_reqs + 1], seq_lens_cpu=metadata.seq_lens_cpu,
+                decode_order=torch.arange(num_reqs, dtype=torch.int32, device=self.device))
+            input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+            with set_forward_context(metadata, self.backend, logits_rows, logits_metadata):
+                hidden_states = self.model(input_ids, positions)
+        logits = self.model.compute_logits(hidden_states)
+        self.sampler(logits, SamplingMetadata(temperature=torch.ones(len(logits), device=self.device), top_p=None,
+                                              top_k=None, min_p=None, all_greedy=False))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> float:
@@ -447,7 +504,11 @@ class ModelRunner:
         self.slot_mapping.to_device(padded_tokens)
         self.block_table.to_device(num_reqs)  # the padding requests' rows are never read
         max_query_len = int(num_scheduled.max())
-        decode_order = self._decode_order(num_reqs, padded_tokens) if max_query_len == 1 else None
+        num_decodes = int((num_scheduled == 1).sum()) if max_query_len > 1 else 0
+        if max_query_len == 1:
+            decode_order = self._decode_order(self.decode_order, num_reqs, padded_tokens)
+        else:  # the one-token requests of a mixed step (they come first) get a decode launch of their own
+            decode_order = self._decode_order(self.decode_order, num_decodes, num_decodes) if num_decodes else None
         return AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=padded_reqs, max_query_len=max_query_len,
             max_seq_len=int(seq_lens[:num_reqs].max()),
@@ -455,7 +516,7 @@ class ModelRunner:
             seq_lens=self.seq_lens.to_device(padded_reqs), block_table=self.block_table.gpu[:padded_reqs],
             slot_mapping=self.slot_mapping.gpu[:padded_tokens],
             query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1], seq_lens_cpu=self.seq_lens.cpu[:padded_reqs],
-            num_decodes=int((num_scheduled == 1).sum()) if max_query_len > 1 else 0, decode_order=decode_order)
+            num_decodes=num_decodes, decode_order=decode_order)
 
     def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
                      ) -> tuple[torch.Tensor | None, AttentionMetadata | None]:
@@ -472,14 +533,14 @@ class ModelRunner:
             num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=metadata.max_seq_len,
             query_start_loc=self.one_row_each_gpu[:n + 1], seq_lens=metadata.seq_lens, block_table=metadata.block_table,
             slot_mapping=metadata.slot_mapping[:n], query_start_loc_cpu=self.one_row_each[:n + 1],
-            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=self._decode_order(n, n))
+            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=self._decode_order(self.logits_order, n, n))
 
-    def _decode_order(self, num_reqs: int, padded: int) -> torch.Tensor:
-        """AttentionMetadata.decode_order for the staged seq_lens: the requests by ascending length (the
-        longest start first), then the padding rows up to `padded`."""
-        self.decode_order.np[:num_reqs] = np.argsort(self.seq_lens.np[:num_reqs], kind="stable")
-        self.decode_order.np[num_reqs:padded] = self._arange[num_reqs:padded]
-        return self.decode_order.to_device(padded)
+    def _decode_order(self, staged: StagedBuffer, num_reqs: int, padded: int) -> torch.Tensor:
+        """AttentionMetadata.decode_order for the first num_reqs staged seq_lens, staged in `staged`: the
+        requests by ascending length (the longest start first), then the padding rows up to `padded`."""
+        staged.np[:num_reqs] = np.argsort(self.seq_lens.np[:num_reqs], kind="stable")
+        staged.np[num_reqs:padded] = self._arange[num_reqs:padded]
+        return staged.to_device(padded)
 
     def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
         batch = self.batch
