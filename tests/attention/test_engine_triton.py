@@ -35,7 +35,7 @@ def test_warm_up_touches_no_cache_block_and_changes_no_output(tmp_path):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=1 << 22, skip_tokenizer_init=True,
-              attention_backend="triton", max_num_batched_tokens=16, max_num_seqs=4, max_model_len=64)
+              attention_backend="triton", max_num_batched_tokens=160, max_num_seqs=4, max_model_len=64)
     runner = llm.llm_engine.core.runner
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (2, 9, 20)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

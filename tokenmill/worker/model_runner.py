@@ -212,6 +212,7 @@ class ModelRunner:
                         slot_mapping: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
         """(metadata, positions) of a made-up step: request i computes its last q_lens[i] of seq_lens[i]
         tokens, one-token requests first; block_table and slot_mapping on the host."""
+        assert all(0 < q <= s <= self.max_model_len for q, s in zip(q_lens, seq_lens)), (q_lens, seq_lens)
         qsl = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
         max_query_len = max(q_lens)
@@ -242,7 +243,8 @@ class ModelRunner:
             steps.append(([q], [min(self.max_model_len, q + WARM_UP_PREFIX)]))
             n = min(self.max_num_reqs - 1, (self.max_num_tokens - 1) // q)
             if n > 0:
-                steps.append(([1] + [q] * n, [min(self.max_model_len, WARM_UP_PREFIX)] + [q + self.block_size] * n))
+                steps.append(([1] + [q] * n, [min(self.max_model_len, WARM_UP_PREFIX)]
+                              + [min(self.max_model_len, q + self.block_size)] * n))
             q *= 2
         longest = min(self.max_num_tokens, self.max_model_len)
         steps.append(([longest], [longest]))
