@@ -2,10 +2,7 @@
 requests matter, and does mapping tiles to requests through a sorted `order` (longest started first, no
 search for the owning request) help? --sweep also times tile settings.
 
-    python benchmarks/decode_balance_bench.py [--sweep] [--split-min]
-
---split-min times key splits whose pieces have at least N key tiles (a request with fewer takes one
-program and no reduction), against the engine's single-split launch.
+    python benchmarks/decode_balance_bench.py [--sweep]
 
 Also prints the read bandwidth of a plain reduction over 4 GiB, the practical ceiling for decode.
 """
@@ -37,9 +34,6 @@ def main() -> None:
     print(torch.cuda.get_device_name())
     print(f"read bandwidth (bf16 sum over 4 GiB): {read_bandwidth() / 1e12:.2f} TB/s")
     rng = random.Random(0)
-    if "--split-min" in sys.argv:
-        split_min(rng)
-        return
     for batch in (64, 128, 208, 256):
         lens = [rng.randint(200, 2048) for _ in range(batch)]
         layouts = {"random": lens, "longest first": sorted(lens, reverse=True), "shortest first": sorted(lens),
@@ -84,24 +78,6 @@ def sweep(rng: random.Random) -> None:
         except Exception as e:  # out of shared memory or registers
             print(f"  ({block_n:3d}, {warps}, {stages}): failed {type(e).__name__}")
     triton_paged._launch_config = BASE_CONFIG
-
-
-def split_min(rng: random.Random) -> None:
-    """us per decode launch (graph), requests in the engine's order: nano-like lengths (uniform in
-    [200, 2048]), then early-nano-like ones ([100, 1100])."""
-    cases = [Case(f"b={b} [200,2048]", [rng.randint(200, 2048) for _ in range(b)], [1] * b, extra_table_columns=256)
-             for b in (64, 128, 208, 256)]
-    cases += [Case(f"b={b} [100,1100]", [rng.randint(100, 1100) for _ in range(b)], [1] * b, extra_table_columns=256)
-              for b in (128, 256)]
-    print("us and TB/s: " + ", ".join(c.name for c in cases))
-    for splits, min_tiles in [(1, 1), (2, 4), (2, 6), (2, 8), (2, 10), (4, 3), (4, 4), (1, 1)]:
-        def run(c: Case, splits=splits, min_tiles=min_tiles) -> torch.Tensor:
-            return paged_attention(c.query, c.kv_cache, c.query_start_loc, c.seq_lens, c.block_table, c.scale, 1,
-                                   out=c.out, order=c.seq_lens.argsort(stable=True).to(torch.int32),
-                                   num_splits=splits, split_min_tiles=min_tiles)
-        times = [bench_graph(lambda c=c: run(c)) * 1e3 for c in cases]
-        print(f"splits {splits} min {min_tiles:2d}: " + " ".join(
-            f"{t:7.1f}us {c.kv_bytes() / (t * 1e-6) / 1e12:4.2f}" for t, c in zip(times, cases)))
 
 
 if __name__ == "__main__":

@@ -288,17 +288,6 @@ def test_decode_order_permutes_tiles_not_results(num_splits: int) -> None:
         assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
 
 
-@pytest.mark.parametrize("min_tiles", [2, 3, 100])
-def test_decode_split_min_tiles(min_tiles: int) -> None:
-    """Splits of at least `min_tiles` key tiles: requests with no more keys than that take split 0 alone,
-    which writes the output and tells the reduction to skip them; longer ones split and are merged."""
-    dtype = torch.float32
-    batch = PagedBatch([45, 3, 17, 30, 0, 64], [1, 1, 1, 1, 0, 1], num_heads=8, num_kv_heads=2, head_dim=32,
-                       block_size=4, dtype=dtype, num_padding_tokens=2, seed=7).to(DEVICE)  # fmt: skip
-    for num_splits in (2, 4):
-        check(run_attention(batch, max_query_len=1, num_splits=num_splits, split_min_tiles=min_tiles), batch, dtype)
-
-
 def test_decode_split_count_depends_on_shapes_only() -> None:
     def num_splits(num_tokens: int, table_width: int) -> int:
         query = torch.empty((num_tokens, 32, 128), device=DEVICE)

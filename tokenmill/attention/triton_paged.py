@@ -280,7 +280,6 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     HAS_ORDER: tl.constexpr,
-    SPLIT_MIN_TILES: tl.constexpr,
 ):
     # Programs are numbered last query tile first: within a request later tiles see more keys, so the
     # longest programs start first and the short ones fill the tail.
@@ -351,9 +350,7 @@ def _paged_attention_kernel(
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     num_full_tiles = (first_pos + 1) // BLOCK_N
     if SPLIT:
-        tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), SPLIT_MIN_TILES)
-        if (num_tiles <= tiles_per_split) & (split > 0):
-            return  # split 0 has every key and writes the output itself
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
         tile_lo = split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     else:
@@ -383,32 +380,21 @@ def _paged_attention_kernel(
     if SPLIT:
         # Partial results in fp32, one row of PARTIAL_ROW floats per (token, head, split): the
         # unnormalised acc in [0, HEAD_DIM), the running max at HEAD_DIM, the sum at HEAD_DIM + 1.
-        # A split with no keys writes only (max = -inf, sum = 0). A query tile whose keys all fall in
-        # split 0 writes the output itself and max = +inf, which tells the reduction to skip it.
-        single = num_tiles <= tiles_per_split
+        # A split with no keys writes only (max = -inf, sum = 0).
         part_rows = ((tokens * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split) * PARTIAL_ROW
-        tl.store(partials_ptr + part_rows + HEAD_DIM, tl.where(single, float("inf"), m_i), mask=row_valid)
-        if single:
-            _store_output(out_ptr, acc, l_i, tokens, heads, stride_o_tok, stride_o_head, dim_offsets,
-                          row_valid, dim_valid)
-        else:
-            tl.store(partials_ptr + part_rows + HEAD_DIM + 1, l_i, mask=row_valid)
-            # (A [BLOCK_M] comparison rather than a scalar one: the interpreter mis-types scalar & tensor masks.)
-            rows_with_work = row_valid & (tile_lo < tile_hi + 0 * rows)
-            tl.store(
-                partials_ptr + part_rows[:, None] + dim_offsets[None, :],
-                acc,
-                mask=rows_with_work[:, None] & dim_valid[None, :],
-            )
+        tl.store(partials_ptr + part_rows + HEAD_DIM, m_i, mask=row_valid)
+        tl.store(partials_ptr + part_rows + HEAD_DIM + 1, l_i, mask=row_valid)
+        # (A [BLOCK_M] comparison rather than a scalar one: the interpreter mis-types scalar & tensor masks.)
+        rows_with_work = row_valid & (tile_lo < tile_hi + 0 * rows)
+        tl.store(
+            partials_ptr + part_rows[:, None] + dim_offsets[None, :],
+            acc,
+            mask=rows_with_work[:, None] & dim_valid[None, :],
+        )
     else:
-        _store_output(out_ptr, acc, l_i, tokens, heads, stride_o_tok, stride_o_head, dim_offsets, row_valid, dim_valid)
-
-
-@triton.jit
-def _store_output(out_ptr, acc, l_i, tokens, heads, stride_o_tok, stride_o_head, dim_offsets, row_valid, dim_valid):
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_offsets = tokens[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dim_offsets[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_offsets = tokens[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dim_offsets[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
 @triton.jit(do_not_specialize=["num_reqs"])
@@ -430,8 +416,6 @@ def _reduce_splits_kernel(
     head = tl.program_id(1)
     if token >= tl.load(query_start_loc_ptr + num_reqs):
         return  # padding token: no request wrote its partials
-    if tl.load(partials_ptr + (token * NUM_HEADS + head) * NUM_SPLITS * PARTIAL_ROW + HEAD_DIM) == float("inf"):
-        return  # split 0 held every key and wrote the output
     splits = tl.arange(0, NUM_SPLITS_PAD)
     split_valid = splits < NUM_SPLITS
     dims = tl.arange(0, HEAD_DIM_PAD)
@@ -571,7 +555,6 @@ def paged_attention(
     max_q_len: int = 2**31 - 1,
     max_seq_len: int | None = None,
     order: torch.Tensor | None = None,
-    split_min_tiles: int = 1,
 ) -> torch.Tensor:
     """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
@@ -680,7 +663,6 @@ def paged_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_in_fp32 else "tf32",
         DOT_IN_FP32=dot_in_fp32,
         HAS_ORDER=order is not None,
-        SPLIT_MIN_TILES=split_min_tiles,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
