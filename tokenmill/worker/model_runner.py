@@ -211,12 +211,13 @@ class ModelRunner:
     def _dummy_metadata(self, q_lens: list[int], seq_lens: list[int], block_table: torch.Tensor,
                         slot_mapping: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
         """(metadata, positions) of a made-up step: request i computes its last q_lens[i] of seq_lens[i]
-        tokens, one-token requests first; block_table and slot_mapping on the host."""
+        tokens; block_table and slot_mapping on the host. Its leading one-token requests, if longer ones
+        follow, are the step's num_decodes."""
         assert all(0 < q <= s <= self.max_model_len for q, s in zip(q_lens, seq_lens)), (q_lens, seq_lens)
         qsl = torch.tensor([0] + np.cumsum(q_lens).tolist(), dtype=torch.int32)
         lens = torch.tensor(seq_lens, dtype=torch.int32)
         max_query_len = max(q_lens)
-        num_decodes = q_lens.count(1) if max_query_len > 1 else 0
+        num_decodes = next(i for i, q in enumerate(q_lens) if q > 1) if max_query_len > 1 else 0
         metadata = AttentionMetadata(
             num_actual_tokens=int(qsl[-1]), num_reqs=len(seq_lens), max_query_len=max_query_len,
             max_seq_len=max(seq_lens), query_start_loc=qsl.to(self.device), seq_lens=lens.to(self.device),
@@ -254,12 +255,8 @@ class ModelRunner:
             metadata, positions = self._dummy_metadata(q_lens, seq_lens, block_table,
                                                        torch.full((num_tokens,), -1, dtype=torch.int64))
             logits_rows = metadata.query_start_loc[1:].long() - 1
-            logits_metadata = AttentionMetadata(
-                num_actual_tokens=num_reqs, num_reqs=num_reqs, max_query_len=1, max_seq_len=metadata.max_seq_len,
-                query_start_loc=self.one_row_each_gpu[:num_reqs + 1], seq_lens=metadata.seq_lens,
-                block_table=metadata.block_table, slot_mapping=metadata.slot_mapping[:num_reqs],
-                query_start_loc_cpu=self.one_row_each[:num_reqs + 1], seq_lens_cpu=metadata.seq_lens_cpu,
-                decode_order=torch.arange(num_reqs, dtype=torch.int32, device=self.device))
+            logits_metadata = self._logits_metadata(
+                metadata, torch.arange(num_reqs, dtype=torch.int32, device=self.device))
             input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
             with set_forward_context(metadata, self.backend, logits_rows, logits_metadata):
                 hidden_states = self.model(input_ids, positions)
@@ -529,13 +526,19 @@ class ModelRunner:
         if metadata.num_actual_tokens == n or any(
                 self.batch.states[r].sampling_params.prompt_logprobs is not None for r in rows.tolist()):
             return None, None
-        # One query row per request, as in a decode step, and in the same order (the longest first): the
-        # decode launch the CUDA graphs compiled, not a variant compiled on the first prefill.
-        return logits_indices, AttentionMetadata(
+        # In the same order as a decode step (the longest first): the decode launch the CUDA graphs compiled,
+        # not a variant compiled on the first prefill.
+        return logits_indices, self._logits_metadata(metadata, self._decode_order(self.logits_order, n, n))
+
+    def _logits_metadata(self, metadata: AttentionMetadata, decode_order: torch.Tensor) -> AttentionMetadata:
+        """The last layer's attention metadata when only the logits rows attend: one query row per request
+        (its last token), as in a decode step, over the step's keys."""
+        n = metadata.num_reqs
+        return AttentionMetadata(
             num_actual_tokens=n, num_reqs=n, max_query_len=1, max_seq_len=metadata.max_seq_len,
             query_start_loc=self.one_row_each_gpu[:n + 1], seq_lens=metadata.seq_lens, block_table=metadata.block_table,
             slot_mapping=metadata.slot_mapping[:n], query_start_loc_cpu=self.one_row_each[:n + 1],
-            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=self._decode_order(self.logits_order, n, n))
+            seq_lens_cpu=metadata.seq_lens_cpu, decode_order=decode_order)
 
     def _decode_order(self, staged: StagedBuffer, num_reqs: int, padded: int) -> torch.Tensor:
         """AttentionMetadata.decode_order for the first num_reqs staged seq_lens, staged in `staged`: the
