@@ -2,9 +2,10 @@
 
   1. the GEMMs of 8 layers (distinct weights, so none stays in L2) for M batch rows: cuBLAS (F.linear)
      against the skinny Triton GEMM of gemm_bench.py with a few tile settings per matrix, per step (x32 layers + LM head);
-  2. the sampling kernel at 128,256 vocab for several programs-per-SM settings.
+  2. the sampling kernels at 128,256 vocab (Llama-3.1-8B) and 151,936 (Qwen3) for several split sizes
+     (block x split_blocks columns), every row sampled, then every row greedy.
 
-    python benchmarks/decode_ops_bench.py [--m 16 64 128 208 256]
+    python benchmarks/decode_ops_bench.py [--m 16 64 128 208 256] [--sampling-only]
 """
 
 from __future__ import annotations
@@ -64,26 +65,32 @@ def gemms(ms: list[int]) -> None:
 
 
 def sampling() -> None:
-    print("sampling, 128,256 vocab, temperature 1, us per call in a graph")
-    print(f"{'rows':>5s} " + " ".join(f"{'pps=' + str(p):>8s}" for p in (2, 4, 8, 16)))
-    for rows in (8, 64, 128, 208, 256):
-        logits = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
-        temperature = torch.ones(rows, device="cuda")
-        ref = sample_from_logits(logits, temperature, 7)
-        row = []
-        for pps in (2, 4, 8, 16):
-            assert torch.equal(sample_from_logits(logits, temperature, 7, programs_per_sm=pps), ref)
-            row.append(graph_time(lambda: sample_from_logits(logits, temperature, 7, programs_per_sm=pps)))
-        print(f"{rows:5d} " + " ".join(f"{t * 1e6:8.1f}" for t in row))
+    settings = [(512, 4), (1024, 2), (1024, 4), (1024, 8), (2048, 4)]
+    print("sampling, us per call in a graph; columns (block, split_blocks): " + " ".join(map(str, settings)))
+    for vocab in (128256, 151936):
+        for rows in (1, 8, 64, 128, 208, 256):
+            logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+            for kind, temperature in (("sampled", torch.ones(rows, device="cuda")),
+                                      ("greedy", torch.zeros(rows, device="cuda"))):
+                row = []
+                for block, split_blocks in settings:
+                    drawn = sample_from_logits(logits, temperature, 7, block=block, split_blocks=split_blocks)
+                    if kind == "greedy":
+                        assert torch.equal(drawn, logits.float().argmax(dim=-1))
+                    row.append(graph_time(lambda: sample_from_logits(logits, temperature, 7, block=block,
+                                                                     split_blocks=split_blocks)))
+                print(f"vocab {vocab} {rows:4d} rows {kind:8s}" + " ".join(f"{t * 1e6:8.1f}" for t in row))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--m", type=int, nargs="+", default=[16, 64, 128, 208, 256])
+    parser.add_argument("--sampling-only", action="store_true")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     sampling()
-    gemms(args.m)
+    if not args.sampling_only:
+        gemms(args.m)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ Order of operations, per row of logits [num_reqs, vocab]:
   8. sample: on GPU by the exponential race argmax(p / q), q ~ Exp(1); on CPU by the inverse CDF (one
      uniform per row instead of one per vocab entry); seeded rows draw from their own generator, so a
      seeded request samples the same tokens whatever batch it runs in
-On GPU, when no row uses top-k, top-p, min-p or a seed (the common case), steps 1 and 5-8 are one Triton
-kernel that reads the logits once in their own dtype: greedy rows take the argmax, the others the
-Gumbel-max draw argmax(logits / T + G), which is the same distribution as the exponential race.
+On GPU, when no row uses top-k, top-p, min-p or a seed (the common case), steps 1 and 5-8 are two Triton
+kernels that read the logits in their own dtype: greedy rows take the argmax, the others an inverse-CDF
+draw from softmax(logits / T) with one uniform per row (triton_ops.sample_from_logits).
 There is one device-to-host copy per step: the caller's `.tolist()` of the result.
 """
 

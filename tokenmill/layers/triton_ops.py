@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.attention.triton_paged import num_sms
-
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, residual_stride, out_stride, eps,
@@ -78,86 +76,127 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols, end, bits, scale, is_random,
-                       HAS_MASK: tl.constexpr):
-    x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+def _load_scaled(row_ptr, mask_row_ptr, cols, end, scale, HAS_MASK: tl.constexpr):
+    """Logits cols of one row times scale (log2(e) / T) in fp32; -inf past `end` and where the mask forbids."""
+    x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32) * scale
     if HAS_MASK:  # a grammar's bitmask: bit c % 32 of word c // 32 allows token c
         words = tl.load(mask_row_ptr + cols // 32, mask=cols < end, other=0)
         x = tl.where(((words >> (cols % 32)) & 1) != 0, x, float("-inf"))
-    if is_random:
-        # Gumbel-max in base 2: argmax(logit / T + G) = argmax(log2(e) * logit / T - log2(-log2(u))), u uniform
-        # in the open interval (0, 1) from the top 24 bits
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        x = x * scale - tl.log2(-tl.log2(u))
-    take = x > best
-    return tl.where(take, x, best), tl.where(take, cols, best_index)
+    return x
 
 
-@triton.jit(do_not_specialize=["mask_stride", "split_size", "num_splits", "seed"])
-def _sample_kernel(logits_ptr, temperature_ptr, mask_ptr, values_ptr, indices_ptr, logits_stride, mask_stride,
-                   row_counters, vocab, split_size, num_splits, seed, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
+@triton.jit(do_not_specialize=["mask_stride", "num_splits"])
+def _sample_partials_kernel(logits_ptr, temperature_ptr, mask_ptr, max_ptr, sum_ptr, index_ptr, logits_stride,
+                            mask_stride, vocab, num_splits, BLOCK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
+                            HAS_MASK: tl.constexpr):
+    # Pass 1, one program per (row, split of SPLIT_BLOCKS * BLOCK columns): the split's max of x = logit *
+    # log2(e) / T, the first column holding it, and sum(2^(x - max)).
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
-    is_random = temperature >= 1e-5
-    scale = 1.4426950408889634 / tl.where(is_random, temperature, 1.0)
-    start = split * split_size
-    end = tl.minimum(start + split_size, vocab)
+    scale = 1.4426950408889634 / tl.where(temperature >= 1e-5, temperature, 1.0)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
     mask_row_ptr = mask_ptr + row.to(tl.int64) * mask_stride
-    QUARTER: tl.constexpr = BLOCK // 4
-    best = tl.full([QUARTER], float("-inf"), tl.float32)
-    best_index = tl.zeros([QUARTER], tl.int32) + start  # a valid id even if the whole split is -inf
-    for offset in range(start, end, BLOCK):
-        cols = offset + tl.arange(0, QUARTER)
-        # One Philox call gives four 32-bit words: one per quarter of the block. Counters are unique per
-        # (row, column): rows are row_counters apart, a multiple of BLOCK at least the vocabulary.
-        b0, b1, b2, b3 = tl.randint4x(seed, row * row_counters + cols)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols, end,
-                                              b0.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols + QUARTER, end,
-                                              b1.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols + 2 * QUARTER, end,
-                                              b2.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
-        best, best_index = _gumbel_max_update(best, best_index, row_ptr, mask_row_ptr, cols + 3 * QUARTER, end,
-                                              b3.to(tl.uint32, bitcast=True), scale, is_random, HAS_MASK)
+    start = split * (SPLIT_BLOCKS * BLOCK)
+    end = tl.minimum(start + SPLIT_BLOCKS * BLOCK, vocab)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK], tl.int32) + start
+    for i in range(SPLIT_BLOCKS):
+        cols = start + i * BLOCK + tl.arange(0, BLOCK)
+        x = _load_scaled(row_ptr, mask_row_ptr, cols, end, scale, HAS_MASK)
+        take = x > best
+        best, best_index = tl.where(take, x, best), tl.where(take, cols, best_index)
     top = tl.max(best, axis=0)
-    tl.store(values_ptr + row * num_splits + split, top)
-    tl.store(indices_ptr + row * num_splits + split, tl.min(tl.where(best == top, best_index, 2147483647), axis=0))
+    shift = tl.where(top == float("-inf"), 0.0, top)  # an all -inf split sums to 0, not NaN
+    total = tl.zeros([BLOCK], tl.float32)
+    for i in range(SPLIT_BLOCKS):  # the second read of a few KB hits the cache
+        cols = start + i * BLOCK + tl.arange(0, BLOCK)
+        total += tl.exp2(_load_scaled(row_ptr, mask_row_ptr, cols, end, scale, HAS_MASK) - shift)
+    out = row * num_splits + split
+    tl.store(max_ptr + out, top)
+    tl.store(sum_ptr + out, tl.sum(total, axis=0))
+    tl.store(index_ptr + out, tl.min(tl.where(best == top, best_index, 2147483647), axis=0))
+
+
+@triton.jit(do_not_specialize=["mask_stride", "num_splits", "seed"])
+def _sample_pick_kernel(logits_ptr, temperature_ptr, mask_ptr, max_ptr, sum_ptr, index_ptr, out_ptr, logits_stride,
+                        mask_stride, vocab, num_splits, seed, BLOCK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
+                        SPLITS_PAD: tl.constexpr, HAS_MASK: tl.constexpr):
+    # Pass 2, one program per row. Greedy rows: the first column of the largest split max. Sampled rows:
+    # inverse CDF with one uniform u per row. Z = sum over splits of sum_s * 2^(max_s - M) (M the row max);
+    # the split where the running total passes t = u * Z is walked once more, token by token, to the column
+    # where it does.
+    row = tl.program_id(0)
+    splits = tl.arange(0, SPLITS_PAD)
+    valid = splits < num_splits
+    part = row * num_splits + splits
+    maxes = tl.load(max_ptr + part, mask=valid, other=float("-inf"))
+    top = tl.max(maxes, axis=0)
+    temperature = tl.load(temperature_ptr + row)
+    if temperature < 1e-5:
+        indices = tl.load(index_ptr + part, mask=valid, other=2147483647)
+        tl.store(out_ptr + row, tl.min(tl.where(maxes == top, indices, 2147483647), axis=0).to(tl.int64))
+    else:
+        weights = tl.where(maxes == float("-inf"), 0.0,
+                           tl.load(sum_ptr + part, mask=valid, other=0.0) * tl.exp2(maxes - top))
+        cumulative = tl.cumsum(weights, axis=0)
+        target = tl.rand(seed, row) * tl.sum(weights, axis=0)
+        # The split: the first whose running total passes the target (rounding: else the last with weight).
+        passed = tl.min(tl.where(cumulative > target, splits, SPLITS_PAD), axis=0)
+        last = tl.max(tl.where(weights > 0.0, splits, 0), axis=0)
+        split = tl.minimum(passed, last)
+        remaining = target - tl.sum(tl.where(splits < split, weights, 0.0), axis=0)
+        scale = 1.4426950408889634 / temperature
+        row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
+        mask_row_ptr = mask_ptr + row.to(tl.int64) * mask_stride
+        start = split * (SPLIT_BLOCKS * BLOCK)
+        end = tl.minimum(start + SPLIT_BLOCKS * BLOCK, vocab)
+        running = tl.full([], 0.0, tl.float32)
+        chosen = tl.full([], 2147483647, tl.int32)
+        last_possible = start
+        for i in range(SPLIT_BLOCKS):
+            cols = start + i * BLOCK + tl.arange(0, BLOCK)
+            p = tl.exp2(_load_scaled(row_ptr, mask_row_ptr, cols, end, scale, HAS_MASK) - top)
+            totals = running + tl.cumsum(p, axis=0)
+            chosen = tl.minimum(chosen, tl.min(tl.where(totals > remaining, cols, 2147483647), axis=0))
+            last_possible = tl.maximum(last_possible, tl.max(tl.where(p > 0.0, cols, start), axis=0))
+            running += tl.sum(p, axis=0)
+        tl.store(out_ptr + row, tl.minimum(chosen, last_possible).to(tl.int64))
 
 
 def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: int, block: int = 1024,
-                       bitmask: torch.Tensor | None = None, programs_per_sm: int = 16) -> torch.Tensor:
+                       bitmask: torch.Tensor | None = None, split_blocks: int = 4) -> torch.Tensor:
     """One token id per row of logits [rows, vocab] (any float dtype, rows may be strided): the argmax for
-    rows of temperature 0, else a draw from softmax(logits / temperature) by the Gumbel-max trick, in one
-    pass over the logits with the noise made in registers (Philox, keyed by `seed`, row and column).
-    Noise is computed only for rows that sample. With a bitmask ([rows, >= ceil(vocab / 32)] int32 on the
-    logits' device, bit c % 32 of word c // 32 set where token c is allowed: a grammar's), only allowed
-    tokens can be chosen, with the logits of the others taken as -inf.
+    rows of temperature 0, else a draw from softmax(logits / temperature). With a bitmask ([rows, >=
+    ceil(vocab / 32)] int32 on the logits' device, bit c % 32 of word c // 32 set where token c is
+    allowed: a grammar's), only allowed tokens can be chosen, with the logits of the others taken as -inf.
     Ties go to the lowest id. Returns int64 [rows].
 
-    The noise makes the kernel compute-bound, so the vocabulary is split to give about `programs_per_sm`
-    programs per SM: 16 took 111 us against 164 us for 2 at 208 rows of 128,256 on an H100
-    (benchmarks/decode_ops_bench.py)."""
+    Two passes, no noise per token: the first reads every logit once, in splits of `split_blocks` x
+    `block` columns, for each split's max, argmax and sum of exponentials; the second, one program per
+    row, draws u from Philox (keyed by `seed` and the row) and finds where u times the row's total falls:
+    the split from the first pass's sums, the column by walking that split again. On an H100 this takes
+    33 us against 109 us for the earlier one-pass Gumbel-max kernel, whose noise made it compute-bound,
+    at 208 rows of 128,256 (benchmarks/decode_ops_bench.py)."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1 or temperature.shape != (rows,):
         raise ValueError("sample_from_logits needs a contiguous vocab dim and one temperature per row")
     if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.shape[0] != rows or bitmask.stride(-1) != 1
                                 or 32 * bitmask.shape[1] < vocab):
         raise ValueError(f"the bitmask must be int32 [{rows}, >= {triton.cdiv(vocab, 32)}] with contiguous rows")
-    blocks = triton.cdiv(vocab, block)
-    wanted_splits = triton.cdiv(programs_per_sm * num_sms(logits.device), max(rows, 1))
-    split_size = block * triton.cdiv(blocks, min(blocks, wanted_splits))
-    num_splits = triton.cdiv(vocab, split_size)
-    values = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
+    num_splits = triton.cdiv(vocab, split_blocks * block)
+    maxes = torch.empty(rows, num_splits, dtype=torch.float32, device=logits.device)
+    sums = torch.empty_like(maxes)
     indices = torch.empty(rows, num_splits, dtype=torch.int32, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     mask = bitmask if bitmask is not None else indices
-    _sample_kernel[(rows, num_splits)](logits, temperature, mask, values, indices, logits.stride(0), mask.stride(0),
-                                       blocks * block, vocab, split_size, num_splits, seed, BLOCK=block,
-                                       HAS_MASK=bitmask is not None, num_warps=4)
-    if num_splits == 1:
-        return indices[:, 0].long()
-    return indices.gather(1, values.argmax(dim=1, keepdim=True)).squeeze(1).long()
+    common = dict(BLOCK=block, SPLIT_BLOCKS=split_blocks, HAS_MASK=bitmask is not None, num_warps=4)
+    _sample_partials_kernel[(rows, num_splits)](logits, temperature, mask, maxes, sums, indices, logits.stride(0),
+                                                mask.stride(0), vocab, num_splits, **common)
+    _sample_pick_kernel[(rows,)](logits, temperature, mask, maxes, sums, indices, out, logits.stride(0),
+                                 mask.stride(0), vocab, num_splits, seed,
+                                 SPLITS_PAD=triton.next_power_of_2(num_splits), **common)
+    return out
 
 
 @triton.jit
