@@ -1,8 +1,9 @@
 """Decode attention with nano-like context lengths (uneven, uniform in [200, 2048]): does the order of the
 requests matter, and does mapping tiles to requests through a sorted `order` (longest started first, no
-search for the owning request) help? --sweep also times tile settings.
+search for the owning request) help? --sweep also times tile settings; --small times tile settings and
+split counts at the batch sizes of the run's tail (8-96 requests of 600-2,048 tokens).
 
-    python benchmarks/decode_balance_bench.py [--sweep]
+    python benchmarks/decode_balance_bench.py [--sweep] [--small]
 
 Also prints the read bandwidth of a plain reduction over 4 GiB, the practical ceiling for decode.
 """
@@ -53,6 +54,8 @@ def main() -> None:
     print("(columns: " + ", ".join(orders) + "; tiles start from the last request)")
     if "--sweep" in sys.argv:
         sweep(rng)
+    if "--small" in sys.argv:
+        small(rng)
 
 
 def sweep(rng: random.Random) -> None:
@@ -77,6 +80,32 @@ def sweep(rng: random.Random) -> None:
                 f"{t:7.1f} us {c.kv_bytes() / (t * 1e-6) / 1e12:4.2f} TB/s" for t, c in zip(times, cases)))
         except Exception as e:  # out of shared memory or registers
             print(f"  ({block_n:3d}, {warps}, {stages}): failed {type(e).__name__}")
+    triton_paged._launch_config = BASE_CONFIG
+
+
+def small(rng: random.Random) -> None:
+    """Few requests: each (tile setting, split count) in us per launch (attention and reduction) in a graph;
+    * marks the engine's split count."""
+    cases = [Case(f"b={b}", [rng.randint(600, 2048) for _ in range(b)], [1] * b, extra_table_columns=256)
+             for b in (8, 16, 24, 40, 64, 96)]
+    settings = [(128, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 4)]
+    for c in cases:
+        order = c.seq_lens.argsort(stable=True).to(torch.int32)
+        engine_splits = triton_paged.decode_num_splits(c.query, c.kv_cache, c.block_table)
+        floor_us = c.kv_bytes() / 3.0e12 * 1e6
+        print(f"{c.name}: floor at 3.0 TB/s {floor_us:.1f} us; (BLOCK_N, warps, stages) x splits 1..32")
+        for block_n, warps, stages in settings:
+            triton_paged._launch_config = decode_config(block_n, warps, stages)
+            row = []
+            for splits in (1, 2, 4, 8, 16, 32):
+                def run(c=c, order=order, splits=splits):
+                    return paged_attention(c.query, c.kv_cache, c.query_start_loc, c.seq_lens, c.block_table,
+                                           c.scale, 1, out=c.out, order=order, num_splits=splits)
+                try:
+                    row.append(f"{bench_graph(run) * 1e3:6.1f}{'*' if splits == engine_splits else ' '}")
+                except Exception as e:  # out of shared memory or registers
+                    row.append(f"{type(e).__name__[:6]:>7}")
+            print(f"  ({block_n:3d}, {warps}, {stages}): " + " ".join(row))
     triton_paged._launch_config = BASE_CONFIG
 
 

@@ -51,9 +51,11 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, reg
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Decode splits aim for this many programs per streaming multiprocessor (enough resident programs
-# to keep the memory system busy while each one waits on its loads).
-PROGRAMS_PER_SM = 4
+# Decode splits aim for this many programs per streaming multiprocessor. One program fits on an SM at a
+# time (its pipelined key and value tiles fill the shared memory), so more splits only add programs
+# that each read a few tiles: at nano-like lengths 2 is the fastest at 8-64 requests, 4 was up to 4 %
+# slower (benchmarks/decode_balance_bench.py --small).
+PROGRAMS_PER_SM = 2
 MAX_NUM_SPLITS = 64
 # Prefill launches split only when their query tiles leave SMs idle, never into splits of fewer key tiles.
 MAX_PREFILL_SPLITS = 16
@@ -62,7 +64,7 @@ MIN_TILES_PER_SPLIT = 4
 # dense_causal_attention); below it the paged kernel is as fast and the step may be a captured graph.
 DENSE_PREFILL_MIN_TOKENS = 1024
 # Used where there is no CUDA device (the interpreter): small, so CPU tests exercise several splits.
-CPU_NUM_SMS = 4
+CPU_NUM_SMS = 8
 # The smallest prefill query tile on a GPU. Steps whose longest query has a few tokens read keys far
 # more than they compute, so a taller tile than they fill costs little, and every short query length
 # shares one compiled variant instead of one per power of two.
