@@ -60,31 +60,3 @@ def test_tuned_linear_matches_reference_in_a_cuda_graph(weights):
         for m in SIZES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             assert rel_err(linear(x, ws[2]), x.double() @ ws[2].double().T) < 1e-2
-
-
-def test_prefill_sizes_run_the_nearest_tuned_size_algorithm(weights):
-    (n, k), ws = next(iter(weights.items()))
-    cublaslt.tune({(n, k): ws}, [1024, 2048], reps=2, screen=False, buckets=True)
-    # Whatever the timings chose, 1024 rows won with the heuristic's last pick and 2048 with F.linear.
-    lt = cublaslt.LtMatmul(1024, n, k, torch.bfloat16)
-    algo = lt.heuristics(8)[-1]
-    cublaslt._plans[(1024, n, k, torch.bfloat16)] = cublaslt.Plan(lt, algo)
-    cublaslt._plans.pop((2048, n, k, torch.bfloat16), None)
-    cublaslt._buckets[(n, k, torch.bfloat16)] = [(1024, algo), (2048, None)]
-    cublaslt._sized.clear()
-
-    def planned(m: int) -> cublaslt.Plan | None:
-        return cublaslt.plan_for(torch.empty(m, k, device="cuda", dtype=torch.bfloat16), ws[0])
-
-    for m in (740, 1000, 1300, 1440):  # nearest 1024, within a factor of sqrt 2
-        plan = planned(m)
-        assert plan is not None and plan.lt.m == m and bytes(plan.algo) == bytes(algo)
-    assert planned(1024).lt.m == 1024
-    for m in (700, 1460, 2048, 2500):  # too far from 1024, or nearest 2048, where F.linear won
-        assert planned(m) is None
-    for m in (1000, 1300):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(linear(x, ws[1]), x.double() @ ws[1].double().T) < 1e-2
-    for i in range(cublaslt.SIZED_PLANS + 1):  # the derived plans are bounded
-        planned(800 + i)
-    assert len(cublaslt._sized) == cublaslt.SIZED_PLANS

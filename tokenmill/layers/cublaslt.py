@@ -1,4 +1,4 @@
-"""GEMMs through cuBLASLt with a measured algorithm instead of cuBLAS's first guess.
+"""Decode-sized GEMMs through cuBLASLt with a measured algorithm instead of cuBLAS's first guess.
 
 F.linear runs the first algorithm cuBLAS's heuristic picks. For the few-row products of a decode step
 (M = batch rows; the time is the weight streaming from memory) that pick is often not the fastest one
@@ -7,11 +7,6 @@ another algorithm (benchmarks/cublaslt_bench.py). So before the CUDA graphs are 
 for every graph size and every distinct weight shape, F.linear against a shortlist of cuBLASLt
 algorithms, inside CUDA graphs over several layers' weights (cold in L2, as in a decode step), and
 keeps a plan wherever an algorithm wins by more than the noise; `linear()` runs through `plan_for`.
-
-Prefill-sized products (eager, M in the thousands) are tuned at a few power-of-two sizes; a product of
-another size runs the algorithm won at the nearest of them (within a factor of sqrt 2) when cuBLASLt
-accepts it for that size. At M = 4096 on an H100 that is o_proj 203 -> 182 us and down_proj 681 -> 659 us
-against F.linear (benchmarks/cublaslt_bench.py --m 4096).
 
 The binding is a few ctypes calls into the libcublasLt torch has loaded. cuBLAS is column-major, so
 y[M, N] = x[M, K] @ w[N, K].T is computed as y.T = w @ x.T: A is w (a K x N column-major matrix,
@@ -22,9 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import time
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +42,6 @@ SCREEN_SIZES = (16, 64, 128, 256)
 SHORTLIST_PER_SIZE = 3
 MARGIN = 0.97
 ROTATION_BYTES = 256 << 20  # weights cycled through per timing, well above the 50 MB of an H100's L2
-SIZED_PLANS = 256  # plans of untuned sizes derived from a bucket's algorithm, most recently used kept
 
 _DTYPES = {torch.bfloat16: _CUDA_R_16BF, torch.float16: _CUDA_R_16F}
 
@@ -82,7 +74,7 @@ def _library() -> ctypes.CDLL:
                      "cublasLtMatrixLayoutCreate", "cublasLtMatmulPreferenceCreate",
                      "cublasLtMatmulPreferenceSetAttribute", "cublasLtMatmulPreferenceDestroy",
                      "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmul", "cublasLtMatmulAlgoConfigGetAttribute",
-                     "cublasLtMatmulAlgoCheck", "cublasLtMatmulDescDestroy", "cublasLtMatrixLayoutDestroy"):
+                     "cublasLtMatmulAlgoCheck"):
             getattr(lib, name).restype = ctypes.c_int
         lib.cublasLtMatrixLayoutCreate.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
                                                    ctypes.c_int64]
@@ -137,12 +129,6 @@ class LtMatmul:
                    "MatrixLayoutCreate")
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
-    def __del__(self) -> None:
-        if _lib is not None:
-            for layout in (self.a, self.b, self.c):
-                _lib.cublasLtMatrixLayoutDestroy(layout)
-            _lib.cublasLtMatmulDescDestroy(self.desc)
-
     def heuristics(self, count: int, workspace_bytes: int = WORKSPACE_BYTES) -> list[_Algo]:
         """Up to `count` algorithms, in the heuristic's order, that fit the workspace."""
         lib = _library()
@@ -187,10 +173,6 @@ class Plan:
 
 
 _plans: dict[tuple[int, int, int, torch.dtype], Plan] = {}
-# Prefill buckets: (N, K, dtype) -> [(M, the algorithm that won there, None where F.linear did)], and the
-# plans derived from them for other sizes (None where F.linear runs them).
-_buckets: dict[tuple[int, int, torch.dtype], list[tuple[int, _Algo | None]]] = {}
-_sized: OrderedDict[tuple[int, int, int, torch.dtype], Plan | None] = OrderedDict()
 
 
 def plan_for(x: torch.Tensor, weight: torch.Tensor) -> Plan | None:
@@ -198,33 +180,15 @@ def plan_for(x: torch.Tensor, weight: torch.Tensor) -> Plan | None:
     (row-major, contiguous, aligned as the heuristic assumed)."""
     if not _plans or x.dim() != 2:
         return None
-    key = (x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
-    plan = _plans.get(key)
-    if plan is None and key[1:] in _buckets:
-        plan = _bucket_plan(key)
+    plan = _plans.get((x.shape[0], weight.shape[0], weight.shape[1], x.dtype))
     if plan is None or not (x.is_contiguous() and weight.is_contiguous()) \
             or x.data_ptr() % ALIGNMENT or weight.data_ptr() % ALIGNMENT:
         return None
     return plan
 
 
-def _bucket_plan(key: tuple[int, int, int, torch.dtype]) -> Plan | None:
-    if key in _sized:
-        _sized.move_to_end(key)
-        return _sized[key]
-    m, n, k, dtype = key
-    size, algo = min(_buckets[key[1:]], key=lambda bucket: abs(math.log2(bucket[0] / m)))
-    lt = LtMatmul(m, n, k, dtype) if algo is not None and max(size, m) <= math.sqrt(2) * min(size, m) else None
-    _sized[key] = plan = Plan(lt, algo) if lt is not None and lt.supports(algo) else None
-    if len(_sized) > SIZED_PLANS:
-        _sized.popitem(last=False)
-    return plan
-
-
 def clear_plans() -> None:
     _plans.clear()
-    _buckets.clear()
-    _sized.clear()
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -279,13 +243,12 @@ def _agrees(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @torch.inference_mode()
 def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], reps: int = 5,
-         screen: bool = True, buckets: bool = False) -> float:
+         screen: bool = True) -> float:
     """Plans for x [M, K] @ w.T for every M in `sizes` and every weight shape (N, K) in `weights` (all
     the model's tensors of that shape); returns seconds taken. With `screen`, each shape's candidate
     pool is screened at a few sizes, and the best few there, with the heuristic's own pick, are timed at
     every size against F.linear; without (a few large sizes, where every timing is long), the
-    candidates are the heuristic's own picks for each size. With `buckets`, a winner also serves products
-    of nearby sizes (plan_for)."""
+    candidates are the heuristic's own picks for each size."""
     started = time.perf_counter()
     sizes = sorted(set(sizes))
     gen = torch.Generator(device=next(iter(weights.values()))[0].device).manual_seed(0)
@@ -318,15 +281,11 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], r
             else:
                 candidates = candidate_pool(n, k, dtype, [m])
             best, index = min(((timed(lt, x, a, reps), i) for i, a in enumerate(candidates)), default=(None, None))
-            winner = None
             if best is not None and best < MARGIN * baseline:
                 plan = Plan(lt, candidates[index])
                 if _agrees(plan, x, rotation[0]):
                     _plans[(m, n, k, dtype)] = plan
-                    winner = plan.algo
                     kept += 1
-            if buckets:
-                _buckets.setdefault((n, k, dtype), []).append((m, winner))
     seconds = time.perf_counter() - started
     logger.info("GEMM tuning: %d of %d (size, shape) products run a cuBLASLt algorithm faster than F.linear's; "
                 "%.1f s", kept, len(sizes) * len(weights), seconds)

@@ -304,20 +304,16 @@ class ModelRunner:
     @torch.inference_mode()
     def tune_gemms(self) -> None:
         """Times cuBLASLt's algorithms against F.linear for the products the CUDA graphs will run (every
-        graph size, every weight shape) and for prefill-sized ones (the layers' weights at 1024, 2048, ...
-        rows and at a full chunk of max_num_batched_tokens); `linear()` then runs the winners, a prefill of
-        another size the nearest one's (layers/cublaslt.py). Before the KV cache is sized, so its scratch
-        memory is free again by then. TOKENMILL_GEMM_TUNING=0 turns it off."""
+        graph size, every weight shape) and for a full prefill chunk (max_num_batched_tokens rows, the
+        layers' weights); `linear()` then runs the winners (layers/cublaslt.py). Before the KV cache is
+        sized, so its scratch memory is free again by then. TOKENMILL_GEMM_TUNING=0 turns it off."""
         if not self.graphs.sizes or os.environ.get("TOKENMILL_GEMM_TUNING", "1") == "0":
             return
         weights = self._linear_weights()
         layers = {shape: w for shape, w in weights.items() if w[0] is not self.model.lm_head.weight}
         try:
             cublaslt.tune(weights, [s for s in self.graphs.sizes + self.mixed_graphs.sizes if s > 1])
-            largest_graph = max(self.graphs.sizes + self.mixed_graphs.sizes)
-            prefill_sizes = [m for m in (1 << e for e in range(10, self.max_num_tokens.bit_length()))
-                             if largest_graph < m < self.max_num_tokens]
-            cublaslt.tune(layers, prefill_sizes + [self.max_num_tokens], reps=3, screen=False, buckets=True)
+            cublaslt.tune(layers, [self.max_num_tokens], reps=3, screen=False)
         except (RuntimeError, OSError) as e:  # no usable cuBLASLt: every product stays on F.linear
             cublaslt.clear_plans()
             logger.warning("GEMM tuning skipped: %s", e)
