@@ -49,11 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "cuBLASLt", _library().cublasLtGetVersion())
     dtype = torch.bfloat16
-    _ = LtMatmul(16, 4096, 4096, dtype)  # creates the handle
     for name in args.shapes:
         n, k = SHAPES[name]
         per_weight = n * k * 2
-        weights = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(max(2, -(-(256 << 20) // per_weight)))]
+        count = max(2, -(-cublaslt.ROTATION_BYTES // per_weight))
+        weights = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(count)]
         pool = candidate_pool(n, k, dtype)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=dtype)

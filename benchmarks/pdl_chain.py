@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from tokenmill.layers.cublaslt import graph_time
+
 
 @triton.jit
 def _add_one(x_ptr, y_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -29,28 +31,14 @@ def chain(bufs, length: int, pdl: bool, gemm=None) -> None:
     block = 1024
     for i in range(length):
         x, y = bufs[i % 2], bufs[(i + 1) % 2]
-        if pdl:
-            _add_one[(triton.cdiv(n, block),)](x, y, n, BLOCK=block, PDL=True, launch_pdl=True)
-        else:
-            _add_one[(triton.cdiv(n, block),)](x, y, n, BLOCK=block, PDL=False)
+        _add_one[(triton.cdiv(n, block),)](x, y, n, BLOCK=block, PDL=pdl, launch_pdl=pdl)
         if gemm is not None:
             torch.mm(gemm[0], gemm[1], out=gemm[2])
 
 
-def time_graph(fn, replays: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays * 1e3  # us
+def time_graph(fn) -> float:
+    """Microseconds per replay of fn captured in a CUDA graph."""
+    return graph_time(fn, reps=50) * 1e6
 
 
 def main() -> None:

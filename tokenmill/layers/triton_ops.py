@@ -90,11 +90,12 @@ def _sample_partials_kernel(logits_ptr, temperature_ptr, mask_ptr, max_ptr, sum_
                             mask_stride, vocab, num_splits, BLOCK: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
                             HAS_MASK: tl.constexpr):
     # Pass 1, one program per (row, split of SPLIT_BLOCKS * BLOCK columns): the split's max of x = logit *
-    # log2(e) / T, the first column holding it, and sum(2^(x - max)).
+    # log2(e) / T, the first column holding it, and, for rows that sample, sum(2^(x - max)).
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
-    scale = 1.4426950408889634 / tl.where(temperature >= 1e-5, temperature, 1.0)
+    is_random = temperature >= 1e-5
+    scale = 1.4426950408889634 / tl.where(is_random, temperature, 1.0)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
     mask_row_ptr = mask_ptr + row.to(tl.int64) * mask_stride
     start = split * (SPLIT_BLOCKS * BLOCK)
@@ -107,15 +108,16 @@ def _sample_partials_kernel(logits_ptr, temperature_ptr, mask_ptr, max_ptr, sum_
         take = x > best
         best, best_index = tl.where(take, x, best), tl.where(take, cols, best_index)
     top = tl.max(best, axis=0)
-    shift = tl.where(top == float("-inf"), 0.0, top)  # an all -inf split sums to 0, not NaN
-    total = tl.zeros([BLOCK], tl.float32)
-    for i in range(SPLIT_BLOCKS):  # the second read of a few KB hits the cache
-        cols = start + i * BLOCK + tl.arange(0, BLOCK)
-        total += tl.exp2(_load_scaled(row_ptr, mask_row_ptr, cols, end, scale, HAS_MASK) - shift)
     out = row * num_splits + split
     tl.store(max_ptr + out, top)
-    tl.store(sum_ptr + out, tl.sum(total, axis=0))
     tl.store(index_ptr + out, tl.min(tl.where(best == top, best_index, 2147483647), axis=0))
+    if is_random:  # greedy rows never read the sums
+        shift = tl.where(top == float("-inf"), 0.0, top)  # an all -inf split sums to 0, not NaN
+        total = tl.zeros([BLOCK], tl.float32)
+        for i in range(SPLIT_BLOCKS):  # the second read of a few KB hits the cache
+            cols = start + i * BLOCK + tl.arange(0, BLOCK)
+            total += tl.exp2(_load_scaled(row_ptr, mask_row_ptr, cols, end, scale, HAS_MASK) - shift)
+        tl.store(sum_ptr + out, tl.sum(total, axis=0))
 
 
 @triton.jit(do_not_specialize=["mask_stride", "num_splits", "seed"])
