@@ -33,7 +33,7 @@ if want structured; then  # issue 6: every request JSON-constrained, then the sa
   TOKENMILL_STEP_TIMING=1 timeout 300 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --tokenizer .bench-tokenizer --structured json-array --output-json "$OUT/nano-llama-3.1-8b-structured.json" 2>&1 | tail -12
 fi
 if want serve; then
-  LLAMA=$(python3 -c "from tokenmill.bench.presets import model_path; print(model_path('llama-3.1-8b'))")
+  LLAMA=$(python3 -c "from tokenmill.entrypoints.cli.bench.presets import model_path; print(model_path('llama-3.1-8b'))")
   timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload fixed --num-prompts 256 --input-len 512 --output-len 256 --output-json "$OUT/fixed-llama-3.1-8b-offline.json" 2>&1 | tail -2
   $TM serve "$LLAMA" --load-format dummy --max-model-len 2048 --port 8011 --disable-uvicorn-access-log > "$OUT/serve.log" 2>&1 &
   for i in $(seq 1 90); do sleep 2; python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break; done

@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded model's tokenizer (converted from its GGUF once, then cached on disk)."""
-    from tokenmill.loader.default_model import default_model_path
-    from tokenmill.loader.gguf import load_gguf_tokenizer
+    from tokenmill.source.default_model import default_model_path
+    from tokenmill.source.gguf_file import load_gguf_tokenizer
 
     return load_gguf_tokenizer(default_model_path())
 

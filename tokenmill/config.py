@@ -1,18 +1,29 @@
-"""Engine configuration: one dataclass per concern, validated on construction, gathered in EngineConfig."""
+"""Engine configuration: one dataclass per concern, validated on construction, gathered in EngineConfig.
+
+Torch-free: the frontend builds and validates a config without loading torch. Dtypes stay names
+("bfloat16") until a worker turns them into torch dtypes.
+
+A config is built from what the user gave (LLM(...) keyword arguments or CLI flags), where "auto" and
+None mean "decide for me". `EngineConfig.resolve` makes every such decision in one place, once the
+model's config and the device are known, and returns a new, complete config; nothing changes it after.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
+from tokenmill.loader.registry import LOAD_FORMATS
 
-_DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+# Accepted dtype names -> the canonical one.
+DTYPE_NAMES = {
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
+USAGE_CONTEXTS = ("llm", "serve")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -20,12 +31,26 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name} {message}")
 
 
+def dtype_name(dtype: Any) -> str:
+    """A dtype given as a name or as a torch.dtype ("torch.bfloat16"), as its name."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the worker reports of its device, for the decisions `EngineConfig.resolve` makes."""
+
+    type: str  # "cuda" | "cpu"
+    total_memory: int = 0  # bytes; 0 where unknown (CPU)
+    supports_bf16: bool = False
+
+
 @dataclass
 class ModelConfig:
     model: str = "default"
     tokenizer: str | None = None
-    dtype: str | torch.dtype = "auto"
-    max_model_len: int | None = None
+    dtype: str = "auto"  # "auto" or a DTYPE_NAMES key (a torch.dtype is taken by its name)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
     load_format: str = "auto"
     served_model_name: str | None = None
@@ -33,24 +58,13 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.dtype, torch.dtype) or self.dtype == "auto" or self.dtype in _DTYPES,
-                 "dtype", f"must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        self.dtype = dtype_name(self.dtype)
+        _require(self.dtype == "auto" or self.dtype in DTYPE_NAMES, "dtype",
+                 f"must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         _require(self.load_format in LOAD_FORMATS, "load_format", f"must be one of {LOAD_FORMATS}, got "
                  f"{self.load_format!r}")
         _require(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len > 0),
                  "max_model_len", f"must be a positive integer, got {self.max_model_len!r}")
-
-    def resolve_dtype(self, config_dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
-        """'auto' means the checkpoint's dtype on GPU, float32 on CPU (where half precision is slow)."""
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        if device.type == "cpu":
-            return torch.float32
-        if config_dtype in (None, torch.float32):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return config_dtype
 
 
 @dataclass
@@ -74,12 +88,11 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
-    # None: chosen for the device by `resolve_max_num_batched_tokens` (vLLM's defaults).
-    max_num_batched_tokens: int | None = None
+    max_num_batched_tokens: int | None = None  # None: default_max_num_batched_tokens
     enable_chunked_prefill: bool = True
     # Schedule step N+1 while step N runs on the device, its sampled tokens fed to N+1 on the device.
     async_scheduling: bool = True
-    max_model_len: int = 0  # filled in from the model config
+    max_model_len: int = 0  # the model config's, copied by EngineConfig.resolve
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
@@ -88,12 +101,42 @@ class SchedulerConfig:
                                                           and self.max_num_batched_tokens >= 1),
                  "max_num_batched_tokens", f"must be a positive integer, got {self.max_num_batched_tokens!r}")
 
-    def resolve_max_num_batched_tokens(self, device: torch.device) -> None:
-        """The per-step token budget when none was given, as vLLM picks it for offline use: 16384 on GPUs of
-        70 GiB or more (H100, H200), 8192 elsewhere. The server passes its own (8192)."""
-        if self.max_num_batched_tokens is None:
-            big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 70 * 2**30
-            self.max_num_batched_tokens = 16384 if big else 8192
+
+def default_max_num_batched_tokens(usage_context: str, device: DeviceInfo) -> int:
+    """vLLM's per-step token budget when none is given: a server takes shorter steps (steadier inter-token
+    latency) than offline use, which takes 16384 on GPUs of 70 GiB or more (H100, H200)."""
+    if usage_context == "serve":
+        return 8192
+    return 16384 if device.type == "cuda" and device.total_memory >= 70 * 2**30 else 8192
+
+
+def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is None:
+        if limit is None:
+            raise ValueError("the model config has no max_position_embeddings; pass max_model_len")
+        return int(limit)
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_model_len={requested} is larger than the model's max_position_embeddings={limit}")
+    return requested
+
+
+def resolve_dtype(requested: str, checkpoint_dtype: str | None, device: DeviceInfo) -> str:
+    """'auto' means the checkpoint's dtype on GPU (half precision if it is float32 or unknown), float32 on
+    CPU, where half precision is slow."""
+    if requested != "auto":
+        return DTYPE_NAMES[requested]
+    if device.type == "cpu":
+        return "float32"
+    if checkpoint_dtype in (None, "float32"):
+        return "bfloat16" if device.supports_bf16 else "float16"
+    return DTYPE_NAMES.get(checkpoint_dtype, checkpoint_dtype)
+
+
+def checkpoint_dtype(hf_config: Any) -> str | None:
+    """The dtype a HF config names for its weights (`dtype`, or the older `torch_dtype`), as a name."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return None if dtype is None else dtype_name(dtype)
 
 
 @dataclass
@@ -115,9 +158,14 @@ class EngineConfig:
     enforce_eager: bool = False
     attention_backend: str | None = None  # None = chosen by device
     disable_log_stats: bool = True
+    usage_context: str = "llm"  # "llm" (offline, LLM) or "serve" (the OpenAI server)
+
+    def __post_init__(self) -> None:
+        _require(self.usage_context in USAGE_CONTEXTS, "usage_context",
+                 f"must be one of {USAGE_CONTEXTS}, got {self.usage_context!r}")
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Builds the tree from flat vLLM-style keyword arguments (LLM(...) and the CLI)."""
         sections = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                     "parallel": ParallelConfig}
@@ -137,7 +185,13 @@ class EngineConfig:
                 top[key] = value
         return cls(**{name: section(**parts[name]) for name, section in sections.items()}, **top)
 
-    def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+    def resolve(self, hf_config: Any, device: DeviceInfo) -> EngineConfig:
+        """A copy with every "auto" and None decided for this model on this device: dtype, max_model_len
+        (also the scheduler's), the step's token budget and the device."""
+        max_model_len = resolve_max_model_len(hf_config, self.model.max_model_len)
+        model = dataclasses.replace(self.model, max_model_len=max_model_len,
+                                    dtype=resolve_dtype(self.model.dtype, checkpoint_dtype(hf_config), device))
+        budget = self.scheduler.max_num_batched_tokens or default_max_num_batched_tokens(self.usage_context, device)
+        scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget)
+        return dataclasses.replace(self, model=model, scheduler=scheduler,
+                                   device=device.type if self.device == "auto" else self.device)

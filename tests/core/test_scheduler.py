@@ -187,39 +187,3 @@ def test_rejects_overlong_prompt():
     scheduler = make_scheduler(num_blocks=16, max_model_len=8)
     with pytest.raises(ValueError, match="max_model_len=8"):
         scheduler.add_request(make_request("long", 9))
-
-
-class _RecordingMatcher:
-    def __init__(self) -> None:
-        self.accepted: list[int] = []
-
-    def accept_token(self, token_id: int) -> bool:
-        self.accepted.append(token_id)
-        return True
-
-    def is_terminated(self) -> bool:
-        return False
-
-
-def test_grammar_applies_only_after_the_reasoning_end_marker():
-    from concurrent.futures import Future
-
-    from tokenmill.structured.manager import StructuredRequest
-
-    scheduler = make_scheduler(num_blocks=16)
-    request = make_request("think", 3, max_tokens=8)
-    done = Future()
-    done.set_result(None)
-    request.structured = StructuredRequest(done, after_token_ids=[5, 6])
-    request.structured.matcher = _RecordingMatcher()
-    scheduler.add_request(request)
-    for token in (1, 5, 2, 5, 6, 7, 8):
-        out = scheduler.schedule()
-        # masked only once the marker was generated: the token after "5, 6" is the first constrained one
-        rows, _ = scheduler.structured_rows(list(out.num_scheduled_tokens), [True])
-        assert bool(rows) == request.structured.active
-        runner_output = ModelRunnerOutput(["think"], [[token]], [None])
-        for r, t in zip(*scheduler.grammar_tokens(runner_output)):
-            r.structured.matcher.accept_token(t)
-        scheduler.update_from_output(out, runner_output)
-    assert request.structured.matcher.accepted == [7, 8]

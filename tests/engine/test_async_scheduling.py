@@ -40,7 +40,7 @@ def test_async_matches_sync(model_dir, pressure):
     kwargs = {}
     if pressure:  # 14 blocks of 16 tokens: one long sequence fits, the batch does not
         per_block = LLM(model_dir, dtype="float32", kv_cache_memory_bytes=1 << 20,
-                        max_model_len=256).llm_engine.core.runner.kv_bytes_per_block()
+                        max_model_len=256).llm_engine.core.worker.kv_bytes_per_block()
         kwargs = dict(kv_cache_memory_bytes=14 * per_block, max_model_len=200)
     sync, _ = run(model_dir, False, prompts, params, **kwargs)
     async_, stats = run(model_dir, True, prompts, params, **kwargs)

@@ -20,7 +20,7 @@ def model_dir(tiny_model_dir):
 
 def make_llm(model_dir, offload_blocks: int, caching: bool = True) -> LLM:
     probe = LLM(model_dir, dtype="float32", kv_cache_memory_bytes=1 << 20, max_model_len=160)
-    per_block = probe.llm_engine.core.runner.kv_bytes_per_block()
+    per_block = probe.llm_engine.core.worker.kv_bytes_per_block()
     return LLM(model_dir, dtype="float32", max_model_len=160, kv_cache_memory_bytes=12 * per_block,
                enable_prefix_caching=caching, kv_offload_size=offload_blocks * per_block / 2**30)
 

@@ -55,7 +55,7 @@ def test_caching_on_and_off_give_identical_outputs(model_dir, pressure):
     prompts, params = workload()
     kwargs = {}
     if pressure:  # 12 blocks of 16: room for one long sequence, so preemption and eviction
-        per_block = make_llm(model_dir, False).llm_engine.core.runner.kv_bytes_per_block()
+        per_block = make_llm(model_dir, False).llm_engine.core.worker.kv_bytes_per_block()
         kwargs = dict(kv_cache_memory_bytes=12 * per_block, max_model_len=160)
     off = run_checked(make_llm(model_dir, False, **kwargs), prompts, params)
     cached_llm = make_llm(model_dir, True, **kwargs)

@@ -346,7 +346,7 @@ def test_metrics_exposition(server):
 
 
 def test_bench_serve(server, tmp_path):
-    from tokenmill.bench.serve import register
+    from tokenmill.entrypoints.cli.bench.serve import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -115,7 +115,7 @@ def test_host_tier_copies_equal_recompute_under_pressure(tmp_path_factory):
 
     def run(offload_gib: float, caching: bool) -> tuple[list[list[int]], int]:
         probe = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=512, kv_cache_memory_bytes=1 << 24)
-        per_block = probe.llm_engine.core.runner.kv_bytes_per_block()
+        per_block = probe.llm_engine.core.worker.kv_bytes_per_block()
         del probe
         llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=512, max_num_seqs=4,
                   kv_cache_memory_bytes=48 * per_block, enable_prefix_caching=caching, kv_offload_size=offload_gib)

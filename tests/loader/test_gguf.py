@@ -15,8 +15,10 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tokenmill.loader import gguf as loader  # noqa: E402
-from tokenmill.loader.default_model import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
+from tokenmill.loader.gguf import GGUFLoader  # noqa: E402
+from tokenmill.source import gguf_file as loader  # noqa: E402
+from tokenmill.source import resolve_model  # noqa: E402
+from tokenmill.source.default_model import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
 
 ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters",
@@ -57,9 +59,13 @@ def _assert_same_config(ours, reference) -> None:
         assert getattr(ours, field) == getattr(reference, field), field
 
 
+def gguf_weights(path: str, dtype: torch.dtype):
+    return GGUFLoader(resolve_model(path), "gguf").weights(dtype)
+
+
 def _assert_same_weights(path: str, reference_model) -> None:
     reference = reference_model.state_dict()
-    ours = dict(loader.iter_gguf_weights(path, torch.float32))
+    ours = dict(gguf_weights(path, torch.float32))
     expected_names = set(reference)
     if reference_model.config.tie_word_embeddings:
         expected_names.discard("lm_head.weight")  # tied: the engine shares model.embed_tokens.weight
@@ -98,7 +104,7 @@ def test_weights_match_transformers(model_path, hf_model):
 
 
 def test_weights_dtype(model_path):
-    name, tensor = next(iter(loader.iter_gguf_weights(model_path, torch.bfloat16)))
+    name, tensor = next(iter(gguf_weights(model_path, torch.bfloat16)))
     assert tensor.dtype == torch.bfloat16 and name.startswith("model.")
 
 
@@ -246,7 +252,7 @@ def test_llama_file_with_rope_freqs(tmp_path):
     assert config.rope_parameters == {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 8.0,
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 128}
-    names = [name for name, _ in loader.iter_gguf_weights(path, torch.float32)]
+    names = [name for name, _ in gguf_weights(path, torch.float32)]
     assert "model.layers.1.self_attn.q_proj.weight" in names and not any("rope" in name for name in names)
 
 
@@ -331,7 +337,7 @@ def test_dequantize_random_bytes_matches_gguf(type_name):
     raw = np.random.default_rng(1).integers(0, 256, size=(rows, blocks_per_row * type_size), dtype=np.uint8)
     expected = gguf.quants.dequantize(raw, qtype)
     ours = loader.dequantize(raw, int(qtype), expected.shape)
-    np.testing.assert_array_equal(ours.numpy(), expected)
+    np.testing.assert_array_equal(ours, expected)
 
 
 def test_dequantize_errors():

@@ -53,7 +53,7 @@ def test_tiny_models_match_hf_under_every_batching(arch, tiny_model_dir, assert_
     assert_pool_free(chunked)
 
     # 40 blocks of 4 tokens hold one max_model_len sequence but far fewer than all 8 at once.
-    block_bytes = chunked.llm_engine.core.runner.kv_bytes_per_block() // 16 * 4
+    block_bytes = chunked.llm_engine.core.worker.kv_bytes_per_block() // 16 * 4
     pressured = LLM(path, dtype="float32", block_size=4, kv_cache_memory_bytes=40 * block_bytes, max_model_len=160,
                     enable_prefix_caching=False)
     assert pressured.llm_engine.core.num_blocks == 40
@@ -63,7 +63,7 @@ def test_tiny_models_match_hf_under_every_batching(arch, tiny_model_dir, assert_
 
 
 def test_embedded_smollm2_matches_hf(smol_tokenizer, assert_pool_free):
-    from tokenmill.loader.default_model import default_model_path
+    from tokenmill.source.default_model import default_model_path
 
     path = default_model_path()
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(

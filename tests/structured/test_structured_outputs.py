@@ -143,11 +143,11 @@ def test_async_scheduling_masks_a_step_ahead_with_the_outputs_of_sync_scheduling
     texts = {}
     for async_scheduling in (True, False):
         llm = LLM(max_model_len=512, kv_cache_memory_bytes=48 << 20, async_scheduling=async_scheduling)
-        runner = llm.llm_engine.core.runner
+        worker = llm.llm_engine.core.worker
         calls = []
-        launch_step, finish_step = runner.launch_step, runner.finish_step
-        runner.launch_step = lambda *a, **k: calls.append("launch") or launch_step(*a, **k)
-        runner.finish_step = lambda *a: calls.append("finish") or finish_step(*a)
+        execute_model, finish_step = worker.execute_model, worker.finish_step
+        worker.execute_model = lambda *a: calls.append("launch") or execute_model(*a)
+        worker.finish_step = lambda: calls.append("finish") or finish_step()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         texts[async_scheduling] = [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
                                    for o in outputs]

@@ -7,9 +7,14 @@ import struct
 import time
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.grammar import StructuredRequest
 
 
 def token_array(token_ids: Sequence[int], dtype: type = np.int64) -> np.ndarray:
@@ -63,8 +68,8 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
-        # Structured outputs: the grammar's compile future and matcher (tokenmill.structured.manager)
-        self.structured = None
+        # Structured outputs: the grammar's compile future and matcher, set by the engine core
+        self.structured: StructuredRequest | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

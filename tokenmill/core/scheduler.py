@@ -14,8 +14,7 @@ Order of a step:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.interface import (
@@ -233,42 +232,6 @@ class Scheduler:
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return request.is_finished
-
-    def grammar_tokens(self, runner_output: ModelRunnerOutput) -> tuple[list[Request], list[int]]:
-        """(requests, tokens): a step's sampled tokens that advance grammars, each with its request (which
-        repeats if it sampled several), for the engine to accept before update_from_output. A grammar
-        still waiting for its start marker (reasoning) only watches the tokens go by."""
-        requests, tokens = [], []
-        if not self.num_structured_requests:
-            return requests, tokens
-        for request_id, new_token_ids in zip(runner_output.req_ids, runner_output.sampled_token_ids):
-            request = self.requests.get(request_id)
-            if request is None or request.structured is None or request.is_finished or not new_token_ids:
-                continue
-            structured = request.structured
-            for token_id in new_token_ids:
-                if structured.active:
-                    requests.append(request)
-                    tokens.append(token_id)
-                else:
-                    structured.observe(request.output_token_ids, token_id)
-        return requests, tokens
-
-    def structured_rows(self, req_ids: list[str], samples: Sequence[bool]) -> tuple[list[int], list[Any]]:
-        """(rows, structured requests): the batch rows of a launched step whose next token a grammar
-        constrains, with those requests' grammars; rows that only compute a prompt chunk (samples[i]
-        false), requests that ended since the step was scheduled and grammars known to have terminated
-        are left out."""
-        rows, grammars = [], []
-        if self.num_structured_requests:
-            for i, request_id in enumerate(req_ids):
-                request = self.requests.get(request_id)
-                if samples[i] and request is not None and request.structured is not None \
-                        and request.structured.active and not request.is_finished \
-                        and not request.structured.terminated:
-                    rows.append(i)
-                    grammars.append(request.structured)
-        return rows, grammars
 
     def needs_sync_scheduling(self) -> bool:
         return self.num_sync_only_requests > 0

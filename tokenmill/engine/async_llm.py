@@ -31,12 +31,11 @@ from tokenmill.engine.core_client import (
     EngineDeadError,
     UtilityResult,
 )
-from tokenmill.engine.llm_engine import eos_token_ids
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.processor import Processor, PromptType
-from tokenmill.loader import load_tokenizer, resolve_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.source import eos_token_ids, load_tokenizer, resolve_model
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
-from tokenmill.loader import ModelSource
+from tokenmill.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def run_engine_core(config: EngineConfig, source: ModelSource, input_conn: Conne
         from tokenmill.engine.core import EngineCore
 
         core = EngineCore(config, source)
-        output_conn.send(CoreReady(os.getpid(), config.scheduler.max_model_len, core.num_blocks,
+        output_conn.send(CoreReady(os.getpid(), core.config.scheduler.max_model_len, core.num_blocks,
                                    config.cache.block_size))
         EngineCoreProc(core, input_conn, output_conn).run()
     except (EOFError, BrokenPipeError):

@@ -1,40 +1,30 @@
-"""LLMEngine: the synchronous engine behind LLM: frontend processing around an in-process EngineCore."""
+"""LLMEngine: the synchronous engine behind LLM: frontend processing around an in-process EngineCore.
+
+The engine core (and with it torch and the model code) is imported when an LLMEngine is built, not when
+this module is: the frontend modules load without it.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreRequest
-from tokenmill.engine.core import EngineCore
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.processor import Processor, PromptType
-from tokenmill.loader import ModelSource, load_tokenizer, resolve_model
 from tokenmill.metrics import step_timer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
-
-
-def eos_token_ids(source: ModelSource, tokenizer: Any | None) -> set[int]:
-    """The model's end-of-sequence ids: from its config (may be a list) and its tokenizer."""
-    ids: set[int] = set()
-    eos = getattr(source.hf_config, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+from tokenmill.source import eos_token_ids, load_tokenizer, resolve_model
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, skip_tokenizer_init: bool = False) -> None:
-        self.config = config
+        from tokenmill.engine.core import EngineCore
+
         self.source = resolve_model(config.model.model, config.model.revision)
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.source, config.model.tokenizer)
         self.core = EngineCore(config, self.source)
-        self.processor = Processor(self.tokenizer, config.scheduler.max_model_len,
+        self.config = self.core.config  # resolved
+        self.processor = Processor(self.tokenizer, self.config.scheduler.max_model_len,
                                    self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
 

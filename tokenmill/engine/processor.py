@@ -8,7 +8,7 @@ from typing import Any
 from tokenmill.core.interface import EngineCoreRequest
 from tokenmill.core.request import token_array
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.structured.manager import StructuredOutputManager
+from tokenmill.structured import grammar
 
 PromptType = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]} / {"prompt": "..."}
 
@@ -56,6 +56,6 @@ class Processor:
         if params.structured_outputs is not None:
             if self.tokenizer is None:
                 raise ValueError("structured_outputs need a tokenizer (the engine was started with skip_tokenizer_init)")
-            StructuredOutputManager.validate(params.structured_outputs)
+            grammar.validate(params.structured_outputs)
         params.update_from_generation_config(self.eos_token_ids)
         return text, EngineCoreRequest(request_id, prompt_token_ids, params, arrival_time)

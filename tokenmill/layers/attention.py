@@ -1,34 +1,69 @@
-"""The attention layer: the one engine-specific piece of a model. It writes this step's keys and
-values into its layer of the paged KV cache, then attends through the backend of the forward context."""
+"""The attention layer: the one engine-specific piece of a model.
+
+From the packed projection qkv [T, (Hq + 2 Hkv) * D] and the tokens' positions it applies the optional
+per-head q/k RMSNorm (Qwen3) and the rotary embedding, writes this step's keys and values into its layer
+of the paged KV cache, and attends through the backend of the forward context. On the GPU one Triton
+kernel (triton_ops.qk_norm_rope_inplace) does the norms, the rotation and the cache write.
+
+The model's last layer is built with `is_last_layer`: when the forward context sets `logits_rows` (only
+each request's last row is read after the pass), every key is still written but only those rows attend.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tokenmill.forward_context import get_forward_context
+from tokenmill.forward_context import ForwardContext, get_forward_context
+from tokenmill.layers.layernorm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding,
+                 is_last_layer: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
-        # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner
+        self.rotary_emb = rotary_emb
+        self.is_last_layer = is_last_layer
+        # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the worker's KV cache
         self.kv_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logits_only: bool = False,
-                kv_written: bool = False) -> torch.Tensor:
-        """q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]. With
-        `logits_only` (the context's logits_rows set), every key is written but only the logits rows attend:
-        -> [len(logits_rows), num_heads * head_dim]. `kv_written`: the caller already stored k and v in
-        this layer's cache at the step's slots (a fused kernel), so they are not written again."""
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """positions [T], qkv [T, (Hq + 2 Hkv) * D] -> [T, Hq * D], or [len(logits_rows), Hq * D] in the last
+        layer of a pass that reads only the logits rows. q_norm/k_norm: per-head RMSNorms applied to queries
+        and keys before the rotation (the model owns their weights)."""
         ctx = get_forward_context()
-        if not kv_written:
-            ctx.backend.write_kv(k, v, self.kv_cache, ctx.attn_metadata.slot_mapping)
-        if logits_only:
-            q = q[ctx.logits_rows]
-            out = ctx.backend.forward(q, self.kv_cache, ctx.logits_metadata, self.scale)
+        q, k, v = self._rotate_and_cache(positions, qkv, q_norm, k_norm, ctx)
+        if self.is_last_layer and ctx.logits_rows is not None:
+            out = ctx.backend.forward(q[ctx.logits_rows], self.kv_cache, ctx.logits_metadata, self.scale)
         else:
             out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale, key=k, value=v)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+    def _rotate_and_cache(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None,
+                          k_norm: RMSNorm | None, ctx: ForwardContext
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]), normed and rotated; k and v are in the cache."""
+        num_tokens = qkv.shape[0]
+        slot_mapping = ctx.attn_metadata.slot_mapping
+        if qkv.is_cuda:  # one kernel: norms and rotary in place on the projection, keys and values cached
+            from tokenmill.layers.triton_ops import qk_norm_rope_inplace
+
+            norms = dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps) if q_norm is not None else {}
+            qk_norm_rope_inplace(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache, self.num_heads,
+                                 self.num_kv_heads, self.head_dim, **norms, kv_cache=self.kv_cache,
+                                 slot_mapping=slot_mapping)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if not qkv.is_cuda:
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
+            q, k = self.rotary_emb(positions, q, k)
+            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping)
+        return q, k, v

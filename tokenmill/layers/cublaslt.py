@@ -3,10 +3,11 @@
 F.linear runs the first algorithm cuBLAS's heuristic picks. For the few-row products of a decode step
 (M = batch rows; the time is the weight streaming from memory) that pick is often not the fastest one
 cuBLASLt offers: on an H100, Llama-3.1-8B's down_proj at M = 128 takes 54 us with it and 45 us with
-another algorithm (benchmarks/cublaslt_bench.py). So before the CUDA graphs are captured, `tune` times,
+another algorithm. So before the CUDA graphs are captured, `tune` times,
 for every graph size and every distinct weight shape, F.linear against a shortlist of cuBLASLt
 algorithms, inside CUDA graphs over several layers' weights (cold in L2, as in a decode step), and
-keeps a plan wherever an algorithm wins by more than the noise; `linear()` runs through `plan_for`.
+keeps a plan wherever an algorithm wins by more than the noise. The plans are returned by weight shape;
+the worker hands each linear layer those of its shape, and `layers.linear.linear()` runs them.
 
 The binding is a few ctypes calls into the libcublasLt torch has loaded. cuBLAS is column-major, so
 y[M, N] = x[M, K] @ w[N, K].T is computed as y.T = w @ x.T: A is w (a K x N column-major matrix,
@@ -115,7 +116,7 @@ class LtMatmul:
 
     def __init__(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
         lib = _library()
-        self.m, self.n, self.k = m, n, k
+        self.m, self.n, self.k, self.dtype = m, n, k, dtype
         cuda_type = _DTYPES[dtype]
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _CUDA_R_32F), "MatmulDescCreate")
@@ -167,28 +168,16 @@ class Plan:
     def __init__(self, lt: LtMatmul, algo: _Algo) -> None:
         self.lt, self.algo = lt, algo
 
+    def suits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether x [M, K] @ weight [N, K].T is this plan's product with operands laid out as the heuristic
+        assumed (row-major, contiguous, aligned)."""
+        return (x.shape[0] == self.lt.m and weight.shape[0] == self.lt.n and weight.shape[1] == self.lt.k
+                and x.dtype == weight.dtype == self.lt.dtype and x.is_contiguous() and weight.is_contiguous()
+                and not x.data_ptr() % ALIGNMENT and not weight.data_ptr() % ALIGNMENT)
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         return self.lt.run(x, weight, out, self.algo)
-
-
-_plans: dict[tuple[int, int, int, torch.dtype], Plan] = {}
-
-
-def plan_for(x: torch.Tensor, weight: torch.Tensor) -> Plan | None:
-    """The tuned plan for x [M, K] @ weight [N, K].T, if there is one and both operands suit it
-    (row-major, contiguous, aligned as the heuristic assumed)."""
-    if not _plans or x.dim() != 2:
-        return None
-    plan = _plans.get((x.shape[0], weight.shape[0], weight.shape[1], x.dtype))
-    if plan is None or not (x.is_contiguous() and weight.is_contiguous()) \
-            or x.data_ptr() % ALIGNMENT or weight.data_ptr() % ALIGNMENT:
-        return None
-    return plan
-
-
-def clear_plans() -> None:
-    _plans.clear()
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -241,11 +230,15 @@ def _agrees(plan: Plan, x: torch.Tensor, weight: torch.Tensor) -> bool:
     return bool(((got - ref).abs().max() <= 1e-2 * ref.abs().max().clamp_min(1e-6)).item())
 
 
+GemmPlans = dict[tuple[int, int], dict[int, Plan]]  # weight shape (N, K) -> row count M -> plan
+
+
 @torch.inference_mode()
-def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], reps: int = 5,
+def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], plans: GemmPlans, reps: int = 5,
          screen: bool = True) -> float:
-    """Plans for x [M, K] @ w.T for every M in `sizes` and every weight shape (N, K) in `weights` (all
-    the model's tensors of that shape); returns seconds taken. With `screen`, each shape's candidate
+    """Adds to `plans` those for x [M, K] @ w.T, for every M in `sizes` and every weight shape (N, K) in
+    `weights` (all the model's tensors of that shape), where a cuBLASLt algorithm beats F.linear; returns
+    seconds taken. With `screen`, each shape's candidate
     pool is screened at a few sizes, and the best few there, with the heuristic's own pick, are timed at
     every size against F.linear; without (a few large sizes, where every timing is long), the
     candidates are the heuristic's own picks for each size."""
@@ -284,7 +277,7 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], r
             if best is not None and best < MARGIN * baseline:
                 plan = Plan(lt, candidates[index])
                 if _agrees(plan, x, rotation[0]):
-                    _plans[(m, n, k, dtype)] = plan
+                    plans.setdefault((n, k), {})[m] = plan
                     kept += 1
     seconds = time.perf_counter() - started
     logger.info("GEMM tuning: %d of %d (size, shape) products run a cuBLASLt algorithm faster than F.linear's; "

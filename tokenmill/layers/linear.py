@@ -4,6 +4,9 @@ full checkpoint tensor and copies in this rank's slice, so loading is one lookup
     ColumnParallelLinear   splits the output dim:  y_shard = x @ W[rows of this rank].T
     RowParallelLinear      splits the input dim:   y = all_reduce(x_shard @ W[:, cols of this rank].T)
     MergedColumnParallelLinear / QKVParallelLinear  several column-parallel matrices in one
+
+What the weights are and how they multiply is the layer's `linear_method` (layers/quantization/base.py),
+chosen by the checkpoint's quantization config; without one, UnquantizedLinearMethod below.
 """
 
 from __future__ import annotations
@@ -13,30 +16,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from tokenmill.layers import cublaslt
+from tokenmill.layers.cublaslt import Plan
+from tokenmill.layers.quantization import LinearMethod, QuantizationConfig
+from tokenmill.layers.quantization.base import WeightLoader
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gemm_plans: dict[int, Plan] | None = None) -> torch.Tensor:
     """F.linear, except on the GPU:
     - a single half-precision row (batch-1 decode) only streams the weight: there a GEMV kernel reads it
-      at more of the memory bandwidth than cuBLAS's choice (benchmarks/gemv_bench.py,
-      results/h100-2026-11-23-s3: 1.6-3.1 TB/s against 1.4-2.8 TB/s on an H100, per Llama-3.1-8B matrix);
-    - a product whose shape was tuned before the CUDA graphs were captured runs the cuBLASLt algorithm
-      that won (cublaslt.tune)."""
+      at more of the memory bandwidth than cuBLAS's choice (1.6-3.1 TB/s against 1.4-2.8 TB/s on an H100,
+      per Llama-3.1-8B matrix);
+    - a product whose row count has a plan in `gemm_plans` (tuned at start-up, cublaslt.tune) runs the
+      cuBLASLt algorithm that won."""
     if x.is_cuda and x.dim() == 2:
         if x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.stride(1) == 1 \
                 and weight.stride(1) == 1:
             from tokenmill.layers.triton_ops import gemv
 
             return gemv(x, weight, bias)
-        if bias is None:
-            plan = cublaslt.plan_for(x, weight)
-            if plan is not None:
+        if bias is None and gemm_plans:
+            plan = gemm_plans.get(x.shape[0])
+            if plan is not None and plan.suits(x, weight):
                 return plan(x, weight)
     return F.linear(x, weight, bias)
 
 
-def _param(data: torch.Tensor, weight_loader) -> nn.Parameter:
+class UnquantizedLinearMethod(LinearMethod):
+    """Weights in the model's dtype, [output, input] as HF stores them. `gemm_plans`: the cuBLASLt plans
+    of this weight's shape by row count, shared by every layer of that shape (set by the worker's
+    start-up tuning; empty on CPU or with tuning off)."""
+
+    def __init__(self) -> None:
+        self.gemm_plans: dict[int, Plan] = {}
+
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
+                       params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
+        layer.weight = make_param(torch.empty(output_size_per_partition, input_size_per_partition,
+                                              dtype=params_dtype), weight_loader)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, layer.weight, bias, self.gemm_plans)
+
+
+def make_param(data: torch.Tensor, weight_loader: WeightLoader) -> nn.Parameter:
     param = nn.Parameter(data, requires_grad=False)
     param.weight_loader = weight_loader
     return param
@@ -49,33 +72,57 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     param.copy_(loaded)
 
 
-class ColumnParallelLinear(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False) -> None:
+class LinearBase(nn.Module):
+    """Shape, prefix and linear method of a linear layer; subclasses split it across ranks."""
+
+    splits_bias = True  # column-parallel layers hold their rows' bias; row-parallel ones the whole bias
+
+    def __init__(self, input_size_per_partition: int, output_size_per_partition: int, bias: bool,
+                 quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
-        if output_size % self.tp_size:
-            raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size {self.tp_size}")
+        self.prefix = prefix
+        self.linear_method = (quant_config.get_linear_method(self, prefix) if quant_config is not None
+                              else UnquantizedLinearMethod())
+        self.linear_method.create_weights(self, input_size_per_partition, output_size_per_partition,
+                                          torch.get_default_dtype(), self.weight_loader)
+        self.bias = make_param(torch.empty(output_size_per_partition if self.splits_bias else self.output_size),
+                               self.bias_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, *shard: int | str) -> None:
+        raise NotImplementedError
+
+    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, *shard: int | str) -> None:
+        self.weight_loader(param, loaded, *shard)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        tp_size = get_tp_size()
+        if output_size % tp_size:
+            raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size {tp_size}")
         self.input_size, self.output_size = input_size, output_size
-        self.output_size_per_partition = output_size // self.tp_size
+        self.output_size_per_partition = output_size // tp_size
         self.gather_output = gather_output
-        self.weight = _param(torch.empty(self.output_size_per_partition, input_size), self.weight_loader)
-        self.bias = _param(torch.empty(self.output_size_per_partition), self.weight_loader) if bias else None
+        super().__init__(input_size, self.output_size_per_partition, bias, quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         shard = param.shape[0]
         _copy_checked(param.data, loaded.narrow(0, self.tp_rank * shard, shard), "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = self.linear_method.apply(self, x, self.bias)
         return tp_all_gather(y) if self.gather_output else y
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices stacked on the output dim (e.g. gate_proj and up_proj)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         shard_size = self.output_sizes[shard_id] // self.tp_size
@@ -88,14 +135,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix; each rank holds its heads (kv heads replicated if fewer)."""
 
     def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
-                 bias: bool = False) -> None:
+                 bias: bool = False, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         tp_size = get_tp_size()
         self.head_dim = head_dim
         self.num_heads = total_num_heads // tp_size
         self.num_kv_heads = max(1, total_num_kv_heads // tp_size)
         self.num_kv_head_replicas = max(1, tp_size // total_num_kv_heads)
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_dim
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, quant_config=quant_config, prefix=prefix)
 
     @property
     def q_size(self) -> int:
@@ -115,23 +162,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         _copy_checked(target, loaded.narrow(0, rank * size, size), f"{shard_id}_proj")
 
 
-class RowParallelLinear(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__()
-        self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
-        if input_size % self.tp_size:
-            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {self.tp_size}")
-        self.input_size_per_partition = input_size // self.tp_size
-        self.weight = _param(torch.empty(output_size, self.input_size_per_partition), self.weight_loader)
-        self.bias = _param(torch.empty(output_size), self._bias_loader) if bias else None
+class RowParallelLinear(LinearBase):
+    splits_bias = False
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        tp_size = get_tp_size()
+        if input_size % tp_size:
+            raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {tp_size}")
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = input_size // tp_size
+        super().__init__(self.input_size_per_partition, output_size, bias, quant_config, prefix)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         shard = param.shape[1]
         _copy_checked(param.data, loaded.narrow(1, self.tp_rank * shard, shard), "row-parallel weight")
 
-    def _bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         _copy_checked(param.data, loaded, "row-parallel bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(linear(x, self.weight))
+        # The bias is added once, after the ranks' partial products are summed.
+        y = tp_all_reduce(self.linear_method.apply(self, x))
         return y + self.bias if self.bias is not None else y

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from tokenmill.layers.linear import linear
+from tokenmill.layers.linear import UnquantizedLinearMethod
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, prefix: str = "") -> None:
         super().__init__()
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
+        self.prefix = prefix
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // self.tp_size)
         self.vocab_start = self.tp_rank * self.shard_size
@@ -38,7 +39,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Projects hidden states to logits over the whole vocabulary (gathered across ranks)."""
+    """Projects hidden states to logits over the whole vocabulary (gathered across ranks). Its weight is
+    the embedding's when the model ties them; its product runs through a linear method like any layer's."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, prefix: str = "") -> None:
+        super().__init__(vocab_size, hidden_size, prefix)
+        self.linear_method = UnquantizedLinearMethod()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return tp_all_gather(linear(hidden_states, self.weight))
+        return tp_all_gather(self.linear_method.apply(self, hidden_states))

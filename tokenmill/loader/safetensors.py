@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from tokenmill.loader.base import CheckpointLoader
+
 
 def safetensors_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -28,11 +30,14 @@ def safetensors_files(model_dir: str) -> list[str]:
     return files
 
 
-def iter_safetensors_weights(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+class SafetensorsLoader(CheckpointLoader):
+    source_formats = ("safetensors",)
 
-    files = safetensors_files(model_dir)
-    for path in tqdm(files, desc="Loading safetensors shards", disable=len(files) == 1 and None):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        files = safetensors_files(self.source.path)
+        for path in tqdm(files, desc="Loading safetensors shards", disable=len(files) == 1 and None):
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name).to(dtype)

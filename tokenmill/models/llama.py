@@ -17,6 +17,7 @@ from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tokenmill.layers.quantization import QuantizationConfig
 from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
 from tokenmill.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
@@ -34,50 +35,36 @@ class LlamaAttention(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None, prefix: str,
+                 is_last_layer: bool) -> None:
         super().__init__()
-        self.head_dim = head_dim_of(config)
+        head_dim = head_dim_of(config)
         qkv_bias, o_bias = self.biases(config)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=qkv_bias)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        theta, scaling = rope_parameters(config)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, theta, scaling)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=qkv_bias, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         if self.use_qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        theta, scaling = rope_parameters(config)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
+                              RotaryEmbedding(head_dim, max_position, theta, scaling), is_last_layer)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, logits_only: bool = False) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
-        if qkv.is_cuda:  # one kernel: q/k norms and rotary in place on the projection, keys and values cached
-            from tokenmill.layers.triton_ops import qk_norm_rope_inplace
-
-            norms = dict(q_weight=self.q_norm.weight, k_weight=self.k_norm.weight,
-                         eps=self.q_norm.eps) if self.use_qk_norm else {}
-            qk_norm_rope_inplace(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache,
-                                 self.num_heads, self.num_kv_heads, self.head_dim, **norms,
-                                 kv_cache=self.attn.kv_cache, slot_mapping=get_forward_context().attn_metadata.slot_mapping)
-        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        num_tokens = hidden_states.shape[0]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if not qkv.is_cuda:
-            if self.use_qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, logits_only, kv_written=qkv.is_cuda))
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        norms = (self.q_norm, self.k_norm) if self.use_qk_norm else ()
+        return self.o_proj(self.attn(positions, self.qkv_proj(hidden_states), *norms))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,24 +74,29 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls = LlamaAttention
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None, prefix: str,
+                 is_last_layer: bool = False) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, max_position)
-        self.mlp = LlamaMLP(config)
+        self.is_last_layer = is_last_layer
+        self.self_attn = self.attention_cls(config, max_position, quant_config, f"{prefix}.self_attn", is_last_layer)
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                logits_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """With `logits_only`, rows past attention are only the forward context's logits_rows."""
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """In the last layer of a pass that reads only the logits rows (the forward context's logits_rows),
+        the rows past attention are only those."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, logits_only)
-        if logits_only:
-            residual = residual[get_forward_context().logits_rows]
+        hidden_states = self.self_attn(positions, hidden_states)
+        if self.is_last_layer:
+            logits_rows = get_forward_context().logits_rows
+            if logits_rows is not None:
+                residual = residual[logits_rows]
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -112,20 +104,21 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     layer_cls = LlamaDecoderLayer
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.layer_cls(config, max_position) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, f"{prefix}.embed_tokens")
+        num_layers = config.num_hidden_layers
+        self.layers = nn.ModuleList(self.layer_cls(config, max_position, quant_config, f"{prefix}.layers.{i}",
+                                                   is_last_layer=i == num_layers - 1) for i in range(num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states of every row, or only of the forward context's logits_rows when it sets them: the
         last layer then computes keys and values for every row, and the rest only for those rows."""
         hidden_states, residual = self.embed_tokens(input_ids), None
-        logits_only = get_forward_context().logits_rows is not None
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            hidden_states, residual = layer(positions, hidden_states, residual, logits_only and i == last)
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -141,12 +134,12 @@ class LlamaForCausalLM(nn.Module):
         ".up_proj.": (".gate_up_proj.", 1),
     }
 
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = self.model_cls(config, max_position)
+        self.model = self.model_cls(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "lm_head")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,31 +1,38 @@
-"""Architecture name (HF `config.architectures[0]`) -> model class."""
+"""Architecture name (HF `config.architectures[0]`) -> model class, imported only when a model is built.
+
+Adding an architecture is a new module under models/ and one line in _MODELS.
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from torch import nn
-
-from tokenmill.models.llama import LlamaForCausalLM
-from tokenmill.models.qwen2 import Qwen2ForCausalLM
-from tokenmill.models.qwen3 import Qwen3ForCausalLM
-
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+# architecture -> (module under tokenmill.models, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
 }
+# A config with no `architectures` is matched by its model_type.
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(sorted(_MODELS))
 
 
-def resolve_model_class(config: Any) -> type[nn.Module]:
+def resolve_architecture(config: Any) -> str:
+    """The supported architecture a HF config names; ValueError listing the supported ones if none."""
     names = list(getattr(config, "architectures", None) or [])
     if not names and getattr(config, "model_type", None) in _BY_MODEL_TYPE:
         names = [_BY_MODEL_TYPE[config.model_type]]
     for name in names:
-        if name in MODEL_REGISTRY:
-            return MODEL_REGISTRY[name]
+        if name in _MODELS:
+            return name
     raise ValueError(f"model architecture {names or getattr(config, 'model_type', None)} is not supported; "
-                     f"supported: {sorted(MODEL_REGISTRY)}")
+                     f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+
+
+def resolve_model_class(config: Any) -> type:
+    module, class_name = _MODELS[resolve_architecture(config)]
+    return getattr(importlib.import_module(f"tokenmill.models.{module}"), class_name)

@@ -15,7 +15,6 @@ Unconstrained requests never touch any of this.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ import torch
 
 from tokenmill.metrics import step_timer
 from tokenmill.sampling_params import StructuredOutputsParams
+from tokenmill.structured.grammar import StructuredRequest, parse_grammar
 
 # Accepting a token costs tens of microseconds in a JSON grammar (a string token walks the parser character
 # by character), so a batch of constrained requests is split across threads: each thread takes at least
@@ -34,53 +34,6 @@ from tokenmill.sampling_params import StructuredOutputsParams
 # they contend with the step loop's thread and each other.
 MIN_MATCHERS_PER_THREAD = 16
 MAX_GRAMMAR_THREADS = 4
-
-
-def _parse(kind: str, spec: str):
-    """The xgrammar Grammar of a structured-outputs spec (params.key): json, json_object, regex, choice
-    or grammar (EBNF)."""
-    import xgrammar as xgr
-
-    if kind == "json":
-        return xgr.Grammar.from_json_schema(spec)
-    if kind == "json_object":
-        return xgr.Grammar.builtin_json_grammar()
-    if kind == "regex":
-        return xgr.Grammar.from_regex(spec)
-    if kind == "choice":
-        return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in json.loads(spec)))
-    return xgr.Grammar.from_ebnf(spec)
-
-
-class StructuredRequest:
-    """A request's grammar (compiling, then compiled) and its matcher."""
-
-    def __init__(self, future: Future, after_token_ids: list[int] | None = None) -> None:
-        self.future = future
-        self.matcher: Any | None = None
-        self.error: str | None = None  # the compile failed: the request ends instead of running
-        self.after_token_ids = after_token_ids or []
-        self.active = not self.after_token_ids  # constraining yet (false while the model is reasoning)
-        self.terminated = False  # the grammar has accepted its end: the request is complete
-
-    def observe(self, output_token_ids: list[int], token_id: int) -> None:
-        """Activates the grammar once the output (output_token_ids, then token_id) ends with
-        `after_token_ids`; its next token is the first constrained one."""
-        n = len(self.after_token_ids)
-        if (output_token_ids[max(0, len(output_token_ids) - n + 1):] + [token_id])[-n:] == self.after_token_ids:
-            self.active = True
-
-    @property
-    def ready(self) -> bool:
-        """The compile has finished, successfully (a matcher) or not (an error)."""
-        if self.matcher is None and self.error is None and self.future.done():
-            if self.future.exception() is not None:
-                self.error = f"the grammar could not be compiled: {self.future.exception()}"
-            else:
-                import xgrammar as xgr
-
-                self.matcher = xgr.GrammarMatcher(self.future.result())
-        return self.matcher is not None or self.error is not None
 
 
 class StructuredOutputManager:
@@ -106,19 +59,8 @@ class StructuredOutputManager:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)
             return self._compiler
 
-    @staticmethod
-    def validate(params: StructuredOutputsParams) -> None:
-        """Parses the spec into a grammar (milliseconds, no tokenizer) and raises ValueError naming the
-        problem; for the frontend, before any compute. The costly compile runs later, off the step loop."""
-        kind, spec = params.key
-        try:
-            _parse(kind, spec)
-        except Exception as exc:  # xgrammar raises RuntimeError with its own messages
-            message = str(exc).split(": ", 1)[-1] if "] " in str(exc) else str(exc)
-            raise ValueError(f"invalid structured_outputs.{kind}: {message}") from exc
-
     def _compile(self, key: tuple[str, str]):
-        return self._get_compiler().compile_grammar(_parse(*key))
+        return self._get_compiler().compile_grammar(parse_grammar(*key))
 
     def request(self, params: StructuredOutputsParams) -> StructuredRequest:
         """Starts (or reuses) the compile of this spec without blocking the step loop."""

@@ -15,8 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+from tokenmill.forward_context import set_forward_context
+
+if TYPE_CHECKING:
+    from tokenmill.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,11 @@ def capture_sizes(max_num_seqs: int, max_size: int = 512) -> list[int]:
 def mixed_capture_sizes(max_num_batched_tokens: int, max_size: int = 512) -> list[int]:
     """Token counts 16, 32, ... doubling up to min(max_num_batched_tokens, max_size)."""
     return [s for s in (16, 32, 64, 128, 256, 512) if s <= min(max_num_batched_tokens, max_size)]
+
+
+def mixed_num_reqs(num_tokens: int, max_num_reqs: int) -> int:
+    """Request rows of a mixed-step graph of num_tokens tokens: every request has at least one."""
+    return min(num_tokens, max_num_reqs)
 
 
 class CudaGraphs:
@@ -79,3 +90,26 @@ class CudaGraphs:
     def replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()
         return self.outputs[size]
+
+
+@torch.inference_mode()
+def capture_model_graphs(runner: ModelRunner) -> float:
+    """Captures the runner's decode and mixed-step graphs over its static input buffers (needs the KV
+    cache); returns seconds taken. The buffers hold the padding layout while capturing."""
+    graphs, mixed = runner.graphs, runner.mixed_graphs
+    if not graphs.sizes and not mixed.sizes:
+        return 0.0
+    inputs = runner.inputs
+    inputs.reset_for_capture(max(graphs.max_size, mixed.max_size), runner.max_num_reqs)
+
+    def forward(num_tokens: int, num_reqs: int, max_query_len: int) -> torch.Tensor:
+        metadata = inputs.capture_metadata(num_tokens, num_reqs, max_query_len, runner.max_model_len)
+        with set_forward_context(metadata, runner.backend):
+            return runner.model(inputs.input_ids.gpu[:num_tokens], inputs.positions.gpu[:num_tokens])
+
+    seconds = 0.0
+    if graphs.sizes:
+        seconds += graphs.capture(lambda n: runner.model.compute_logits(forward(n, n, 1)))
+    if mixed.sizes:
+        seconds += mixed.capture(lambda n: forward(n, mixed_num_reqs(n, runner.max_num_reqs), n), pool=graphs.pool)
+    return seconds

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tokenmill.core.interface import SchedulerOutput
 from tokenmill.core.request import token_array
 from tokenmill.sampling_params import SamplingParams
 
@@ -100,3 +101,36 @@ class InputBatch:
         self.token_ids[row, self.num_tokens[row]] = token_id
         self.num_tokens[row] += 1
         self.states[row].output_token_ids.append(token_id)
+
+
+def update_states(batch: InputBatch, states: dict[str, CachedRequestState], scheduler_output: SchedulerOutput,
+                  device: torch.device) -> None:
+    """Applies a step's differences from the scheduler: finished requests are forgotten, preempted ones
+    leave the batch (their state is kept for their return), new and resumed ones join it, and running
+    ones get their new blocks and computed-token counts."""
+    for req_id in scheduler_output.finished_req_ids:
+        states.pop(req_id, None)
+        if req_id in batch.index:
+            batch.remove(req_id)
+    for req_id in scheduler_output.preempted_req_ids:
+        if req_id in batch.index:
+            batch.remove(req_id)
+    for new in scheduler_output.scheduled_new_reqs:
+        state = states.get(new.req_id)
+        if state is None:
+            params = new.sampling_params
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=device).manual_seed(params.seed)
+            state = CachedRequestState(new.req_id, new.prompt_token_ids, list(new.output_token_ids), params,
+                                       generator)
+            states[new.req_id] = state
+        state.block_ids = list(new.block_ids)
+        state.num_computed_tokens = new.num_computed_tokens
+        batch.add(state)
+    for cached in scheduler_output.scheduled_cached_reqs:
+        row = batch.index[cached.req_id]
+        batch.num_computed_tokens[row] = cached.num_computed_tokens
+        if cached.new_block_ids:
+            batch.states[row].block_ids.extend(cached.new_block_ids)
+            batch.append_blocks(row, cached.new_block_ids)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tokenmill.config import DTYPE_NAMES
+from tokenmill.loader.registry import LOAD_FORMATS
+
 
 def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
     if model_positional:
@@ -13,26 +16,26 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     else:
         parser.add_argument("--model", default="default", help="HF directory, .gguf file or hub id")
     parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float",
-                                                             "bf16", "fp16", "fp32"])
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="tokens per step (default: 16384 on GPUs of 70 GiB or more, else 8192; 8192 for serve)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--kv-offload-size", type=float, default=0.0,
-                        help="GiB of host memory that keeps KV blocks evicted from the device (0 = off)")
-    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                        help="schedule the next step while the current one runs on the device")
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES])
+    parser.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    parser.add_argument("--max-num-seqs", type=int, help="default: 256")
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        help="tokens per step (default: 8192 for serve; offline, 16384 on GPUs of 70 GiB or more, "
+                             "else 8192)")
+    parser.add_argument("--block-size", type=int, help="default: 16")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="default: 0.9")
+    parser.add_argument("--kv-cache-memory-bytes", type=int)
+    parser.add_argument("--seed", type=int, help="default: 0")
+    parser.add_argument("--load-format", choices=LOAD_FORMATS)
+    parser.add_argument("--enforce-eager", action="store_true", default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="default: on")
+    parser.add_argument("--kv-offload-size", type=float,
+                        help="GiB of host memory that keeps KV blocks evicted from the device (default: 0, off)")
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, help="default: on")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        help="schedule the next step while the current one runs on the device (default: on)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: 1")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
 
 
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -42,19 +45,22 @@ ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seq
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ENGINE_ARG_NAMES}
+    """The engine flags given; one left out takes the engine config's default (config.py)."""
+    return {name: getattr(args, name) for name in ENGINE_ARG_NAMES if getattr(args, name) is not None}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Sampling flags; one left out takes SamplingParams' default, as a request's field left out does."""
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
     parser.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     parser.add_argument("--stop", action="append", default=None)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, seed=args.sampling_seed, stop=args.stop)
+    given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 min_p=args.min_p, seed=args.sampling_seed, stop=args.stop)
+    return {name: value for name, value in given.items() if value is not None}

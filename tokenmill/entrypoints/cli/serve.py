@@ -56,6 +56,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from tokenmill.entrypoints.openai.api_server import run_server
 
-    if args.max_num_batched_tokens is None:  # vLLM's server default: shorter steps, steadier inter-token latency
-        args.max_num_batched_tokens = 8192
     return asyncio.run(run_server(args))

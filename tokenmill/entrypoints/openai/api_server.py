@@ -220,7 +220,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
 
 
 def served_model_names(args: argparse.Namespace) -> list[str]:
-    from tokenmill.loader.default_model import DEFAULT_MODEL_NAME
+    from tokenmill.source.default_model import DEFAULT_MODEL_NAME
 
     if args.served_model_name:
         return list(args.served_model_name)
@@ -236,7 +236,7 @@ async def run_server(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     names = served_model_names(args)
     limits = RequestLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(RequestLimits)})
-    config = EngineConfig.from_kwargs(**engine_kwargs(args), served_model_name=names[0])
+    config = EngineConfig.from_kwargs(**engine_kwargs(args), served_model_name=names[0], usage_context="serve")
     engine = await asyncio.to_thread(AsyncLLM, config)
     try:
         engine.start()

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
-from tokenmill.bench.common import base_record
+from tokenmill.entrypoints.cli.bench.common import base_record
 
 VOCAB_LIMIT = 10000
 _WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "

@@ -6,8 +6,8 @@ import argparse
 import statistics
 import time
 
-from tokenmill.bench.common import base_record, print_table, write_records
-from tokenmill.bench.presets import model_path
+from tokenmill.entrypoints.cli.bench.common import base_record, print_table, write_records
+from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 
 
@@ -29,8 +29,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model_name, args.model = args.model, model_path(args.model)
     kwargs = engine_kwargs(args)
-    if kwargs["max_model_len"] is None:
-        kwargs["max_model_len"] = args.input_len + args.output_len
+    kwargs.setdefault("max_model_len", args.input_len + args.output_len)
     llm = LLM(**kwargs, skip_tokenizer_init=True)
     rng = np.random.default_rng(0)
     prompt = {"prompt_token_ids": rng.integers(0, 10000, size=args.input_len).tolist()}

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from tokenmill.bench.common import base_record, print_table, write_records
-from tokenmill.bench.presets import model_path
+from tokenmill.entrypoints.cli.bench.common import base_record, print_table, write_records
+from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 
 
@@ -29,8 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_name, args.model = args.model, model_path(args.model)
     kwargs = engine_kwargs(args)
-    if kwargs["max_model_len"] is None:
-        kwargs["max_model_len"] = args.prefix_len + args.suffix_len + 1
+    kwargs.setdefault("max_model_len", args.prefix_len + args.suffix_len + 1)
     llm = LLM(**kwargs, skip_tokenizer_init=True)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, 10000, size=args.prefix_len).tolist()

@@ -6,8 +6,8 @@ import argparse
 import os
 import time
 
-from tokenmill.bench.common import Workload, base_record, make_workload, print_table, write_records
-from tokenmill.bench.presets import model_path
+from tokenmill.entrypoints.cli.bench.common import Workload, base_record, make_workload, print_table, write_records
+from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 from tokenmill.metrics import step_timer
 
@@ -66,8 +66,7 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
     from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 
     kwargs = engine_kwargs(args)
-    if kwargs["max_model_len"] is None:
-        kwargs["max_model_len"] = max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens))
+    kwargs.setdefault("max_model_len", max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens)))
     structured = args.structured != "none"
     llm = LLM(**kwargs, skip_tokenizer_init=not structured)
     constraint = StructuredOutputsParams(json=JSON_ARRAY_SCHEMA) if structured else None
@@ -114,12 +113,13 @@ def run_hf(args: argparse.Namespace, workload: Workload) -> float:
     import torch
     import transformers
 
-    from tokenmill.config import ModelConfig
-    from tokenmill.loader import config_dtype, resolve_model
+    from tokenmill.config import DeviceInfo, checkpoint_dtype, resolve_dtype
+    from tokenmill.source import resolve_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_model(args.model)
-    dtype = ModelConfig(dtype=args.dtype).resolve_dtype(config_dtype(source.hf_config), device)
+    info = DeviceInfo(device.type, supports_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    dtype = getattr(torch, resolve_dtype(args.dtype or "auto", checkpoint_dtype(source.hf_config), info))
     if args.load_format == "dummy":
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(source.hf_config, dtype=dtype)

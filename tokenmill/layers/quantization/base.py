@@ -1,0 +1,53 @@
+"""How a linear layer stores and multiplies its weights: the interface every weight format implements.
+
+A linear layer (layers/linear.py) owns its shape and its tensor-parallel slicing; a LinearMethod owns
+what the weights are and how they are used:
+
+    create_weights(layer, ...)           the parameters, each with the layer's weight_loader attached
+    process_weights_after_loading(layer) once the checkpoint is in: repack, transpose, fold scales
+    apply(layer, x, bias)                y = x @ W.T (+ bias), however W is stored
+
+A QuantizationConfig, read from a checkpoint's `quantization_config`, picks the method of each layer
+(`get_linear_method`). Models never test for a format: they pass the config and each layer's prefix
+(its name in the checkpoint) to their linear layers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+WeightLoader = Callable[..., None]
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
+                       params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
+        """Registers the layer's weight parameters (of this rank's partition) on `layer`."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Prepares loaded weights for `apply` (nothing, unless the format repacks or rescales)."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [tokens, input_size_per_partition] -> [tokens, output_size_per_partition]."""
+
+
+class QuantizationConfig(ABC):
+    """A checkpoint's weight format, built from its config.json `quantization_config`."""
+
+    name: str = ""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        """Parses the checkpoint's `quantization_config`; ValueError naming a key it cannot take."""
+
+    @abstractmethod
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod:
+        """The method for the linear layer named `prefix` (e.g. "model.layers.0.self_attn.qkv_proj")."""

@@ -1,0 +1,65 @@
+"""What a step hands back: the prompt logprobs it computed, and its sampled tokens recorded in the batch
+and packed into a ModelRunnerOutput."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenmill.core.interface import ModelRunnerOutput, TokenLogprobs
+from tokenmill.layers.sampler import gather_logprobs
+from tokenmill.worker.input_batch import CachedRequestState, InputBatch
+
+
+def compute_prompt_logprobs(model: nn.Module, batch: InputBatch, rows: np.ndarray, num_scheduled: np.ndarray,
+                            hidden_states: torch.Tensor, device: torch.device) -> dict[str, list[TokenLogprobs]]:
+    """Logprobs of the prompt tokens whose predecessors are computed this step, for the requests that ask
+    (hidden_states: every row of the step)."""
+    result: dict[str, list[TokenLogprobs]] = {}
+    start = 0
+    for row, count in zip(rows.tolist(), num_scheduled.tolist()):
+        state = batch.states[row]
+        token_start, start = start, start + count
+        k = state.sampling_params.prompt_logprobs
+        # positions p in [first, last) predict prompt token p + 1; after a preemption the
+        # recomputed positions that were already reported are skipped
+        first = max(int(batch.num_computed_tokens[row]), state.num_prompt_logprobs_done)
+        last = min(int(batch.num_computed_tokens[row]) + count, int(batch.num_prompt_tokens[row]) - 1)
+        if k is None or last <= first:
+            continue
+        skip = first - int(batch.num_computed_tokens[row])
+        logits = model.compute_logits(hidden_states[token_start + skip:token_start + skip + last - first])
+        targets = torch.from_numpy(batch.token_ids[row, first + 1:last + 1].astype(np.int64)).to(device)
+        ids, values, ranks = gather_logprobs(torch.log_softmax(logits.float(), dim=-1), targets, k)
+        result[state.req_id] = list(zip(ids.tolist(), values.tolist(), ranks.tolist()))
+        state.num_prompt_logprobs_done = last
+    return result
+
+
+def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], req_ids: list[str],
+                    samples: np.ndarray, sampled: list[int], logprob_lists: list[list] | None,
+                    prompt_logprobs: dict[str, list[TokenLogprobs]]) -> ModelRunnerOutput:
+    """Appends each request's sampled token to its state (through its batch row if it still has one) and
+    packs the step's output; a prompt chunk's sample, or that of a request finished meanwhile, is dropped.
+    logprob_lists: (ids [num_reqs][1 + k], logprobs [num_reqs][1 + k], ranks [num_reqs]) when asked for."""
+    sampled_ids, logprobs = [], []
+    for i, req_id in enumerate(req_ids):
+        state = states.get(req_id)
+        if not samples[i] or state is None:
+            sampled_ids.append([])
+            logprobs.append(None)
+            continue
+        row = batch.index.get(req_id)
+        if row is not None:
+            batch.append_token(row, sampled[i])
+        else:  # preempted since the launch
+            state.output_token_ids.append(sampled[i])
+        sampled_ids.append([sampled[i]])
+        k = state.sampling_params.logprobs
+        if k is not None and logprob_lists is not None:
+            ids, values, ranks = logprob_lists
+            logprobs.append((ids[i][:1 + k], values[i][:1 + k], ranks[i]))
+        else:
+            logprobs.append(None)
+    return ModelRunnerOutput(req_ids, sampled_ids, logprobs, prompt_logprobs)
