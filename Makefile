@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra tests
 
 serve: install

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 python3 -c "
-from tokenmill.loader import load_tokenizer, resolve_model
+from tokenmill.source import load_tokenizer, resolve_model
 load_tokenizer(resolve_model('default')).save_pretrained('.bench-tokenizer')
 "
 ls -la .bench-tokenizer

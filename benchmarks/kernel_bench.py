@@ -121,10 +121,9 @@ def bench_graph(fn) -> float:
 
 
 def measure_copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    del src, dst
+    buffers = [torch.empty(1 << 30, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    ms = triton.testing.do_bench(lambda: buffers[1].copy_(buffers[0]), warmup=25, rep=100, return_mode="median")
+    buffers.clear()
     return 2 * (1 << 30) / (ms * 1e-3)
 
 

@@ -20,7 +20,8 @@ _EXPORTS = {
     "CompletionOutput": "tokenmill.outputs",
     "Logprob": "tokenmill.outputs",
 }
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutputKind", "RequestOutput",
+           "CompletionOutput", "Logprob", "__version__"]
 
 if TYPE_CHECKING:
     from tokenmill.entrypoints.llm import LLM

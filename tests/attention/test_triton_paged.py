@@ -15,8 +15,8 @@ import itertools
 import pytest
 import torch
 
-from tokenmill.attention.backend import AttentionMetadata, get_backend
 from tokenmill.attention import triton_paged
+from tokenmill.attention.backend import AttentionMetadata, get_backend
 from tokenmill.attention.triton_paged import decode_num_splits, paged_attention, write_kv
 
 ON_GPU = torch.cuda.is_available()
@@ -91,7 +91,8 @@ class PagedBatch:
             slot_mapping=torch.full((self.query.shape[0],), -1, dtype=torch.int64, device=self.query.device),
             query_start_loc_cpu=self.query_start_loc.cpu(),
             seq_lens_cpu=self.seq_lens.cpu(),
-            num_decodes=len(list(itertools.takewhile(lambda n: n == 1, self.q_lens_list))) if max(self.q_lens_list) > 1 else 0,
+            num_decodes=(len(list(itertools.takewhile(lambda n: n == 1, self.q_lens_list)))
+                         if max(self.q_lens_list) > 1 else 0),
         )
 
     def reference(self) -> torch.Tensor:
@@ -329,7 +330,8 @@ def test_short_chunk_over_long_prefix_splits_keys() -> None:
     """A prefix-cache hit: a few new tokens over a long cached prefix leave most of the GPU idle, so the
     prefill launch splits the keys; the result does not depend on the split count."""
     dtype = torch.float32
-    s = sizes(cpu=dict(seq_lens=[300], q_lens=[5], block_size=4), gpu=dict(seq_lens=[4100], q_lens=[100], block_size=16))
+    s = sizes(cpu=dict(seq_lens=[300], q_lens=[5], block_size=4),
+              gpu=dict(seq_lens=[4100], q_lens=[100], block_size=16))
     batch = PagedBatch(s["seq_lens"], s["q_lens"], num_heads=4, num_kv_heads=2, head_dim=32,
                        block_size=s["block_size"], dtype=dtype, seed=6).to(DEVICE)  # fmt: skip
     cfg = triton_paged._launch_config(dtype, 32, 2, max(s["q_lens"]), sum(s["q_lens"]), 2, batch.query.device)

@@ -31,7 +31,7 @@ def run_step(scheduler: Scheduler, token: int = 7):
     """One scheduler step with a fake runner that samples `token` for every request that completes."""
     out = scheduler.schedule()
     req_ids, sampled = [], []
-    for request_id, num in out.num_scheduled_tokens.items():
+    for request_id in out.num_scheduled_tokens:
         request = scheduler.requests[request_id]
         req_ids.append(request_id)
         sampled.append([token] if request.num_computed_tokens >= request.num_tokens else [])

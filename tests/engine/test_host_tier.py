@@ -53,8 +53,10 @@ def test_outputs_with_the_tier_equal_recompute_under_pressure(model_dir):
     params[-1] = SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=8, ignore_eos=True)
     tiered = make_llm(model_dir, offload_blocks=40)
     plain = make_llm(model_dir, offload_blocks=0, caching=False)
-    run = lambda llm: [[c.token_ids for c in o.outputs] for o in llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    def run(llm):
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [[c.token_ids for c in o.outputs] for o in outputs]
+
     assert run(tiered) == run(plain)
     assert tiered.llm_engine.core.stats().prefix_cache_host_hits > 0
 

@@ -39,7 +39,9 @@ def run_checked(llm: LLM, prompts, params) -> list:
 
 def workload():
     generator = torch.Generator().manual_seed(0)
-    suffix = lambda n: torch.randint(3, 40000, (n,), generator=generator).tolist()
+    def suffix(n: int) -> list[int]:
+        return torch.randint(3, 40000, (n,), generator=generator).tolist()
+
     prompts = [PREFIX + suffix(n) for n in (5, 16, 30, 1)] + [PREFIX[:40] + suffix(9), PREFIX[:7], suffix(50)]
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     sampled = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)

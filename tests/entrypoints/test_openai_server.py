@@ -257,6 +257,14 @@ ERROR_CASES = [
      f"in the messages, {MAX_MODEL_LEN - 8} in the completion"),
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model", "does not exist"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens", "token ids must be in"),
+    # known to vLLM or OpenAI, not implemented: refused unless left "off"
+    ("/v1/completions", {**COMPLETION, "use_beam_search": True}, 400, "use_beam_search", "not supported"),
+    ("/v1/completions", {**COMPLETION, "suffix": "!"}, 400, "suffix", "not supported"),
+    ("/v1/completions", {**COMPLETION, "priority": 3}, 400, "priority", "not supported"),
+    ("/v1/completions", {**COMPLETION, "guided_json": {}}, 400, "guided_json", "use structured_outputs"),
+    ("/v1/chat/completions", {**CHAT, "best_of": 2}, 400, "best_of", "not supported"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, 400, "echo", "not supported"),
+    ("/v1/chat/completions", {**CHAT, "length_penalty": 0.5}, 400, "length_penalty", "not supported"),
     ("/v1/nothing", {}, 404, None, "Not Found"),
 ]
 
@@ -276,6 +284,18 @@ def test_errors(server, path, body, status, param, message):
     assert message in error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_unsupported_fields_left_off_and_unknown_fields_are_accepted(server, client):
+    """Values that mean "off" pass (clients send some by default); an unknown field is ignored and logged
+    once per name; a known field set on is refused through the official client too."""
+    off = dict(use_beam_search=False, best_of=1, priority=0, length_penalty=1, store=False, unknown_knob_xyz=7)
+    for _ in range(2):
+        assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body=off).choices
+    log = server.log()
+    assert log.count("'unknown_knob_xyz'") == 1 and "'use_beam_search'" not in log
+    with pytest.raises(openai.BadRequestError, match="best_of=3 is not supported"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, best_of=3)
 
 
 def test_errors_through_openai_client_leave_server_working(client):

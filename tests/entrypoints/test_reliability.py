@@ -24,7 +24,6 @@ from schemathesis import GenerationMode
 
 from tokenmill.entrypoints.openai import api_server
 
-
 MODEL = "SmolLM2-135M-Instruct"
 VOCAB_SIZE = 49152
 MAX_MODEL_LEN = 512  # the servers' --max-model-len (conftest.py)

@@ -31,7 +31,8 @@ STOP_STRINGS = ("e", ",", [".", "\n"], " the")
 # The frontend's and the engine core's resident memory together, after a second identical round, may exceed
 # what they held after the first by at most this much. Measured on this project's 2-core machine: +0.1 MiB
 # when it was quiet, +0.2, +5.0 and +15.1 MiB while other jobs shared it (allocator, torch and tokenizer
-# caches settling); 32 MiB is ~2 % of the ~1.7 GiB the two processes hold. It fails a leak of more than ~0.5 MiB a request (64 a round: a request's tensors, say);
+# caches settling); 32 MiB is ~2 % of the ~1.7 GiB the two processes hold. It fails a leak of more than
+# ~0.5 MiB a request (64 a round: a request's tensors, say);
 # a leak of a few KiB a request (its token lists) needs more rounds than CI can afford.
 MAX_RSS_GROWTH_BYTES = 32 << 20
 # The pressured server: a KV pool of 16 blocks of 16 tokens (45 KiB a token) holds 256 tokens, two requests

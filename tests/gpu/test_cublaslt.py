@@ -21,9 +21,8 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def weights():
     gen = torch.Generator(device="cuda").manual_seed(0)
-    yield {(n, k): [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5
-                    for _ in range(3)] for n, k in SHAPES}
-    cublaslt.clear_plans()
+    return {(n, k): [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5
+                     for _ in range(3)] for n, k in SHAPES}
 
 
 def test_every_offered_algorithm_matches_reference(weights):
@@ -40,23 +39,25 @@ def test_every_offered_algorithm_matches_reference(weights):
 
 
 def test_tuned_linear_matches_reference_in_a_cuda_graph(weights):
-    cublaslt.tune(weights, list(SIZES), reps=2)
+    plans: cublaslt.GemmPlans = {}
+    cublaslt.tune(weights, list(SIZES), plans, reps=2)
     (n, k), ws = next(iter(weights.items()))
     m = SIZES[-1]
     lt = cublaslt.LtMatmul(m, n, k, torch.bfloat16)
     # Whatever the timings chose, force a plan for this size so the routing through linear() is tested.
-    cublaslt._plans[(m, n, k, torch.bfloat16)] = cublaslt.Plan(lt, lt.heuristics(8)[-1])
+    plans.setdefault((n, k), {})[m] = plan = cublaslt.Plan(lt, lt.heuristics(8)[-1])
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    assert cublaslt.plan_for(x, ws[0]) is not None
-    assert cublaslt.plan_for(torch.randn(k, m, device="cuda", dtype=torch.bfloat16).T, ws[0]) is None  # strided
-    linear(x, ws[0])
+    assert plan.suits(x, ws[0])
+    assert not plan.suits(torch.randn(k, m, device="cuda", dtype=torch.bfloat16).T, ws[0])  # strided
+    linear(x, ws[0], gemm_plans=plans[(n, k)])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = linear(x, ws[0])
+        out = linear(x, ws[0], gemm_plans=plans[(n, k)])
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert rel_err(out, x.double() @ ws[0].double().T) < 1e-2
-    for (n, k), ws in weights.items():  # every size, planned or not
+    for shape, ws in weights.items():  # every size, planned or not
         for m in SIZES:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            assert rel_err(linear(x, ws[2]), x.double() @ ws[2].double().T) < 1e-2
+            x = torch.randn(m, shape[1], device="cuda", dtype=torch.bfloat16)
+            got = linear(x, ws[2], gemm_plans=plans.get(shape))
+            assert rel_err(got, x.double() @ ws[2].double().T) < 1e-2

@@ -1,5 +1,5 @@
 """On a CUDA GPU: once the engine is ready, serving compiles no Triton kernel. Start-up (the decode
-graphs, then ModelRunner.warm_up) must have run every variant a workload launches; one compiled in
+graphs, then worker/warm_up.py) must have run every variant a workload launches; one compiled in
 the middle of serving stalls every request for about a second."""
 
 from __future__ import annotations

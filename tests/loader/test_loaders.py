@@ -61,7 +61,8 @@ def test_cli_generate_and_chat():
     out = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "generate", "The capital of France is",
                           *common], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("The capital of France is") and len(out.stdout.strip()) > len("The capital of France is")
+    prompt = "The capital of France is"
+    assert out.stdout.startswith(prompt) and len(out.stdout.strip()) > len(prompt)
     chat = subprocess.run([sys.executable, "-m", "tokenmill.entrypoints.cli", "chat", *common],
                           input="Hello!\n\n", capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr

@@ -70,7 +70,9 @@ def test_start_fill_fills_the_given_rows_in_the_background_and_allows_everything
     manager.accept([second, second], [0, 1])  # "a" "b": "c" is allowed now
     bitmask = manager.start_fill([first, second], [3, 1], 5).result()
     assert bitmask.shape == (5, 1) and bitmask.dtype == torch.int32
-    unpack = lambda row: [t for t in range(len(VOCAB)) if bitmask[row, 0] >> t & 1]
+    def unpack(row: int) -> list[int]:
+        return [t for t in range(len(VOCAB)) if bitmask[row, 0] >> t & 1]
+
     assert unpack(3) == allowed(first.matcher)
     assert unpack(1) == allowed(second.matcher)
     assert 2 not in unpack(3) and 2 in unpack(1)

@@ -131,6 +131,15 @@ def test_a_grammar_that_fails_to_compile_ends_only_its_request(llm, monkeypatch,
     assert_pool_free(llm)
 
 
+def record_calls(worker) -> list[str]:
+    """The order of the worker's launches and finishes, as a list that grows while the engine runs."""
+    calls: list[str] = []
+    execute_model, finish_step = worker.execute_model, worker.finish_step
+    worker.execute_model = lambda *a: calls.append("launch") or execute_model(*a)
+    worker.finish_step = lambda: calls.append("finish") or finish_step()
+    return calls
+
+
 def test_async_scheduling_masks_a_step_ahead_with_the_outputs_of_sync_scheduling():
     """With async scheduling a constrained step's forward pass is queued before the previous token is in,
     and its mask filled while that pass runs; greedy outputs equal those of synchronous scheduling, where
@@ -143,11 +152,7 @@ def test_async_scheduling_masks_a_step_ahead_with_the_outputs_of_sync_scheduling
     texts = {}
     for async_scheduling in (True, False):
         llm = LLM(max_model_len=512, kv_cache_memory_bytes=48 << 20, async_scheduling=async_scheduling)
-        worker = llm.llm_engine.core.worker
-        calls = []
-        execute_model, finish_step = worker.execute_model, worker.finish_step
-        worker.execute_model = lambda *a: calls.append("launch") or execute_model(*a)
-        worker.finish_step = lambda: calls.append("finish") or finish_step()
+        calls = record_calls(llm.llm_engine.core.worker)
         outputs = llm.generate(prompts, params, use_tqdm=False)
         texts[async_scheduling] = [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
                                    for o in outputs]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 
 
-def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `seq_len` keys and values of one request: [seq_len, num_kv_heads, head_dim] each."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     kv = kv_cache[:, block_ids].reshape(2, -1, num_kv_heads, head_dim)

@@ -54,7 +54,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Decode splits aim for this many programs per streaming multiprocessor. One program fits on an SM at a
 # time (its pipelined key and value tiles fill the shared memory), so more splits only add programs
 # that each read a few tiles: at nano-like lengths 2 is the fastest at 8-64 requests, 4 was up to 4 %
-# slower (benchmarks/decode_balance_bench.py --small).
+# slower (H100).
 PROGRAMS_PER_SM = 2
 MAX_NUM_SPLITS = 64
 # Prefill launches split only when their query tiles leave SMs idle, never into splits of fewer key tiles.
@@ -442,8 +442,8 @@ def _reduce_splits_kernel(
 def dense_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     """One request's causal attention over its own new keys ([tokens, heads, head_dim] each, no cached
     prefix) through torch's fused attention, which picks the fastest kernel the GPU has: cuDNN's on an
-    H100, 0.27 ms against the paged kernel's 0.38 ms on a 4096-token Llama-3.1-8B prefill (kernel_bench,
-    benchmarks/results/h100-2026-11-23-s2); about 7 ms of the time to first token (dense_prefill_ab.py)."""
+    H100, 0.27 ms against the paged kernel's 0.38 ms on a 4096-token Llama-3.1-8B prefill
+    (benchmarks/kernel_bench.py); about 7 ms of the time to first token."""
     out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
                                          value.transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
@@ -459,7 +459,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -474,13 +474,12 @@ def _launch_config(
     """Tile sizes and launch settings (measured on an H100, see benchmarks/kernel_bench.py --tune).
 
     Decode: one token's GQA group per query tile (padded to 16 rows for tl.dot), 128 keys per step for
-    16-bit caches (benchmarks/decode_balance_bench.py: 2-3 % faster than 64 at nano-like uneven
-    lengths, 208-256 requests). Prefill: 128 rows (BLOCK_Q tokens x the group), where the tensor
-    cores bound the time, unless that leaves too few programs to fill the GPU (a short chunk), then 64
-    (MIN_PREFILL_ROWS, also for short queries); 32 keys per step, so the causal diagonal wastes little
-    (benchmarks/mixed_attention_bench.py --sweep: nano's 28 prompts of a 16k step 23 % faster than
-    with 128, one 4,096-token prompt the same). Under the interpreter (CPU) the smallest
-    tiles tl.dot takes, so that tiny tests walk several query and key tiles.
+    16-bit caches (2-3 % faster than 64 at nano-like uneven lengths, 208-256 requests). Prefill: 128
+    rows (BLOCK_Q tokens x the group), where the tensor cores bound the time, unless that leaves too few
+    programs to fill the GPU (a short chunk), then 64 (MIN_PREFILL_ROWS, also for short queries); 32 keys
+    per step, so the causal diagonal wastes little (nano's 28 prompts of a 16k step 23 % faster than with
+    128, one 4,096-token prompt the same). Under the interpreter (CPU) the smallest tiles tl.dot takes,
+    so that tiny tests walk several query and key tiles.
     """
     if device.type != "cuda":
         block_m = max(16, group_pad)

@@ -6,7 +6,6 @@ import enum
 import struct
 import time
 from collections.abc import Sequence
-
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -35,7 +35,7 @@ class ParentRequest:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    children: dict[int, "RequestState"] = field(default_factory=dict)
+    children: dict[int, RequestState] = field(default_factory=dict)
     num_finished: int = 0
 
     @property

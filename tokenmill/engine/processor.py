@@ -55,7 +55,8 @@ class Processor:
         params.check_vocab(self.vocab_size)
         if params.structured_outputs is not None:
             if self.tokenizer is None:
-                raise ValueError("structured_outputs need a tokenizer (the engine was started with skip_tokenizer_init)")
+                raise ValueError("structured_outputs need a tokenizer (the engine was started with "
+                                 "skip_tokenizer_init)")
             grammar.validate(params.structured_outputs)
         params.update_from_generation_config(self.eos_token_ids)
         return text, EngineCoreRequest(request_id, prompt_token_ids, params, arrival_time)

@@ -253,7 +253,7 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], p
             continue
         out = torch.empty(sizes[-1], n, dtype=dtype, device=device)
 
-        def timed(lt: LtMatmul, x: torch.Tensor, algo: _Algo, reps: int) -> float:
+        def timed(lt: LtMatmul, x: torch.Tensor, algo: _Algo, reps: int, out=out, rotation=rotation) -> float:
             o = out[:lt.m]
             return graph_time(lambda: [lt.run(x, w, o, algo) for w in rotation], reps)
 
@@ -268,7 +268,7 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], p
         for m in sizes:
             x = torch.randn(m, k, generator=gen, device=device, dtype=dtype)
             lt = LtMatmul(m, n, k, dtype)
-            baseline = graph_time(lambda: [F.linear(x, w) for w in rotation], reps)
+            baseline = graph_time(lambda x=x, rotation=rotation: [F.linear(x, w) for w in rotation], reps)
             if screen:
                 candidates = lt.heuristics(1) + [a for a in shortlist.values() if lt.supports(a)]
             else:

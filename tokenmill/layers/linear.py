@@ -55,6 +55,9 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.weight = make_param(torch.empty(output_size_per_partition, input_size_per_partition,
                                               dtype=params_dtype), weight_loader)
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Nothing: the checkpoint's layout is the one F.linear and the GEMV read."""
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, layer.weight, bias, self.gemm_plans)
 

@@ -26,7 +26,7 @@ import torch
 
 @dataclass
 class SamplingMetadata:
-    temperature: torch.Tensor  # [B] float32; 0 for greedy rows
+    temperature: torch.Tensor  # [B] float32; exactly 0 for greedy rows (SamplingParams.greedy decides which)
     top_p: torch.Tensor | None  # [B] float32, None if no row uses it
     top_k: torch.Tensor | None  # [B] int64 (vocab size = off), None if no row uses it
     min_p: torch.Tensor | None  # [B] float32, None if no row uses it
@@ -82,7 +82,7 @@ class Sampler:
             sampled = self._sample(logits, meta)
         else:
             greedy = logits.argmax(dim=-1)
-            sampled = torch.where(meta.temperature < 1e-5, greedy, self._sample(logits, meta))
+            sampled = torch.where(meta.temperature == 0, greedy, self._sample(logits, meta))
         out = SamplerOutput(sampled)
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
@@ -102,7 +102,7 @@ class Sampler:
 
     @staticmethod
     def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        temperature = torch.where(meta.temperature < 1e-5, 1.0, meta.temperature)
+        temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
         logits = logits / temperature.unsqueeze(1)
         if meta.min_p is not None:
             probs = logits.softmax(dim=-1)

@@ -94,7 +94,7 @@ def _sample_partials_kernel(logits_ptr, temperature_ptr, mask_ptr, max_ptr, sum_
     row = tl.program_id(0)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row)
-    is_random = temperature >= 1e-5
+    is_random = temperature > 0.0  # greedy rows have temperature 0
     scale = 1.4426950408889634 / tl.where(is_random, temperature, 1.0)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
     mask_row_ptr = mask_ptr + row.to(tl.int64) * mask_stride
@@ -135,7 +135,7 @@ def _sample_pick_kernel(logits_ptr, temperature_ptr, mask_ptr, max_ptr, sum_ptr,
     maxes = tl.load(max_ptr + part, mask=valid, other=float("-inf"))
     top = tl.max(maxes, axis=0)
     temperature = tl.load(temperature_ptr + row)
-    if temperature < 1e-5:
+    if temperature == 0.0:
         indices = tl.load(index_ptr + part, mask=valid, other=2147483647)
         tl.store(out_ptr + row, tl.min(tl.where(maxes == top, indices, 2147483647), axis=0).to(tl.int64))
     else:
@@ -179,7 +179,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
     row, draws u from Philox (keyed by `seed` and the row) and finds where u times the row's total falls:
     the split from the first pass's sums, the column by walking that split again. On an H100 this takes
     33 us against 109 us for the earlier one-pass Gumbel-max kernel, whose noise made it compute-bound,
-    at 208 rows of 128,256 (benchmarks/decode_ops_bench.py)."""
+    at 208 rows of 128,256."""
     rows, vocab = logits.shape
     if logits.stride(-1) != 1 or temperature.shape != (rows,):
         raise ValueError("sample_from_logits needs a contiguous vocab dim and one temperature per row")
@@ -320,7 +320,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
     Weight-bandwidth bound: each program streams BLOCK_N whole rows of the weight (contiguous along K),
     so enough programs are in flight to keep the memory system busy without splitting K. The default
-    tiles follow benchmarks/gemv_bench.py's sweep on an H100 over Llama-3.1-8B and Qwen3-0.6B matrices:
+    tiles follow a sweep on an H100 over Llama-3.1-8B and Qwen3-0.6B matrices:
     rows of 4096 or more take 8 x 1024 tiles with 8 warps, shorter ones 4 x 512 with 4."""
     if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv needs x [1, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 ENABLED = os.environ.get("TOKENMILL_STEP_TIMING") == "1"
 _totals: dict[str, float] = defaultdict(float)

@@ -30,7 +30,7 @@ from tokenmill.structured.grammar import StructuredRequest, parse_grammar
 # Accepting a token costs tens of microseconds in a JSON grammar (a string token walks the parser character
 # by character), so a batch of constrained requests is split across threads: each thread takes at least
 # this many matchers, and at most this many threads run. Mask fills use as many threads of xgrammar's
-# own. More threads than this were slower on the H100 machine's 16 cores (benchmarks/grammar_bench.py):
+# own. More threads than this were slower on the H100 machine's 16 cores:
 # they contend with the step loop's thread and each other.
 MIN_MATCHERS_PER_THREAD = 16
 MAX_GRAMMAR_THREADS = 4

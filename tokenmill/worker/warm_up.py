@@ -83,7 +83,8 @@ def warm_up_steps(max_num_tokens: int, max_model_len: int, max_num_reqs: int, bl
         steps.append(([q], [min(max_model_len, q + WARM_UP_PREFIX)]))
         n = min(max_num_reqs - 1, (max_num_tokens - 1) // q)
         if n > 0:
-            steps.append(([1] + [q] * n, [min(max_model_len, WARM_UP_PREFIX)] + [min(max_model_len, q + block_size)] * n))
+            seq_lens = [min(max_model_len, WARM_UP_PREFIX)] + [min(max_model_len, q + block_size)] * n
+            steps.append(([1] + [q] * n, seq_lens))
         q *= 2
     longest = min(max_num_tokens, max_model_len)
     steps.append(([longest], [longest]))

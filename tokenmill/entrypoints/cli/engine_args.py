@@ -40,8 +40,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
 
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
-                    "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill", "async_scheduling",
-                    "tensor_parallel_size", "device")
+                    "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
+                    "async_scheduling", "tensor_parallel_size", "device")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

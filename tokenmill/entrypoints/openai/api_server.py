@@ -193,6 +193,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         completions.check_model(request.model)
+        completions.check_supported(request)
         completions.check_limits(request)
         if isinstance(request, TokenizeChatRequest):
             _, tokens = chat.render(request.messages, request.add_generation_prompt, request.continue_final_message,
@@ -204,6 +205,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
         completions.check_model(request.model)
+        completions.check_supported(request)
         bad = [t for t in request.tokens if not 0 <= t < engine.vocab_size]
         if bad:
             raise OpenAIError(f"token ids must be in [0, {engine.vocab_size}), got {bad[:5]}", param="tokens")

@@ -10,7 +10,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -84,9 +84,23 @@ def check_utf8(value: Any, field: str) -> Any:
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are accepted and ignored (clients send many optional ones), as vLLM does. Types are
-    # strict, as OpenAI's are: "n": "2" or "stream": "yes" is a 400, not a silent coercion.
+    # Unknown fields are accepted (clients send many optional ones), logged once per name and otherwise
+    # ignored, as vLLM does; fields tokenmill knows but does not implement are `unsupported` (a 400 unless
+    # left at a value that means "off"). Types are strict, as OpenAI's are: "n": "2" or "stream": "yes" is
+    # a 400, not a silent coercion.
     model_config = ConfigDict(extra="allow", strict=True)
+
+    # field -> the values a request may send for it (they mean "not used"); any other is refused
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def unsupported_field(self) -> tuple[str, Any] | None:
+        """The first field, among those sent beyond the declared ones, set to a value tokenmill does not
+        implement: (name, value)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in self.unsupported and not any(value == allowed and type(value) is type(allowed)
+                                                    for allowed in self.unsupported[name]):
+                return name, value
+        return None
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -120,8 +134,25 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+# vLLM's sampling and serving extensions, and OpenAI's fields, that tokenmill does not implement yet.
+_UNSUPPORTED_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (None, False), "best_of": (None, 1), "length_penalty": (None, 1.0, 1),
+    "early_stopping": (None, False), "priority": (None, 0), "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,), "bad_words": (None, []), "prompt_logprobs": (None,),
+    "logits_processors": (None,), "return_tokens_as_token_ids": (None, False), "return_token_ids": (None, False),
+    "cache_salt": (None,), "kv_transfer_params": (None,), "vllm_xargs": (None,), "prompt_embeds": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,), "structural_tag": (None,),
+    "store": (None, False), "metadata": (None,), "service_tier": (None, "auto", "default"),
+}
+# Hints for some: what to use instead.
+UNSUPPORTED_HINTS = {name: "use structured_outputs" for name in _UNSUPPORTED_SAMPLING if name.startswith("guided_")}
+
+
 class SamplingRequest(OpenAIModel):
     """Fields common to completions and chat completions."""
+
+    unsupported = _UNSUPPORTED_SAMPLING
 
     model: str | None = None
     n: int = 1
@@ -199,13 +230,14 @@ class SamplingRequest(OpenAIModel):
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                          ) -> SamplingParams:
+        # Fields left out (None) take SamplingParams' defaults.
+        optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                        repetition_penalty=self.repetition_penalty)
         return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            min_p=0.0 if self.min_p is None else self.min_p, seed=self.seed, stop=self.stop,
+            **{name: value for name, value in optional.items() if value is not None},
+            n=self.n, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self._logit_bias(), ignore_eos=self.ignore_eos, max_tokens=max_tokens,
             min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -222,24 +254,18 @@ class SamplingRequest(OpenAIModel):
 # ---- completions -----------------------------------------------------------------------------------
 
 class CompletionRequest(SamplingRequest):
+    unsupported = {**_UNSUPPORTED_SAMPLING, "suffix": (None,), "add_special_tokens": (None, True)}
+
     prompt: list[int] | list[list[int]] | str | list[str]
     max_tokens: int | None = 16  # OpenAI's and vLLM's default for completions
     logprobs: int | None = None
     echo: bool = False
-    suffix: str | None = None
 
     @field_validator("logprobs")
     @classmethod
     def _check_logprobs(cls, value: int | None) -> int | None:
         if value is not None and not 0 <= value <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {value}")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _check_suffix(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("suffix is not supported")
         return value
 
     @field_validator("prompt")
@@ -316,6 +342,12 @@ class ChatMessage(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    unsupported = {**_UNSUPPORTED_SAMPLING, "echo": (None, False), "add_special_tokens": (None, False),
+                   "chat_template": (None,), "documents": (None,), "mm_processor_kwargs": (None,),
+                   "reasoning_effort": (None,), "include_reasoning": (None, True), "functions": (None,),
+                   "function_call": (None,), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+                   "web_search_options": (None,)}
+
     messages: list[ChatMessage]
     max_tokens: int | None = Field(default=None, description="deprecated by OpenAI for max_completion_tokens")
     max_completion_tokens: int | None = None
@@ -344,7 +376,7 @@ class ChatCompletionRequest(SamplingRequest):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         for tool in self.tools or []:

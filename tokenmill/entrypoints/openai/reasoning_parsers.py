@@ -58,7 +58,8 @@ def _suffix(before: str | None, now: str | None) -> str | None:
     return now[len(before):] if now.startswith(before) and len(now) > len(before) else None
 
 
-REASONING_PARSERS = {"deepseek_r1": ReasoningParser(implicit_start=True), "qwen3": ReasoningParser(implicit_start=False)}
+REASONING_PARSERS = {"deepseek_r1": ReasoningParser(implicit_start=True),
+                     "qwen3": ReasoningParser(implicit_start=False)}
 
 
 def get_reasoning_parser(name: str) -> ReasoningParser:

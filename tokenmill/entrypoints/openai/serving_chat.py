@@ -30,16 +30,16 @@ from tokenmill.entrypoints.openai.protocol import (
     FunctionCall,
     RequestLimits,
     ResponseMessage,
-    ToolCall,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     random_id,
 )
 from tokenmill.entrypoints.openai.reasoning_parsers import END as END_THINK
 from tokenmill.entrypoints.openai.reasoning_parsers import get_reasoning_parser
 from tokenmill.entrypoints.openai.serving_engine import (
-    SSE_DONE,
     MIN_LOGPROB,
+    SSE_DONE,
     SSE_HEADERS,
     OpenAIServing,
     clamp,
@@ -116,6 +116,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, request: ChatCompletionRequest) -> Response:
         self.check_model(request.model)
+        self.check_supported(request)
         self.check_limits(request)
         if request.tool_mode == "auto" and not (self.enable_auto_tool_choice and self.tool_parser):
             raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',

@@ -38,6 +38,7 @@ Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> Response:
         self.check_model(request.model)
+        self.check_supported(request)
         self.check_limits(request)
         prompts = self._prompts(request.prompt)
         params = []

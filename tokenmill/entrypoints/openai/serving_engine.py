@@ -4,6 +4,7 @@ merging several requests' streams, and SSE framing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from typing import Any
@@ -15,6 +16,8 @@ from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.entrypoints.openai.errors import OpenAIError, error_body
 from tokenmill.entrypoints.openai.protocol import (
     FREE_FORM_FIELDS,
+    UNSUPPORTED_HINTS,
+    OpenAIModel,
     PromptTokensDetails,
     RequestLimits,
     SamplingRequest,
@@ -24,7 +27,10 @@ from tokenmill.entrypoints.openai.protocol import (
 from tokenmill.outputs import Logprob, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
+_warned_fields: set[str] = set()  # unknown request fields already logged
 
 
 class OpenAIServing:
@@ -40,6 +46,21 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_model_names:
             raise OpenAIError(f"The model `{model}` does not exist.", HTTPStatus.NOT_FOUND, "model")
+
+    def check_supported(self, request: OpenAIModel) -> None:
+        """A field tokenmill knows but does not implement, set to a value other than "off", is a 400 naming
+        it (the client would otherwise believe it got, say, beam search); a field it does not know is
+        logged, once per name, and ignored."""
+        refused = request.unsupported_field()
+        if refused is not None:
+            name, value = refused
+            hint = f"; {UNSUPPORTED_HINTS[name]}" if name in UNSUPPORTED_HINTS else ""
+            raise OpenAIError(f"{name}={value!r} is not supported by tokenmill{hint}", param=name)
+        for name in request.model_extra or {}:
+            if name not in request.unsupported and name not in _warned_fields:
+                _warned_fields.add(name)
+                logger.warning("ignoring the request field %r, which tokenmill does not know (logged once per "
+                               "field name)", name)
 
     def check_limits(self, request: BaseModel) -> None:
         """The RequestLimits a parsed request must keep. Only fields its type declares are read: unknown fields

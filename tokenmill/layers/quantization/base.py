@@ -30,8 +30,9 @@ class LinearMethod(ABC):
                        params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
         """Registers the layer's weight parameters (of this rank's partition) on `layer`."""
 
+    @abstractmethod
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Prepares loaded weights for `apply` (nothing, unless the format repacks or rescales)."""
+        """Prepares loaded weights for `apply`: repacking, transposing, folding scales."""
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

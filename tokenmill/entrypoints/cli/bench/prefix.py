@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
         llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)
         return time.perf_counter() - started
 
-    suffix = lambda: rng.integers(10000, 20000, size=args.suffix_len).tolist()
+    def suffix() -> list[int]:
+        return rng.integers(10000, 20000, size=args.suffix_len).tolist()
+
     ttft(prefix + suffix())  # warm-up: kernels compiled for these shapes
     cold, cached, host = [], [], []
     for _ in range(args.num_iters):

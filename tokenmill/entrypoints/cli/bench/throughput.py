@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 JSON_ARRAY_SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
     "id": {"type": "integer"}, "name": {"type": "string", "maxLength": 24}, "ok": {"type": "boolean"}},
     "required": ["id", "name", "ok"], "additionalProperties": False}}
-FIFTY_PROPERTIES_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": ["string", "integer", "boolean"][i % 3]}
-                                                            for i in range(50)},
+FIFTY_PROPERTIES_SCHEMA = {"type": "object",
+                           "properties": {f"field_{i}": {"type": ["string", "integer", "boolean"][i % 3]}
+                                          for i in range(50)},
                            "required": [f"field_{i}" for i in range(50)], "additionalProperties": False}
 
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         record.setdefault("step_phases", step_timer.summary())
         for name, row in record["step_phases"].items():
             print(f"step phase {name:<13} {row['seconds']:8.2f} s  {row['calls']:6d} calls  {row['mean_ms']:7.3f} ms")
-    structured_columns = ["unconstrained_output_tokens_per_s", "structured_ratio"] if "structured_ratio" in record else []
+    structured_columns = (["unconstrained_output_tokens_per_s", "structured_ratio"] if "structured_ratio" in record
+                          else [])
     print_table([record], ["workload", "model", "backend", "num_requests", "seconds", "output_tokens_per_s",
                            *structured_columns, "total_tokens_per_s", "device"])
     write_records([record], args.output_json)
