@@ -9,6 +9,8 @@
 set -u
 OUT=${OUT:-/tmp/out}; WORK=/tmp/ab; mkdir -p "$OUT" "$WORK"
 TREE_A=$(cd "$1" && pwd); TREE_B=$(cd "$2" && pwd); shift 2
+# device_run.sh installs the wheels of its tree's .whl/ (benchmarks/fetch_server_wheels.sh): share B's.
+for tree in "$TREE_A" "$TREE_B"; do [ -e "$tree/.whl" ] || ln -s "$PWD/.whl" "$tree/.whl" 2>/dev/null; done
 for step in "$@"; do
   for side in a b; do
     tree=$([ $side = a ] && echo "$TREE_A" || echo "$TREE_B")
