@@ -6,6 +6,11 @@ import argparse
 import importlib
 import logging
 import sys
+import time
+
+# When the command started (this package is the first of tokenmill's it imports): `bench latency` measures
+# start-up from here, so the imports of torch and the engine count wherever they happen.
+STARTED = time.perf_counter()
 
 # subcommand -> module defining register(subparsers) -> None; the parser's `func` runs it
 SUBCOMMANDS = {

@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tokenmill import LLM, SamplingParams
 
-    started = time.perf_counter()
+    from tokenmill.entrypoints.cli import STARTED
+
     model_name, args.model = args.model, model_path(args.model)
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", args.input_len + args.output_len)
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = {"prompt_token_ids": rng.integers(0, 10000, size=args.input_len).tolist()}
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     llm.generate([prompt], first, use_tqdm=False)
-    startup = time.perf_counter() - started
+    startup = time.perf_counter() - STARTED
     llm.reset_prefix_cache()
     ttfts, decode_rates = [], []
     full = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
