@@ -7,8 +7,9 @@ from tokenmill.worker.worker import Worker
 
 @pytest.fixture(scope="module")
 def cpu_worker(tiny_model_dir) -> Worker:
-    """A Worker on the CPU over the tiny random Llama, taken through start-up as the engine core does: a 1 MiB
-    KV cache, 64-token sequences, 4-token steps, no async scheduling, on the CPU even where a GPU is. Each test module gets its own."""
+    """A Worker on the CPU (even where a GPU is) over the tiny random Llama, taken through start-up as the
+    engine core does: a 1 MiB KV cache, 64-token sequences, 4-token steps, no async scheduling. Each test
+    module gets its own."""
     source = resolve_model(tiny_model_dir("llama"))
     config = EngineConfig.from_kwargs(model=source.path, kv_cache_memory_bytes=1 << 20, max_model_len=64,
                                       max_num_batched_tokens=4, async_scheduling=False, device="cpu")

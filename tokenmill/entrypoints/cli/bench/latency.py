@@ -25,7 +25,6 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tokenmill import LLM, SamplingParams
-
     from tokenmill.entrypoints.cli import STARTED
 
     model_name, args.model = args.model, model_path(args.model)
