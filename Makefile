@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+ARGS ?=
 
 .PHONY: install test serve clean
 
@@ -22,7 +23,7 @@ test: install
 	$(PY) -m pytest -q -ra tests
 
 serve: install
-	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

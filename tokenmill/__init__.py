@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tokenmill.logger import configure_logging
+
 __version__ = "0.1.0"
+configure_logging()
 
 _EXPORTS = {
     "LLM": "tokenmill.entrypoints.llm",

@@ -56,6 +56,9 @@ class ModelConfig:
     served_model_name: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    # Sampling defaults: "auto" (the model's generation config), "vllm" (none), or a folder holding one.
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.dtype = dtype_name(self.dtype)
@@ -134,8 +137,10 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None, device: DeviceIn
 
 
 def checkpoint_dtype(hf_config: Any) -> str | None:
-    """The dtype a HF config names for its weights (`dtype`, or the older `torch_dtype`), as a name."""
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    """The dtype a HF config names for its weights (`dtype`, or transformers 4's `torch_dtype`), as a name. Read
+    from the instance's own fields: transformers 5 warns on every read of its `torch_dtype` alias."""
+    fields = vars(hf_config)
+    dtype = fields.get("dtype") or fields.get("torch_dtype")
     return None if dtype is None else dtype_name(dtype)
 
 

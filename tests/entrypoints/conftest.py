@@ -21,6 +21,8 @@ MAX_MODEL_LEN = 512
 SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "64",
                "--disable-uvicorn-access-log", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
                "--reasoning-parser", "qwen3"]
+# What `make serve` runs: the same without the tool flags.
+PLAIN_SERVER_ARGS = [a for a in SERVER_ARGS if a not in ("--tool-call-parser", "hermes", "--enable-auto-tool-choice")]
 CUSTOM_CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}[assistant] {% endif %}")
 
@@ -32,12 +34,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, log_path: Path, extra_args: list[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(self, log_path: Path, extra_args: list[str] = (), env: dict[str, str] | None = None,
+                 base_args: list[str] = SERVER_ARGS) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         command = [sys.executable, "-m", "tokenmill.entrypoints.cli", "serve", "--host", "127.0.0.1", "--port",
-                   str(self.port), *SERVER_ARGS, *extra_args]
+                   str(self.port), *base_args, *extra_args]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
@@ -114,12 +117,22 @@ def keyed_server(tmp_path_factory) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
+def plain_server(tmp_path_factory) -> ServerProcess:
+    """The server as `make serve` starts it: no tool flags."""
+    process = ServerProcess(tmp_path_factory.mktemp("plain") / "server.log", base_args=PLAIN_SERVER_ARGS)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
 def start_server(tmp_path_factory):
-    """Starts servers with extra flags and environment, each stopped (if still running) at the module's end."""
+    """Starts servers with extra flags and environment (`plain`: without the tool flags), each stopped (if
+    still running) at the module's end."""
     processes: list[ServerProcess] = []
 
-    def start(extra_args: list[str] = (), env: dict[str, str] | None = None) -> ServerProcess:
-        processes.append(ServerProcess(tmp_path_factory.mktemp("server") / "server.log", extra_args, env))
+    def start(extra_args: list[str] = (), env: dict[str, str] | None = None, plain: bool = False) -> ServerProcess:
+        processes.append(ServerProcess(tmp_path_factory.mktemp("server") / "server.log", extra_args, env,
+                                       PLAIN_SERVER_ARGS if plain else SERVER_ARGS))
         return processes[-1]
 
     yield start

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -365,7 +366,8 @@ def test_metrics_exposition(server):
     assert values["vllm:prompt_tokens_total"] > 0 and values["vllm:time_to_first_token_seconds_count"] > 0
 
 
-def test_bench_serve(server, tmp_path):
+def test_bench_serve(server, tmp_path, caplog):
+    """Also: one progress bar and a summary, not a log line per request (httpx's)."""
     from tokenmill.entrypoints.cli.bench.serve import register
 
     parser = argparse.ArgumentParser()
@@ -374,7 +376,9 @@ def test_bench_serve(server, tmp_path):
     args = parser.parse_args(["serve", "--base-url", server.url, "--num-prompts", "4", "--input-len", "16",
                               "--output-len", "4", "--request-rate", "50", "--max-concurrency", "2",
                               "--result-file", str(result_file)])
-    assert args.func(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert args.func(args) == 0
+    assert not [record for record in caplog.records if record.name.startswith("httpx")]
     summary = json.loads(result_file.read_text())
     assert summary["completed"] == 4 and summary["failed"] == 0 and summary["prompt_kind"] == "token_ids"
     assert summary["total_output_tokens"] == 16 and summary["model"] == MODEL

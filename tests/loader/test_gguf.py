@@ -51,12 +51,15 @@ def _hf_gguf_model(path: str):
 
 
 def _assert_same_config(ours, reference) -> None:
-    assert type(ours) is type(reference)
-    for field in ARCHITECTURE_FIELDS:
-        if field == "head_dim" and not hasattr(reference, "head_dim"):  # Qwen2Config derives it
-            assert ours.head_dim == reference.hidden_size // reference.num_attention_heads
-            continue
-        assert getattr(ours, field) == getattr(reference, field), field
+    """Our GGUFConfig (read without transformers) has the fields transformers' own GGUF config has, and builds
+    the same transformers config class."""
+    assert type(ours.to_transformers()) is type(reference)
+    for config in (ours, ours.to_transformers()):
+        for field in ARCHITECTURE_FIELDS:
+            if field == "head_dim" and not hasattr(reference, "head_dim"):  # Qwen2Config derives it
+                assert config.head_dim == reference.hidden_size // reference.num_attention_heads
+                continue
+            assert getattr(config, field) == getattr(reference, field), field
 
 
 def gguf_weights(path: str, dtype: torch.dtype):

@@ -3,6 +3,8 @@ from the host tier with exact contents."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tokenmill.layers.attention import Attention
@@ -46,3 +48,19 @@ def test_runs():
     assert runs((5, 6, 7, 2)) == [(0, 5, 3), (3, 2, 1)]
     assert runs((0, 2, 3, 9)) == [(0, 0, 1), (1, 2, 2), (3, 9, 1)]
     assert runs(()) == []
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_cpu_pool_takes_memory_only_as_it_is_written():
+    cache = make_cache()
+    before = resident_bytes()
+    cache.allocate((2 << 30) // cache.bytes_per_block())  # 2 GiB
+    assert resident_bytes() - before < 64 << 20
+    block = cache.pool[:, :, 12345]
+    assert not block.any()  # reads as zeros
+    block.fill_(1.0)
+    assert cache.pool[:, :, 12345].eq(1.0).all() and resident_bytes() - before < 64 << 20

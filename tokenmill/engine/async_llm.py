@@ -35,7 +35,7 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.processor import Processor, PromptType
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.source import eos_token_ids, load_tokenizer, resolve_model
+from tokenmill.source import eos_token_ids, load_tokenizer, log_sampling_defaults, resolve_model, sampling_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class AsyncLLM:
             raise
         self.core_pid = ready.pid
         self.max_model_len = ready.max_model_len
+        self.sampling_defaults = sampling_defaults(self.source, config.model.generation_config,
+                                                   config.model.override_generation_config)
+        log_sampling_defaults(self.sampling_defaults)
         self.vocab_size = self.source.hf_config.vocab_size
         self.processor = Processor(self.tokenizer, self.max_model_len, self.vocab_size,
                                    eos_token_ids(self.source, self.tokenizer))

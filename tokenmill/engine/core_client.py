@@ -32,6 +32,7 @@ from typing import Any
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from tokenmill.logger import configure_logging
 from tokenmill.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -162,22 +163,37 @@ def run_engine_core(config: EngineConfig, source: ModelSource, input_conn: Conne
     """Entry point of the spawned core process."""
     logging.basicConfig(level=logging.INFO,
                         format=f"%(levelname)s %(asctime)s EngineCore[{os.getpid()}] %(name)s: %(message)s")
+    configure_logging(prefix=f"EngineCore[{os.getpid()}] ")
     # Ctrl-C reaches the whole process group; the frontend decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # tqdm's default lock is a multiprocessing semaphore, which this process leaks when it exits through
+    # os._exit (the resource tracker then warns); one process needs only a thread lock.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+    started = False
     try:
         from tokenmill.engine.core import EngineCore
 
         core = EngineCore(config, source)
         output_conn.send(CoreReady(os.getpid(), core.config.scheduler.max_model_len, core.num_blocks,
                                    config.cache.block_size))
+        started = True
         EngineCoreProc(core, input_conn, output_conn).run()
     except (EOFError, BrokenPipeError):
         pass  # the frontend is gone: nothing left to serve
     except BaseException as e:  # noqa: BLE001 - report anything, then die loudly
-        logger.exception("engine core failed")
+        if not started and isinstance(e, (ValueError, OSError)):
+            # A start-up the user can fix (a model that is not there, a KV cache too small): the message is
+            # the whole story, so no traceback.
+            logger.error("engine core failed to start: %s", e)
+            report = f"{type(e).__name__}: {e}"
+        else:
+            logger.exception("engine core failed")
+            report = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
         try:
-            output_conn.send(CoreFailed(f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            output_conn.send(CoreFailed(report))
         except Exception:  # noqa: BLE001
             pass
         os._exit(1)

@@ -6,6 +6,8 @@ this module is: the frontend modules load without it.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreRequest
 from tokenmill.engine.output_processor import OutputProcessor
@@ -13,17 +15,25 @@ from tokenmill.engine.processor import Processor, PromptType
 from tokenmill.metrics import step_timer
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.source import eos_token_ids, load_tokenizer, resolve_model
+from tokenmill.source import eos_token_ids, load_tokenizer, log_sampling_defaults, resolve_model, sampling_defaults
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, skip_tokenizer_init: bool = False) -> None:
-        from tokenmill.engine.core import EngineCore
-
         self.source = resolve_model(config.model.model, config.model.revision)
-        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(self.source, config.model.tokenizer)
-        self.core = EngineCore(config, self.source)
+        # The tokenizer loads in a thread while the engine core loads the weights (mostly numpy and torch
+        # copies, which release the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = None if skip_tokenizer_init else pool.submit(load_tokenizer, self.source,
+                                                                     config.model.tokenizer)
+            from tokenmill.engine.core import EngineCore
+
+            self.core = EngineCore(config, self.source)
+            self.tokenizer = None if tokenizer is None else tokenizer.result()
         self.config = self.core.config  # resolved
+        self.sampling_defaults = sampling_defaults(self.source, config.model.generation_config,
+                                                   config.model.override_generation_config)
+        log_sampling_defaults(self.sampling_defaults)
         self.processor = Processor(self.tokenizer, self.config.scheduler.max_model_len,
                                    self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)

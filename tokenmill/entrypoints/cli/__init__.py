@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 
+from tokenmill.engine.core_client import EngineDeadError
+
 # When the command started (this package is the first of tokenmill's it imports): `bench latency` measures
 # start-up from here, so the imports of torch and the engine count wherever they happen.
 STARTED = time.perf_counter()
@@ -28,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     for module in SUBCOMMANDS.values():
         importlib.import_module(module).register(subparsers)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, EngineDeadError) as e:
+        # What the user can fix (a bad flag, a model that is not there, a busy port, a cache too small) is one
+        # line, not a traceback; anything else is a bug and keeps its traceback.
+        print(f"tokenmill {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

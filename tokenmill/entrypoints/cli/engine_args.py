@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from tokenmill.config import DTYPE_NAMES
@@ -36,12 +37,18 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="schedule the next step while the current one runs on the device (default: on)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: 1")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--generation-config",
+                        help="sampling defaults: 'auto' (the model's generation_config.json; the default), 'vllm' "
+                             "(none: SamplingParams' own), or a folder holding a generation_config.json")
+    parser.add_argument("--override-generation-config", type=json.loads,
+                        help='JSON overriding the generation config\'s fields, e.g. \'{"temperature": 0.5}\'')
 
 
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
                     "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
-                    "async_scheduling", "tensor_parallel_size", "device")
+                    "async_scheduling", "tensor_parallel_size", "device", "generation_config",
+                    "override_generation_config")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -49,9 +56,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in ENGINE_ARG_NAMES if getattr(args, name) is not None}
 
 
+DEFAULT_MAX_TOKENS = 128  # the CLI's, where neither the flag nor the model's generation config sets one
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Sampling flags; one left out takes SamplingParams' default, as a request's field left out does."""
-    parser.add_argument("--max-tokens", type=int, default=128)
+    """Sampling flags; one left out takes the model's default (its generation config), else SamplingParams',
+    as a request's field left out does."""
+    parser.add_argument("--max-tokens", type=int, help=f"default: {DEFAULT_MAX_TOKENS}")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -60,7 +71,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=None)
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def sampling_kwargs(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams' arguments: the flags given over the model's `defaults`."""
     given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                  min_p=args.min_p, seed=args.sampling_seed, stop=args.stop)
-    return {name: value for name, value in given.items() if value is not None}
+    return {"max_tokens": DEFAULT_MAX_TOKENS, **defaults, **{k: v for k, v in given.items() if v is not None}}

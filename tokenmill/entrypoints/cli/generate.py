@@ -19,7 +19,8 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(**engine_kwargs(args))
-    outputs = llm.generate(args.prompt, SamplingParams(**sampling_kwargs(args)), use_tqdm=False)
+    params = SamplingParams(**sampling_kwargs(args, llm.llm_engine.sampling_defaults))
+    outputs = llm.generate(args.prompt, params, use_tqdm=False)
     for output in outputs:
         print(output.prompt + output.outputs[0].text)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from tokenmill.entrypoints.cli.engine_args import add_engine_args
 from tokenmill.entrypoints.openai.protocol import RequestLimits
@@ -27,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a Jinja chat template file (or the template itself) instead of the tokenizer's")
     parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                         help="how tool calls are read from the text when tool_choice is auto")
-    parser.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help='allow tool_choice "auto" (needs --tool-call-parser)')
+    parser.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=None,
+                        help='allow tool_choice "auto" (default: on when the chat template renders tools in a format '
+                             "a --tool-call-parser reads, which is then picked; the start-up log says which)")
     parser.add_argument("--reasoning-parser", default=None, choices=["deepseek_r1", "qwen3"],
                         help="split <think>...</think> into message.reasoning_content")
     limits = RequestLimits()
@@ -54,6 +57,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tokenmill.entrypoints.openai.api_server import run_server
+    """Refuses a port in use before anything loads; spawns the engine core first, so that it loads the weights
+    while this process imports the web server and loads the tokenizer; then serves."""
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.entrypoints.cli.engine_args import engine_kwargs
 
-    return asyncio.run(run_server(args))
+    sock = listen_socket(args.host, args.port)
+    try:
+        names = served_model_names(args)
+        config = EngineConfig.from_kwargs(**engine_kwargs(args), served_model_name=names[0], usage_context="serve")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-start") as pool:
+            starting = pool.submit(AsyncLLM, config)
+            from tokenmill.entrypoints.openai.api_server import run_server
+
+            engine = starting.result()
+    except BaseException:
+        sock.close()
+        raise
+    return asyncio.run(run_server(args, engine, sock, names))
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now (uvicorn listens on it once the engine is ready): a port another
+    program holds is an error before any model loads, not after."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror}; is another server running there? Choose "
+                      "another port with --port") from None
+    return sock
+
+
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    from tokenmill.source.default_model import DEFAULT_MODEL_NAME
+
+    if args.served_model_name:
+        return list(args.served_model_name)
+    return [DEFAULT_MODEL_NAME if args.model in (None, "", "default") else args.model]

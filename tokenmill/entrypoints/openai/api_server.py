@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Awaitable
 from http import HTTPStatus
@@ -147,8 +148,9 @@ class _Server(uvicorn.Server):
 
 
 def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
-              api_key: str | None = None, tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-              reasoning_parser: str | None = None, limits: RequestLimits = RequestLimits()) -> FastAPI:
+              api_key: str | None = None, tool_call_parser: str | None = None,
+              enable_auto_tool_choice: bool | None = None, reasoning_parser: str | None = None,
+              limits: RequestLimits = RequestLimits()) -> FastAPI:
     from tokenmill import __version__
 
     app = FastAPI(title="tokenmill OpenAI-compatible server", version=__version__)
@@ -221,26 +223,14 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
     return app
 
 
-def served_model_names(args: argparse.Namespace) -> list[str]:
-    from tokenmill.source.default_model import DEFAULT_MODEL_NAME
-
-    if args.served_model_name:
-        return list(args.served_model_name)
-    return [DEFAULT_MODEL_NAME if args.model in (None, "", "default") else args.model]
-
-
-async def run_server(args: argparse.Namespace) -> int:
-    """Starts the engine, then serves until stopped; returns the process exit status."""
-    from tokenmill.config import EngineConfig
-    from tokenmill.entrypoints.cli.engine_args import engine_kwargs
-
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    chat_template = load_chat_template(args.chat_template)
-    names = served_model_names(args)
-    limits = RequestLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(RequestLimits)})
-    config = EngineConfig.from_kwargs(**engine_kwargs(args), served_model_name=names[0], usage_context="serve")
-    engine = await asyncio.to_thread(AsyncLLM, config)
+async def run_server(args: argparse.Namespace, engine: AsyncLLM, sock: socket.socket, names: list[str]) -> int:
+    """Serves `engine` on the bound `sock` until stopped (then shuts the engine down); returns the process
+    exit status."""
     try:
+        api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        chat_template = load_chat_template(args.chat_template)
+        limits = RequestLimits(**{field.name: getattr(args, field.name)
+                                  for field in dataclasses.fields(RequestLimits)})
         engine.start()
         app = build_app(engine, names, chat_template, api_key, args.tool_call_parser, args.enable_auto_tool_choice,
                         args.reasoning_parser, limits)
@@ -257,9 +247,10 @@ async def run_server(args: argparse.Namespace) -> int:
         engine.on_dead.append(stop_soon)
         logger.info("serving %s (max_model_len=%d) with engine core pid %d", ", ".join(names), engine.max_model_len,
                     engine.core_pid)
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         engine.shutdown()
+        sock.close()
     if engine.errored:
         logger.error("exiting with status 1: %s", engine.dead_error)
         return 1

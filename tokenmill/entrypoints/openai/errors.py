@@ -76,7 +76,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.message, exc.status, exc.param)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if content_type and media_type != "application/json" and not media_type.endswith("+json"):
+            # FastAPI reads no JSON from a body of another type (curl -d without -H sends a form)
+            return error_response(f"the request body must be JSON, sent with the header Content-Type: "
+                                  f"application/json (it came as {content_type!r})", HTTPStatus.BAD_REQUEST)
         message, param = _validation_message(exc)
         return error_response(message, HTTPStatus.BAD_REQUEST, param)
 

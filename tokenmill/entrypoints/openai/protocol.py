@@ -228,13 +228,16 @@ class SamplingRequest(OpenAIModel):
             return StructuredOutputsParams(json=schema)
         raise ValueError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-                         ) -> SamplingParams:
-        # Fields left out (None) take SamplingParams' defaults.
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+                         defaults: dict[str, Any]) -> SamplingParams:
+        # A field left out (None) takes the model's default (`defaults`, its generation config's), else
+        # SamplingParams' own.
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                         repetition_penalty=self.repetition_penalty)
+        chosen = {name: defaults[name] for name in optional if name in defaults}
+        chosen.update({name: value for name, value in optional.items() if value is not None})
         return SamplingParams(
-            **{name: value for name, value in optional.items() if value is not None},
+            **chosen,
             n=self.n, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -275,9 +278,9 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("prompt must not be empty")
         return check_utf8(value, "prompt")
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs, defaults)
 
 
 class CompletionLogProbs(BaseModel):
@@ -432,9 +435,9 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, defaults: dict[str, Any]) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, logprobs, None, defaults)
 
 
 class TopLogprob(BaseModel):

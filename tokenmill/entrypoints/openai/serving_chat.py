@@ -49,12 +49,15 @@ from tokenmill.entrypoints.openai.serving_engine import (
     sse_error,
 )
 from tokenmill.entrypoints.openai.tool_parsers import (
+    TOOL_PARSERS,
     NamedToolParser,
     ParsedToolCall,
     RequiredToolParser,
     StreamingToolCallParser,
     ToolParser,
+    detect_tool_call_parser,
     get_tool_parser,
+    template_renders_tools,
 )
 from tokenmill.outputs import PositionLogprobs, RequestOutput
 
@@ -78,10 +81,20 @@ def load_chat_template(value: str | None) -> str | None:
 
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
-                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None, enable_auto_tool_choice: bool | None = None,
                  reasoning_parser: str | None = None, limits: RequestLimits = RequestLimits()) -> None:
+        """enable_auto_tool_choice None: on when the chat template renders tools in a format a parser reads
+        (tool_call_parser then defaults to that parser); True or False as the flags say."""
         super().__init__(engine, served_model_names, limits)
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.template_renders_tools = template_renders_tools(self.chat_template)
+        if enable_auto_tool_choice is None:
+            detected = detect_tool_call_parser(self.chat_template)
+            tool_call_parser = tool_call_parser or detected
+            enable_auto_tool_choice = tool_call_parser is not None and self.template_renders_tools
+            if enable_auto_tool_choice:
+                logger.info("tool_choice auto is on: the chat template renders tools; their calls are read with the "
+                            "%s parser (--no-enable-auto-tool-choice turns this off)", tool_call_parser)
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
         self.enable_auto_tool_choice = enable_auto_tool_choice
         self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
@@ -119,8 +132,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_supported(request)
         self.check_limits(request)
         if request.tool_mode == "auto" and not (self.enable_auto_tool_choice and self.tool_parser):
-            raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
-                              param="tool_choice")
+            raise OpenAIError(self._no_auto_tools_reason(), param="tool_choice")
         text, token_ids = self.render(request.messages, request.add_generation_prompt,
                                       request.continue_final_message, request.chat_template_kwargs,
                                       request.tools if request.tool_mode != "none" else None)
@@ -173,6 +185,16 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,
                                       usage=self.usage(len(output.prompt_token_ids), num_completion,
                                                        output.num_cached_tokens))
+
+    def _no_auto_tools_reason(self) -> str:
+        if not self.template_renders_tools:
+            return ("this model's chat template has no tool format (it never shows the model its tools), so "
+                    'tool_choice "auto" cannot work: send tool_choice "none", "required" or a named function, or '
+                    "serve a model (or a --chat-template) that renders tools")
+        if self.enable_auto_tool_choice is False:
+            return '"auto" tool choice is turned off on this server (--no-enable-auto-tool-choice)'
+        return ('"auto" tool choice needs a --tool-call-parser for this chat template\'s tool-call format '
+                f"(known: {', '.join(sorted(TOOL_PARSERS))})")
 
     def _tool_parser(self, request: ChatCompletionRequest) -> ToolParser | None:
         """The parser that finds this request's tool calls in the answer, if it may have any."""

@@ -87,25 +87,28 @@ class OpenAIServing:
                                   "lists and objects", param=name)
 
     def resolve_max_tokens(self, num_prompt_tokens: int, requested: int | None) -> int:
-        """The completion budget: the request's, or what the context leaves (vLLM's default)."""
+        """The completion budget: the request's, or what the context leaves (vLLM's default); a generation
+        config's max_new_tokens caps either, as in vLLM."""
         if num_prompt_tokens >= self.max_model_len:
             raise OpenAIError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                               f"request has {num_prompt_tokens} input tokens. Please reduce the length of the input "
                               "messages.", param="messages")
+        cap = self.engine.sampling_defaults.get("max_tokens")
         if requested is None:
-            return self.max_model_len - num_prompt_tokens
+            return min(self.max_model_len - num_prompt_tokens, cap or self.max_model_len)
         if requested >= 1 and num_prompt_tokens + requested > self.max_model_len:
             raise OpenAIError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                               f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the messages, "
                               f"{requested} in the completion). Please reduce the length of the messages or "
                               "completion.", param="max_tokens")
-        return requested
+        return min(requested, cap) if cap and requested >= 1 else requested
 
-    @staticmethod
-    def sampling_params(make: Callable[[int], SamplingParams], max_tokens: int) -> SamplingParams:
-        """SamplingParams' ValueErrors name the field first: they become 400s with that param."""
+    def sampling_params(self, make: Callable[[int, dict[str, Any]], SamplingParams], max_tokens: int
+                        ) -> SamplingParams:
+        """SamplingParams with the model's defaults where the request is silent. Its ValueErrors name the
+        field first: they become 400s with that param."""
         try:
-            return make(max_tokens)
+            return make(max_tokens, self.engine.sampling_defaults)
         except ValueError as e:
             raise OpenAIError(str(e), param=param_of(str(e))) from None
 

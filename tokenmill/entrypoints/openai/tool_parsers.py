@@ -255,6 +255,33 @@ class NamedToolParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
 
 
+def template_renders_tools(chat_template: str | None) -> bool:
+    """Whether a chat template reads the `tools` variable, i.e. shows the model the tools it is offered."""
+    if not chat_template:
+        return False
+    import jinja2
+    import jinja2.meta
+
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(chat_template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return "tools" in jinja2.meta.find_undeclared_variables(parsed)
+
+
+def detect_tool_call_parser(chat_template: str | None) -> str | None:
+    """The parser whose format a chat template teaches the model for tool calls, if the template renders
+    tools at all: <tool_call> blocks (hermes: Qwen2.5/3, Hermes, SmolLM3), or {"name", "parameters"} JSON
+    with Llama 3.1's <|python_tag|> (llama3_json). None when the template shows no tools or no known format."""
+    if not template_renders_tools(chat_template):
+        return None
+    if "<tool_call>" in chat_template:
+        return "hermes"
+    if "<|python_tag|>" in chat_template or '"parameters": dictionary of argument name' in chat_template:
+        return "llama3_json"
+    return None
+
+
 def get_tool_parser(name: str) -> ToolParser:
     if name not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {name!r}; known: {sorted(TOOL_PARSERS)}")

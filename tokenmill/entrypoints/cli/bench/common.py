@@ -8,6 +8,9 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +48,15 @@ def make_workload(name: str, num_prompts: int | None, input_len: int, output_len
         raise ValueError(f"unknown workload {name!r}: choose nano or fixed")
     prompts = [rng.integers(0, vocab_limit, size=int(length)).tolist() for length in input_lens]
     return Workload(name, prompts, [int(x) for x in output_lens])
+
+
+@contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Announces a phase of a benchmark, then says how long it took: one line each, on stderr."""
+    print(f"bench: {name} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    yield
+    print(f"bench: {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def device_name() -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
-from tokenmill.entrypoints.cli.bench.common import base_record, print_table, write_records
+from tokenmill.entrypoints.cli.bench.common import base_record, phase, print_table, write_records
 from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 
@@ -30,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     model_name, args.model = args.model, model_path(args.model)
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", args.input_len + args.output_len)
-    llm = LLM(**kwargs, skip_tokenizer_init=True)
+    with phase("engine start-up"):
+        llm = LLM(**kwargs, skip_tokenizer_init=True)
     rng = np.random.default_rng(0)
     prompt = {"prompt_token_ids": rng.integers(0, 10000, size=args.input_len).tolist()}
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     llm.reset_prefix_cache()
     ttfts, decode_rates = [], []
     full = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    for _ in range(args.num_iters):
+    for i in range(args.num_iters):
         llm.reset_prefix_cache()  # every iteration computes its prompt
         t0 = time.perf_counter()
         llm.generate([prompt], first, use_tqdm=False)
@@ -50,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         total = time.perf_counter() - t0
         ttfts.append(ttft)
         decode_rates.append((args.output_len - 1) / max(total - ttft, 1e-9))
+        print(f"bench: iteration {i + 1} of {args.num_iters}: TTFT {ttft * 1e3:.1f} ms, "
+              f"{decode_rates[-1]:.1f} tok/s", file=sys.stderr, flush=True)
     record = {"workload": f"latency-{args.input_len}-{args.output_len}", "model": model_name, "backend": "tokenmill",
               "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms": statistics.median(ttfts) * 1e3, "decode_tokens_per_s": statistics.median(decode_rates),

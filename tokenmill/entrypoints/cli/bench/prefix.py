@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from tokenmill.entrypoints.cli.bench.common import base_record, print_table, write_records
+from tokenmill.entrypoints.cli.bench.common import base_record, phase, print_table, write_records
 from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     model_name, args.model = args.model, model_path(args.model)
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", args.prefix_len + args.suffix_len + 1)
-    llm = LLM(**kwargs, skip_tokenizer_init=True)
+    with phase("engine start-up"):
+        llm = LLM(**kwargs, skip_tokenizer_init=True)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, 10000, size=args.prefix_len).tolist()
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         llm.reset_prefix_cache()
         cold.append(ttft(prefix + suffix()))
         cached.append(ttft(prefix + suffix()))
-        if args.kv_offload_size > 0:
+        if (args.kv_offload_size or 0) > 0:
             host.append(_host_hit_ttft(llm, ttft, prefix + suffix(), rng, kwargs["max_model_len"], one))
     record = {"workload": f"prefix-{args.prefix_len}+{args.suffix_len}", "model": model_name, "backend": "tokenmill",
               "cold_ttft_ms": 1e3 * statistics.median(cold), "cached_ttft_ms": 1e3 * statistics.median(cached),

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
 
 from tokenmill.entrypoints.cli.bench.common import base_record
 
@@ -153,9 +156,13 @@ async def _benchmark(args: argparse.Namespace) -> dict:
         semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
         rng = random.Random(args.seed + 1)
 
+        bar = tqdm(total=len(prompts), desc="Requests done", unit="req")
+
         async def limited(i: int) -> RequestResult:
             async with semaphore:
-                return await _send(client, url, _payload(model, prompts[i], output_lens[i]), input_lens[i])
+                result = await _send(client, url, _payload(model, prompts[i], output_lens[i]), input_lens[i])
+            bar.update(1)
+            return result
 
         started = time.perf_counter()
         tasks = []
@@ -165,6 +172,7 @@ async def _benchmark(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
+        bar.close()
     return summarize(args, model, text_prompts, results, duration)
 
 
@@ -230,6 +238,7 @@ def print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     summary = asyncio.run(_benchmark(args))
     print_summary(summary)
     if args.result_file:

@@ -6,7 +6,14 @@ import argparse
 import os
 import time
 
-from tokenmill.entrypoints.cli.bench.common import Workload, base_record, make_workload, print_table, write_records
+from tokenmill.entrypoints.cli.bench.common import (
+    Workload,
+    base_record,
+    make_workload,
+    phase,
+    print_table,
+    write_records,
+)
 from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 from tokenmill.metrics import step_timer
@@ -70,7 +77,8 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", max(len(p) + n for p, n in zip(workload.prompts, workload.output_lens)))
     structured = args.structured != "none"
-    llm = LLM(**kwargs, skip_tokenizer_init=not structured)
+    with phase("engine start-up"):
+        llm = LLM(**kwargs, skip_tokenizer_init=not structured)
     constraint = StructuredOutputsParams(json=JSON_ARRAY_SCHEMA) if structured else None
     params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=n, ignore_eos=True,
                              structured_outputs=constraint) for n in workload.output_lens]
@@ -81,15 +89,18 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
     prompts = [{"prompt_token_ids": p} for p in workload.prompts]
     # warm-up: kernels compiled (with a grammar's mask and without, for the structured comparison)
     warm_up = params[:2] if not structured else [params[0], SamplingParams(max_tokens=8, ignore_eos=True)]
-    llm.generate(prompts[:2], warm_up, use_tqdm=False)
-    seconds, lengths = _timed_generate(llm, prompts, params)
+    with phase("warm-up requests"):
+        llm.generate(prompts[:2], warm_up, use_tqdm=False)
+    with phase(f"timed run: {len(prompts)} requests"):
+        seconds, lengths = _timed_generate(llm, prompts, params)
     produced = sum(lengths)
     if structured:
         # A grammar may end a request early, and fewer requests per step means fewer tokens per second
         # whatever the masking costs: the peer is the same requests unconstrained, each to the same length.
         phases = step_timer.summary()
         free = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max(1, n), ignore_eos=True) for n in lengths]
-        free_seconds, free_lengths = _timed_generate(llm, prompts, free)
+        with phase(f"timed run, unconstrained: {len(prompts)} requests"):
+            free_seconds, free_lengths = _timed_generate(llm, prompts, free)
         extra.update(unconstrained_output_tokens_per_s=sum(free_lengths) / free_seconds,
                      structured_ratio=(produced / seconds) / (sum(free_lengths) / free_seconds))
         if step_timer.ENABLED:
