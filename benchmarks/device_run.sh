@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness]
+# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> [TOKENMILL_ARGS="--kv-cache-dtype fp8"] [TAG=fp8kv] bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness]
 # structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
-# .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh).
+# .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh). TOKENMILL_ARGS go to every tokenmill bench run of the
+# qwen, llama and latency steps; TAG names their JSONs (nano-llama-3.1-8b-tokenmill-TAG.json).
 set -u
 # The device's copy of the tree may carry stale git metadata, so the commit under test is named by the caller.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:?set TOKENMILL_COMMIT to the commit under test}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TM="python3 -m tokenmill.entrypoints.cli"
+X=${TOKENMILL_ARGS:-}; T=${TAG:+-$TAG}
 want() { [ $# -eq 0 ] || [[ " $STEPS " == *" $1 "* ]]; }
 STEPS=" ${*:-correctness qwen llama latency} "
 if [ -d .whl ]; then
@@ -15,15 +17,15 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 if want qwen; then
-  timeout 120 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano --output-json "$OUT/nano-qwen3-0.6b-tokenmill.json" 2>&1 | grep -vE "^INFO .*(step|Processed)" | tail -12
+  timeout 120 $TM bench throughput --model qwen3-0.6b --load-format dummy --workload nano $X --output-json "$OUT/nano-qwen3-0.6b-tokenmill$T.json" 2>&1 | grep -vE "^INFO .*(step|Processed)" | tail -12
 fi
 if want llama; then
-  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano --output-json "$OUT/nano-llama-3.1-8b-tokenmill.json" 2>&1 | tail -12
+  timeout 150 $TM bench throughput --model llama-3.1-8b --load-format dummy --workload nano $X --output-json "$OUT/nano-llama-3.1-8b-tokenmill$T.json" 2>&1 | tail -12
 fi
 if want latency; then
-  timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-llama-3.1-8b.json" 2>&1 | tail -4
-  timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 --output-json "$OUT/latency-qwen3-0.6b.json" 2>&1 | tail -4
-  timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 --output-json "$OUT/ttft-4096-llama-3.1-8b.json" 2>&1 | tail -4
+  timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-llama-3.1-8b$T.json" 2>&1 | tail -4
+  timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-qwen3-0.6b$T.json" 2>&1 | tail -4
+  timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 $X --output-json "$OUT/ttft-4096-llama-3.1-8b$T.json" 2>&1 | tail -4
 fi
 if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
   timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 7 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
@@ -62,7 +64,7 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
         continue
     for r in data:
         keys = ["output_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "startup_to_first_token_s", "seconds"]
-        print(f"{r['workload']:<22} {r['model']:<14} {r['backend']:<9} " + " ".join(f"{k}={r[k]:.1f}" for k in keys if k in r))
+        print(f"{path.rsplit('/', 1)[-1][:-5]:<40} {r['backend']:<9} " + " ".join(f"{k}={r[k]:.1f}" for k in keys if k in r))
         if "step_phases" in r:
             print("    " + " ".join(f"{n}={v['seconds']:.2f}s/{v['calls']}" for n, v in r["step_phases"].items()))
 PY

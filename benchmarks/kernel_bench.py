@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_bench.py            # check + time, about half a minute on an H100 or H200
     python benchmarks/kernel_bench.py --tune     # also sweep tile settings (slower)
+    python benchmarks/kernel_bench.py --fp8      # an e4m3 KV cache, then the FP8 GEMMs of Llama-3.1-8B
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16; block ids shuffled across a
 cache with twice the blocks needed. Decode rows are timed eagerly with triton.testing.do_bench (median,
@@ -10,11 +11,18 @@ the engine runs). The floor is the larger of bytes / bandwidth and FLOPs / tenso
 being a device-to-device copy's measured at the start; bytes count the KV cache read once plus q and out.
 The peer is torch's scaled_dot_product_attention over the same keys stored contiguously (no paging), which
 is the bar a paged kernel should come close to.
+
+With --fp8 the cache holds e4m3 with per-tensor k and v scales (the reference and the peer use the dequantized
+keys, so the peer reads twice the bytes), and a second table times the FP8 linear layers at Llama-3.1-8B's
+shapes (per-channel weights, as `--quantization fp8` makes them) against bf16 cuBLAS: batch 1 through the FP8
+GEMV (floor: weight bytes / bandwidth), larger batches through torch._scaled_mm with per-token activation
+quantization included (floor: FLOPs / twice the bf16 rate).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.attention import triton_paged  # noqa: E402
 from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
+from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX  # noqa: E402
+from tokenmill.layers.quantization.fp8 import fp8_linear, quantize_per_channel  # noqa: E402
 
 PEAK_FLOPS = 7.9e14  # dense bf16 tensor cores, as a large GEMM measures it on an H100 or H200
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -36,7 +46,8 @@ DTYPE = torch.bfloat16
 class Case:
     """One attention step: requests with (context, new tokens), laid out in a shuffled paged cache."""
 
-    def __init__(self, name: str, seq_lens: list[int], q_lens: list[int], extra_table_columns: int = 0):
+    def __init__(self, name: str, seq_lens: list[int], q_lens: list[int], extra_table_columns: int = 0,
+                 fp8: bool = False):
         self.name, self.seq_lens_list, self.q_lens_list = name, seq_lens, q_lens
         gen = torch.Generator(device="cuda").manual_seed(0)
         blocks_needed = [-(-s // BLOCK_SIZE) for s in seq_lens]
@@ -50,6 +61,11 @@ class Case:
         self.kv_cache = torch.randn(
             (2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), device="cuda", dtype=DTYPE, generator=gen
         )
+        self.k_scale = self.v_scale = 1.0
+        if fp8:  # e4m3 over its whole range; contiguous_kv dequantizes for the reference and the peer
+            self.k_scale, self.v_scale = (self.kv_cache[i].abs().max().item() / FP8_MAX for i in (0, 1))
+            scaled = [self.kv_cache[0] / self.k_scale, self.kv_cache[1] / self.v_scale]
+            self.kv_cache = torch.stack(scaled).to(FP8_DTYPE)
         self.query = torch.randn((sum(q_lens), NUM_HEADS, HEAD_DIM), device="cuda", dtype=DTYPE, generator=gen)
         self.query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
                                             device="cuda")  # fmt: skip
@@ -59,7 +75,8 @@ class Case:
 
     def run(self) -> torch.Tensor:
         return paged_attention(self.query, self.kv_cache, self.query_start_loc, self.seq_lens, self.block_table,
-                               self.scale, max(self.q_lens_list), out=self.out)  # fmt: skip
+                               self.scale, max(self.q_lens_list), out=self.out, k_scale=self.k_scale,
+                               v_scale=self.v_scale)  # fmt: skip
 
     def kv_bytes(self) -> int:
         kv = sum(self.seq_lens_list) * NUM_KV_HEADS * HEAD_DIM * 2 * self.kv_cache.element_size()
@@ -75,6 +92,8 @@ class Case:
         blocks = self.block_table[i, pos // BLOCK_SIZE].long()
         k = self.kv_cache[0, blocks, pos % BLOCK_SIZE].transpose(0, 1)
         v = self.kv_cache[1, blocks, pos % BLOCK_SIZE].transpose(0, 1)
+        if self.kv_cache.dtype == FP8_DTYPE:
+            return (k.to(DTYPE) * self.k_scale).to(DTYPE), (v.to(DTYPE) * self.v_scale).to(DTYPE)
         return k, v
 
     def max_rel_err(self, out: torch.Tensor, request_ids: list[int]) -> float:
@@ -127,18 +146,45 @@ def measure_copy_bandwidth() -> float:
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-def decode_cases() -> list[Case]:
+def decode_cases(fp8: bool) -> list[Case]:
     cases = []
     for batch in (1, 32, 256):
         for ctx in (1024, 4096):
             # 256 blocks of slack in the table: the split count comes from its width, not from seq_lens.
-            cases.append(Case(f"decode b={batch} ctx={ctx}", [ctx] * batch, [1] * batch, extra_table_columns=256))
+            cases.append(Case(f"decode b={batch} ctx={ctx}", [ctx] * batch, [1] * batch, extra_table_columns=256,
+                              fp8=fp8))
     return cases
+
+
+LLAMA_8B_LINEARS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
+
+
+def fp8_gemm_rows(copy_bw: float) -> None:
+    """FP8 linear layers (per-channel weights, per-token activations) at Llama-3.1-8B's shapes against bf16."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"\n{'linear':10s} {'M':>5s} {'relerr':>8s} {'fp8 ms':>8s} {'bf16 ms':>8s} {'GB/s':>7s} {'TFLOP/s':>8s} "
+          f"{'floor ms':>9s} {'x floor':>8s}")  # fmt: skip
+    for name, n, k in LLAMA_8B_LINEARS:
+        w16 = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(DTYPE)
+        weight, scale = quantize_per_channel(w16)
+        for m in (1, 8, 64, 512, 4096):
+            x = torch.randn(m, k, device="cuda", generator=gen, dtype=DTYPE)
+            got = fp8_linear(x, weight, scale, None, None)
+            ref = x.double() @ (weight.double() * scale.double()[:, None]).T
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            assert err < 2e-2, f"fp8 {name} M={m}: rel err {err:.2e}"
+            ms = bench_graph(functools.partial(fp8_linear, x, weight, scale, None, None))
+            bf16_ms = bench_graph(functools.partial(torch.matmul, x, w16.T))
+            nbytes, flops = n * k + 2 * m * (n + k), 2 * m * n * k
+            floor_ms = max(nbytes / copy_bw, flops / (2 * PEAK_FLOPS)) * 1e3
+            print(f"{name:10s} {m:5d} {err:8.1e} {ms:8.4f} {bf16_ms:8.4f} {nbytes / ms / 1e6:7.0f} "
+                  f"{flops / ms / 1e9:8.1f} {floor_ms:9.4f} {ms / floor_ms:8.2f}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true", help="sweep decode/prefill tile settings")
+    parser.add_argument("--fp8", action="store_true", help="an e4m3 KV cache, then the FP8 GEMMs")
     args = parser.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
@@ -148,9 +194,9 @@ def main() -> None:
     print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); roofline uses it and "
           f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s")  # fmt: skip
 
-    cases = decode_cases() + [
-        Case("prefill 4096", [4096], [4096]),
-        Case("mixed 512-chunk + 255 decodes", [2048] + [1024] * 255, [512] + [1] * 255),
+    cases = decode_cases(args.fp8) + [
+        Case("prefill 4096", [4096], [4096], fp8=args.fp8),
+        Case("mixed 512-chunk + 255 decodes", [2048] + [1024] * 255, [512] + [1] * 255, fp8=args.fp8),
     ]
     rows = []
     for case in cases:
@@ -176,6 +222,8 @@ def main() -> None:
     for name, err, ms, graph_ms, peer_ms, gbs, tflops, floor_ms, ratio in rows:
         print(f"{name:32s} {err:8.1e} {ms:8.4f} {graph_ms:9.4f} {peer_ms:8.4f} {gbs:7.0f} {tflops:8.1f} "
               f"{floor_ms:9.4f} {ratio:8.2f}")  # fmt: skip
+    if args.fp8:
+        fp8_gemm_rows(copy_bw)
     print(f"\n(total {time.time() - t0:.0f} s)")
 
 

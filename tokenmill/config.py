@@ -22,6 +22,7 @@ DTYPE_NAMES = {
     "float16": "float16", "half": "float16", "fp16": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
 USAGE_CONTEXTS = ("llm", "serve")
 
@@ -56,6 +57,8 @@ class ModelConfig:
     served_model_name: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    # The weight format: None (the checkpoint's own), or a method to quantize a 16-bit checkpoint with ("fp8").
+    quantization: str | None = None
     # Sampling defaults: "auto" (the model's generation config), "vllm" (none), or a folder holding one.
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None
@@ -77,6 +80,8 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None  # overrides gpu_memory_utilization when set
     enable_prefix_caching: bool = True
     kv_offload_size: float = 0.0  # GiB of host memory for evicted KV blocks (0 = off)
+    # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-layer key and value scales, twice the tokens
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
@@ -86,6 +91,8 @@ class CacheConfig:
         _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes",
                  f"must be positive, got {self.kv_cache_memory_bytes!r}")
         _require(self.kv_offload_size >= 0, "kv_offload_size", f"must be >= 0 GiB, got {self.kv_offload_size!r}")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass

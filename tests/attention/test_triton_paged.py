@@ -415,3 +415,39 @@ def test_decode_cuda_graph_replay_with_new_seq_lens() -> None:
         graph.replay()
         torch.cuda.synchronize()
         check(out, batch, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- FP8 cache
+
+
+def test_write_kv_to_an_fp8_cache_stores_values_over_their_scales() -> None:
+    num_tokens, num_kv_heads, head_dim, block_size, num_blocks = 9, 2, 32, 4, 5
+    gen = torch.Generator().manual_seed(3)
+    key = (torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen) * 3).to(DEVICE)
+    value = torch.randn((num_tokens, num_kv_heads, head_dim), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(torch.int64)
+    slots[4] = -1
+    cache = torch.zeros((2, num_blocks, block_size, num_kv_heads, head_dim), dtype=torch.float8_e4m3fn, device=DEVICE)
+    write_kv(key, value, cache, slots.to(DEVICE), k_scale=0.02, v_scale=0.005)
+    flat = cache.view(2, -1, num_kv_heads, head_dim)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:  # what torch's own conversion (round to nearest even, saturating) gives
+            for stored, original, scale in ((flat[0, s], key[t], 0.02), (flat[1, s], value[t], 0.005)):
+                expected = (original * (1 / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+                assert torch.equal(stored.float(), expected.float())
+
+
+@pytest.mark.parametrize("q_lens, num_splits", [([1, 1, 1], 1), ([1, 1, 1], 2), ([5, 1, 12], None)])
+def test_attention_over_an_fp8_cache(q_lens: list[int], num_splits: int | None) -> None:
+    """Decode (split or not) and prefill read e4m3 keys and values times their scales: the float64 reference
+    attends over the same cache dequantized."""
+    k_scale, v_scale = 0.01, 0.004
+    batch = PagedBatch([23, 9, 30], q_lens, num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                       dtype=torch.float32, seed=5)
+    fp8 = torch.stack([batch.kv_cache[0] / k_scale, batch.kv_cache[1] / v_scale]).to(torch.float8_e4m3fn)
+    batch.kv_cache = torch.stack([fp8[0].float() * k_scale, fp8[1].float() * v_scale])  # what the reference reads
+    batch.to(DEVICE)
+    out = torch.full_like(batch.query, float("nan"))
+    paged_attention(batch.query, fp8.to(DEVICE), batch.query_start_loc, batch.seq_lens, batch.block_table,
+                    batch.scale, max(q_lens), out=out, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits)
+    check(out, batch, torch.float32)

@@ -90,6 +90,30 @@ def test_qk_norm_rope_in_place_matches_rmsnorm_then_rotary(dtype, heads, kv_head
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_writes_an_fp8_cache_over_its_scales(dtype):
+    """The same kernel into an e4m3 cache: each key over k_scale and each value over v_scale, rounded as torch's
+    own conversion rounds them."""
+    torch.manual_seed(4)
+    heads, kv_heads, head_dim, tokens = 4, 2, 32, 5
+    rope = RotaryEmbedding(head_dim, 64, 10000.0).to(DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype) * 4
+    values = qkv[:, (heads + kv_heads) * head_dim:].reshape(tokens, kv_heads, head_dim).clone()
+    positions = torch.tensor([3, 1, 8, 0, 2], device=DEVICE)
+    cache = torch.zeros((2, 3, 4, kv_heads, head_dim), device=DEVICE, dtype=torch.float8_e4m3fn)
+    slots = torch.tensor([5, -1, 0, 11, 7], device=DEVICE)
+    qk_norm_rope_inplace(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, kv_cache=cache,
+                         slot_mapping=slots, k_scale=0.05, v_scale=0.01)
+    keys = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
+    flat = cache.view(2, 12, kv_heads, head_dim)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected_k = (keys[t].float() * (1 / 0.05)).clamp(-448, 448).to(torch.float8_e4m3fn)
+            expected_v = (values[t].float() * (1 / 0.01)).clamp(-448, 448).to(torch.float8_e4m3fn)
+            assert torch.equal(flat[0, slot].float(), expected_k.float())
+            assert torch.equal(flat[1, slot].float(), expected_v.float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sampling_kernel_greedy_rows_take_the_argmax(dtype):
     torch.manual_seed(3)
     logits = torch.randn(6, 2500, device=DEVICE).to(dtype)  # splits of 4 x 256 columns: three

@@ -5,6 +5,8 @@ KV cache layout, one tensor per layer, allocated once:
     kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]
                       ^ 0 = keys, 1 = values
 
+in the model's dtype, or FP8 (e4m3) holding key / k_scale and value / v_scale (the layer's scales).
+
 A token at position `pos` of a request lives in slot
 `block_table[pos // block_size] * block_size + pos % block_size`; flat slot `s` is
 `kv_cache[:, s // block_size, s % block_size]`.
@@ -61,14 +63,17 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def write_kv(
-        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> None:
-        """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped."""
+        """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped. An FP8
+        cache stores key / k_scale and value / v_scale."""
 
     @abstractmethod
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None, k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over the paged cache.
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX
 
 
 def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
@@ -16,34 +17,48 @@ def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len:
     return kv[0, :seq_len], kv[1, :seq_len]
 
 
+def widen(cache_values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values read from the cache in the queries' dtype: an FP8 cache's times their scale."""
+    if cache_values.dtype == dtype:
+        return cache_values
+    return (cache_values.to(torch.float32) * scale).to(dtype)
+
+
 @register_backend
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
         num_tokens = slot_mapping.shape[0]
         valid = slot_mapping >= 0
         slots = slot_mapping[valid]
         flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
-        flat[0, slots] = key[:num_tokens][valid]
-        flat[1, slots] = value[:num_tokens][valid]
+        key, value = key[:num_tokens][valid], value[:num_tokens][valid]
+        if kv_cache.dtype == FP8_DTYPE:  # times the inverse, as the Triton kernels do
+            key = (key.float() * (1.0 / k_scale)).clamp(-FP8_MAX, FP8_MAX)
+            value = (value.float() * (1.0 / v_scale)).clamp(-FP8_MAX, FP8_MAX)
+        flat[0, slots] = key.to(kv_cache.dtype)
+        flat[1, slots] = value.to(kv_cache.dtype)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+                scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        scales = (k_scale, v_scale)
         out = torch.zeros_like(query)
         block_size = kv_cache.shape[2]
         starts = metadata.query_start_loc_cpu.tolist()
         seq_lens = metadata.seq_lens_cpu.tolist()
         decode_rows = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
         if decode_rows:
-            self._decode(query, kv_cache, metadata, scale, decode_rows, starts, seq_lens, out)
+            self._decode(query, kv_cache, metadata, scale, decode_rows, starts, seq_lens, out, scales)
         for i in range(metadata.num_reqs):
             q_len = starts[i + 1] - starts[i]
             if q_len <= 1:
                 continue
             num_blocks = -(-seq_lens[i] // block_size)
             k, v = gather_keys_values(kv_cache, metadata.block_table[i, :num_blocks], seq_lens[i])
+            k, v = widen(k, k_scale, query.dtype), widen(v, v_scale, query.dtype)
             q = query[starts[i]:starts[i + 1]]
             q_pos = torch.arange(seq_lens[i] - q_len, seq_lens[i], device=q.device)
             mask = torch.arange(seq_lens[i], device=q.device)[None, :] <= q_pos[:, None]
@@ -51,7 +66,7 @@ class TorchAttentionBackend(AttentionBackend):
                                                  mask.unsqueeze(0), scale)[0]
         return out
 
-    def _decode(self, query, kv_cache, metadata, scale, rows, starts, seq_lens, out) -> None:
+    def _decode(self, query, kv_cache, metadata, scale, rows, starts, seq_lens, out, scales) -> None:
         """All single-token queries at once, keys padded to the longest and masked."""
         block_size = kv_cache.shape[2]
         lens = [seq_lens[i] for i in rows]
@@ -60,11 +75,12 @@ class TorchAttentionBackend(AttentionBackend):
         block_ids = metadata.block_table[row_index, :max_blocks].long()  # [B, max_blocks]
         kv = kv_cache[:, block_ids]  # [2, B, max_blocks, block_size, H_kv, D]
         kv = kv.reshape(2, len(rows), max_blocks * block_size, *kv_cache.shape[-2:])
+        keys, values = widen(kv[0], scales[0], query.dtype), widen(kv[1], scales[1], query.dtype)
         lens_t = torch.tensor(lens, device=query.device)
         mask = torch.arange(max_blocks * block_size, device=query.device)[None, :] < lens_t[:, None]
         token_index = torch.tensor([starts[i] for i in rows], device=query.device)
         q = query[token_index].unsqueeze(1)  # [B, 1, H, D]
-        out[token_index] = _sdpa(q, kv[0], kv[1], mask.unsqueeze(1), scale)[:, 0]
+        out[token_index] = _sdpa(q, keys, values, mask.unsqueeze(1), scale)[:, 0]
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

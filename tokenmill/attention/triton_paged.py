@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -93,11 +94,15 @@ def _write_kv_kernel(
     stride_c_slot,
     stride_c_head,
     stride_c_dim,
+    k_inv_scale,
+    v_inv_scale,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
+    ROUND_E4M3: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -121,13 +126,20 @@ def _write_kv_kernel(
         + heads[:, None] * stride_c_head
         + dims[None, :] * stride_c_dim
     )
+    if FP8_CACHE:  # e4m3 of value / scale
+        k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -448.0), 448.0)
+        if ROUND_E4M3:
+            k, v = round_e4m3(k), round_e4m3(v)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Store key/value [num_tokens, num_kv_heads, head_dim] into kv_cache [2, num_blocks, block_size,
-    num_kv_heads, head_dim] at flat slots slot_mapping [num_tokens] (int64; -1 = skip).
+    num_kv_heads, head_dim] at flat slots slot_mapping [num_tokens] (int64; -1 = skip). An FP8 (e4m3) cache
+    stores key / k_scale and value / v_scale.
 
     key/value may have any strides. Grid: (num_tokens, cdiv(num_kv_heads, BLOCK_H)).
     """
@@ -155,11 +167,15 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         *key.stride(),
         *value.stride(),
         *k_cache.stride(),
+        1.0 / k_scale,
+        1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         BLOCK_SIZE=block_size,
+        FP8_CACHE=kv_cache.dtype == FP8_DTYPE,
+        ROUND_E4M3=ROUND_E4M3,
         num_warps=4,
     )
 
@@ -192,8 +208,11 @@ def _attend_tile(
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
-    """One step of online softmax over keys [tile * BLOCK_N, (tile + 1) * BLOCK_N)."""
+    """One step of online softmax over keys [tile * BLOCK_N, (tile + 1) * BLOCK_N). An FP8 cache's keys and
+    values are widened to the queries' dtype; their scales are applied by the caller (qk_scale holds
+    k_scale, the output is multiplied by v_scale)."""
     key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if MASKED:
         key_valid = key_pos < seq_len
@@ -216,6 +235,9 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_offsets)
         v = tl.load(v_cache_ptr + kv_offsets)
+    if FP8_CACHE:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
 
     if DOT_IN_FP32:
         k = k.to(tl.float32)
@@ -256,6 +278,7 @@ def _paged_attention_kernel(
     order_ptr,
     partials_ptr,
     qk_scale,
+    v_scale,
     num_reqs,
     min_q_len,
     max_q_len,
@@ -282,6 +305,7 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     HAS_ORDER: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     # Programs are numbered last query tile first: within a request later tiles see more keys, so the
     # longest programs start first and the short ones fill the tail.
@@ -370,14 +394,16 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
             stride_c_block, stride_c_slot, dim_offsets,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, DOT_IN_FP32,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
         )  # fmt: skip
     for tile in range(tl.maximum(tile_lo, num_full_tiles), tile_hi):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
             stride_c_block, stride_c_slot, dim_offsets,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_IN_FP32,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
         )  # fmt: skip
+    if FP8_CACHE:
+        acc = acc * v_scale
 
     if SPLIT:
         # Partial results in fp32, one row of PARTIAL_ROW floats per (token, head, split): the
@@ -556,6 +582,8 @@ def paged_attention(
     max_q_len: int = 2**31 - 1,
     max_seq_len: int | None = None,
     order: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
@@ -571,6 +599,7 @@ def paged_attention(
     `order` (decode only: int32 [num_tokens], a permutation of the requests, which then must each own
     at most one query token, in order) puts request order[i] in query tile i; tiles start last first,
     so sorting the requests by ascending seq_len runs the longest first and the short ones fill the tail.
+    An FP8 (e4m3) kv_cache holds key / k_scale and value / v_scale.
 
     Grid: (query tiles x num_kv_heads, num_splits), query tiles = num_tokens // BLOCK_Q + num_reqs, or
     num_tokens when BLOCK_Q == 1; then, when num_splits > 1, (num_tokens, num_heads) for the reduction.
@@ -580,7 +609,7 @@ def paged_attention(
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
     assert cache_head_dim == head_dim, f"kv_cache head_dim {cache_head_dim} != query head_dim {head_dim}"
     assert num_heads % num_kv_heads == 0, f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}"
-    assert query.dtype == kv_cache.dtype, f"query {query.dtype} != kv_cache {kv_cache.dtype}"
+    assert kv_cache.dtype in (query.dtype, FP8_DTYPE), f"query {query.dtype}, kv_cache {kv_cache.dtype}"
     assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), f"unsupported dtype {query.dtype}"
     assert query.stride(2) == 1 and kv_cache.stride(4) == 1, "head_dim must be contiguous in query and kv_cache"
     num_reqs = seq_lens.shape[0]
@@ -637,7 +666,8 @@ def paged_attention(
         query_start_loc,
         order if order is not None else query_start_loc,
         partials,
-        scale * LOG2E,
+        scale * k_scale * LOG2E,
+        v_scale,
         num_reqs,
         min_q_len,
         max_q_len,
@@ -664,6 +694,7 @@ def paged_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 or dot_in_fp32 else "tf32",
         DOT_IN_FP32=dot_in_fp32,
         HAS_ORDER=order is not None,
+        FP8_CACHE=kv_cache.dtype == FP8_DTYPE,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -700,26 +731,31 @@ class TritonPagedAttentionBackend(AttentionBackend):
     supports_cuda_graphs = True
 
     def write_kv(
-        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> None:
-        write_kv(key, value, kv_cache, slot_mapping)
+        write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None, k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         if key is not None and metadata.num_reqs == 1 and query.dtype in (torch.float16, torch.bfloat16) \
                 and metadata.max_seq_len == metadata.num_actual_tokens >= DENSE_PREFILL_MIN_TOKENS:
             return dense_causal_attention(query, key, value, scale)
         args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
         if metadata.max_query_len == 1:
-            return paged_attention(*args, max_query_len=1, order=metadata.decode_order)
+            return paged_attention(*args, max_query_len=1, order=metadata.decode_order, **scales)
         d = metadata.num_decodes
         if d == 0:
-            return paged_attention(*args, max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
+            return paged_attention(*args, max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+                                   **scales)
         # Requests with a single new token would waste most rows of a prefill-sized query tile, so the
         # first d requests (those) get a decode launch over just their rows, keys split as in a decode step.
-        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2)
+        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2, **scales)
         paged_attention(query[:d], kv_cache, metadata.query_start_loc[:d + 1], metadata.seq_lens[:d],
-                        metadata.block_table[:d], scale, max_query_len=1, out=out[:d], order=metadata.decode_order)
+                        metadata.block_table[:d], scale, max_query_len=1, out=out[:d], order=metadata.decode_order,
+                        **scales)
         return out

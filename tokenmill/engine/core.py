@@ -73,10 +73,10 @@ class EngineCore:
             num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.worker.kv_bytes_per_block()
         allocating = time.perf_counter()
         self.worker.initialize_cache(num_blocks, num_host_blocks)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB; max concurrency %.1f at max_model_len=%d), "
-                    "allocated in %.1f s", num_blocks, block_size, num_blocks * block_size,
-                    num_blocks * self.worker.kv_bytes_per_block() / 2**30, num_blocks * block_size / max_model_len,
-                    max_model_len, time.perf_counter() - allocating)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB of %s; max concurrency %.1f at "
+                    "max_model_len=%d), allocated in %.1f s", num_blocks, block_size, num_blocks * block_size,
+                    num_blocks * self.worker.kv_bytes_per_block() / 2**30, self.worker.kv_cache_dtype(),
+                    num_blocks * block_size / max_model_len, max_model_len, time.perf_counter() - allocating)
         self.worker.compile_or_warm_up()
         self.num_blocks = num_blocks
         logger.info("engine ready in %.1f s", time.perf_counter() - started)

@@ -7,6 +7,9 @@ kernel (triton_ops.qk_norm_rope_inplace) does the norms, the rotation and the ca
 
 The model's last layer is built with `is_last_layer`: when the forward context sets `logits_rows` (only
 each request's last row is read after the pass), every key is still written but only those rows attend.
+
+An FP8 cache holds key / k_scale and value / v_scale: the layer's `k_scale` and `v_scale`, from the
+checkpoint when it has them (an FP8 checkpoint's kv_cache_scheme), else 1.0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 
 
+def _kv_scale_param() -> nn.Parameter:
+    """A KV-cache scale: 1.0 unless the checkpoint has one (so a checkpoint without it still loads)."""
+    param = nn.Parameter(torch.ones((), dtype=torch.float32), requires_grad=False)
+    param.optional = True
+    param.weight_loader = lambda p, loaded: p.data.copy_(loaded.reshape(()))
+    return param
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding,
                  is_last_layer: bool = False) -> None:
@@ -29,6 +40,11 @@ class Attention(nn.Module):
         self.is_last_layer = is_last_layer
         # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the worker's KV cache
         self.kv_cache = torch.empty(0)
+        self.k_scale, self.v_scale = _kv_scale_param(), _kv_scale_param()
+        self.k_scale_value = self.v_scale_value = 1.0  # the same, as numbers the kernels take
+
+    def process_weights_after_loading(self) -> None:
+        self.k_scale_value, self.v_scale_value = float(self.k_scale), float(self.v_scale)
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None = None,
                 k_norm: RMSNorm | None = None) -> torch.Tensor:
@@ -37,10 +53,11 @@ class Attention(nn.Module):
         and keys before the rotation (the model owns their weights)."""
         ctx = get_forward_context()
         q, k, v = self._rotate_and_cache(positions, qkv, q_norm, k_norm, ctx)
+        scales = dict(k_scale=self.k_scale_value, v_scale=self.v_scale_value)
         if self.is_last_layer and ctx.logits_rows is not None:
-            out = ctx.backend.forward(q[ctx.logits_rows], self.kv_cache, ctx.logits_metadata, self.scale)
+            out = ctx.backend.forward(q[ctx.logits_rows], self.kv_cache, ctx.logits_metadata, self.scale, **scales)
         else:
-            out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale, key=k, value=v)
+            out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale, key=k, value=v, **scales)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def _rotate_and_cache(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None,
@@ -55,7 +72,7 @@ class Attention(nn.Module):
             norms = dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps) if q_norm is not None else {}
             qk_norm_rope_inplace(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache, self.num_heads,
                                  self.num_kv_heads, self.head_dim, **norms, kv_cache=self.kv_cache,
-                                 slot_mapping=slot_mapping)
+                                 slot_mapping=slot_mapping, k_scale=self.k_scale_value, v_scale=self.v_scale_value)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -65,5 +82,5 @@ class Attention(nn.Module):
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
-            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping)
+            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping, self.k_scale_value, self.v_scale_value)
         return q, k, v

@@ -68,15 +68,13 @@ def make_param(data: torch.Tensor, weight_loader: WeightLoader) -> nn.Parameter:
     return param
 
 
-def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch loading {what}: parameter {tuple(param.shape)}, "
-                         f"checkpoint {tuple(loaded.shape)}")
-    param.copy_(loaded)
-
-
 class LinearBase(nn.Module):
-    """Shape, prefix and linear method of a linear layer; subclasses split it across ranks."""
+    """Shape, prefix and linear method of a linear layer; subclasses split it across ranks.
+
+    Loading is by shard geometry: `output_shard(shard_id)` places a checkpoint tensor's rows (a packed
+    layer's q/k/v or gate/up, this rank's slice of them) and `input_shard()` its columns, for the weight and
+    for any tensor a linear method adds (scales per channel or per block: `load_sharded` with block units).
+    """
 
     splits_bias = True  # column-parallel layers hold their rows' bias; row-parallel ones the whole bias
 
@@ -92,11 +90,44 @@ class LinearBase(nn.Module):
         self.bias = make_param(torch.empty(output_size_per_partition if self.splits_bias else self.output_size),
                                self.bias_loader) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, *shard: int | str) -> None:
+    num_output_shards = 1  # the checkpoint tensors packed into this layer's rows
+
+    def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
+        """(first row in this rank's parameter, rows, first row in the checkpoint tensor) of a shard."""
         raise NotImplementedError
 
-    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, *shard: int | str) -> None:
-        self.weight_loader(param, loaded, *shard)
+    def shard_index(self, shard_id: int | str | None) -> int:
+        """The shard's position among num_output_shards (for per-shard scalars, such as per-tensor scales)."""
+        return 0
+
+    def input_shard(self) -> tuple[int, int]:
+        """(first column in the checkpoint tensor, columns) of this rank's partition of the input."""
+        return 0, self.input_size
+
+    def load_sharded(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None,
+                     row_unit: int = 1, col_unit: int = 1) -> None:
+        """Copies this rank's part of a checkpoint tensor laid out like the weight, in units of row_unit x
+        col_unit (1 for the weight, a block's size for block scales); a dimension of 1 (a per-channel scale's
+        [N, 1]) is copied whole."""
+        offset, size, start = self.output_shard(shard_id)
+        if offset % row_unit or start % row_unit:
+            raise ValueError(f"{self.prefix}: shard {shard_id!r} does not start on a block of {row_unit} rows")
+        rows = -(-size // row_unit)
+        target = param.data.narrow(0, offset // row_unit, rows)
+        source = loaded.narrow(0, start // row_unit, rows)
+        if param.dim() == 2 and param.shape[1] > 1:
+            in_start, in_size = self.input_shard()
+            source = source.narrow(1, in_start // col_unit, -(-in_size // col_unit))
+        if [d for d in target.shape if d != 1] != [d for d in source.shape if d != 1]:  # [N] takes [N, 1]
+            raise ValueError(f"shape mismatch loading {self.prefix} (shard {shard_id!r}): parameter "
+                             f"{tuple(target.shape)}, checkpoint {tuple(source.shape)} of {tuple(loaded.shape)}")
+        target.copy_(source.reshape(target.shape))
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        self.load_sharded(param, loaded, shard_id)
+
+    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        self.load_sharded(param, loaded, shard_id)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -110,9 +141,9 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
         super().__init__(input_size, self.output_size_per_partition, bias, quant_config, prefix)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        shard = param.shape[0]
-        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * shard, shard), "column-parallel weight")
+    def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
+        size = self.output_size_per_partition
+        return 0, size, self.tp_rank * size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear_method.apply(self, x, self.bias)
@@ -125,17 +156,21 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
                  quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         self.output_sizes = output_sizes
+        self.num_output_shards = len(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
-        shard_size = self.output_sizes[shard_id] // self.tp_size
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        target = param.data.narrow(0, offset, shard_size)
-        _copy_checked(target, loaded.narrow(0, self.tp_rank * shard_size, shard_size), f"shard {shard_id}")
+    def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
+        size = self.output_sizes[shard_id] // self.tp_size
+        return sum(self.output_sizes[:shard_id]) // self.tp_size, size, self.tp_rank * size
+
+    def shard_index(self, shard_id: int | str | None) -> int:
+        return shard_id
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix; each rank holds its heads (kv heads replicated if fewer)."""
+
+    num_output_shards = 3
 
     def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
                  bias: bool = False, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
@@ -155,14 +190,14 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+    def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp_rank
-        else:
-            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, rank = self.kv_size, self.tp_rank // self.num_kv_head_replicas
-        target = param.data.narrow(0, offset, size)
-        _copy_checked(target, loaded.narrow(0, rank * size, size), f"{shard_id}_proj")
+            return 0, self.q_size, self.tp_rank * self.q_size
+        offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+        return offset, self.kv_size, self.tp_rank // self.num_kv_head_replicas * self.kv_size
+
+    def shard_index(self, shard_id: int | str | None) -> int:
+        return "qkv".index(shard_id)
 
 
 class RowParallelLinear(LinearBase):
@@ -177,12 +212,17 @@ class RowParallelLinear(LinearBase):
         self.input_size_per_partition = input_size // tp_size
         super().__init__(self.input_size_per_partition, output_size, bias, quant_config, prefix)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        shard = param.shape[1]
-        _copy_checked(param.data, loaded.narrow(1, self.tp_rank * shard, shard), "row-parallel weight")
+    def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
+        return 0, self.output_size, 0
 
-    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        _copy_checked(param.data, loaded, "row-parallel bias")
+    def input_shard(self) -> tuple[int, int]:
+        return self.tp_rank * self.input_size_per_partition, self.input_size_per_partition
+
+    def bias_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
+        if param.shape != loaded.shape:
+            raise ValueError(f"shape mismatch loading {self.prefix}.bias: parameter {tuple(param.shape)}, "
+                             f"checkpoint {tuple(loaded.shape)}")
+        param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the ranks' partial products are summed.

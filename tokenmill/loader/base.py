@@ -35,7 +35,8 @@ class CheckpointLoader(WeightLoader):
 
     def load(self, model: nn.Module, dtype: torch.dtype, seed: int) -> None:
         loaded = model.load_weights(self.weights(dtype))
-        missing = sorted(set(dict(model.named_parameters(remove_duplicate=False))) - loaded)
+        params = model.named_parameters(remove_duplicate=False)
+        missing = sorted(name for name, param in params if name not in loaded and not getattr(param, "optional", False))
         if missing:
             raise ValueError(f"checkpoint {self.source.path!r} lacks weights for {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}")

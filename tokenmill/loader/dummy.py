@@ -12,7 +12,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
-            param.uniform_(low, high, generator=generator)
+            if not getattr(param, "optional", False):  # optional ones (KV-cache scales) keep their defaults
+                param.uniform_(low, high, generator=generator)
 
 
 class DummyLoader(WeightLoader):

@@ -25,7 +25,7 @@ def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, dev
     load_format = source.format if config.load_format == "auto" else config.load_format
     loader = loader_class(load_format)(source, load_format)
     model_cls = resolve_model_class(source.hf_config)
-    quant_config = get_quantization_config(source.hf_config)
+    quant_config = get_quantization_config(source.hf_config, config.quantization)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -38,6 +38,8 @@ def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, dev
         method = getattr(module, "linear_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+        elif hasattr(module, "process_weights_after_loading"):  # attention: its KV-cache scales
+            module.process_weights_after_loading()
     logger.info("model loaded in %.1f s (%s, %s, %s weights)", time.perf_counter() - started, dtype, device,
                 load_format)
     return model.eval()

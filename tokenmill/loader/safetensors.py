@@ -39,5 +39,5 @@ class SafetensorsLoader(CheckpointLoader):
         files = safetensors_files(self.source.path)
         for path in tqdm(files, desc="Loading safetensors shards", disable=len(files) == 1 and None):
             with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name).to(dtype)
+                for name in f.keys():  # as stored: FP8 weights stay FP8, scales float32; copies cast the rest
+                    yield name, f.get_tensor(name)

@@ -133,6 +133,13 @@ class LlamaForCausalLM(nn.Module):
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
     }
+    # KV-cache scales of FP8 checkpoints (llm-compressor's names, old and new) -> the attention layer's
+    renamed = {
+        ".self_attn.k_scale": ".self_attn.attn.k_scale",
+        ".self_attn.v_scale": ".self_attn.attn.v_scale",
+        ".self_attn.k_proj.output_scale": ".self_attn.attn.k_scale",
+        ".self_attn.v_proj.output_scale": ".self_attn.attn.v_scale",
+    }
 
     def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
@@ -161,6 +168,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
+            name = next((name.replace(old, new) for old, new in self.renamed.items() if name.endswith(old)), name)
             for piece, (packed, shard_id) in self.packed_modules.items():
                 if piece in name:
                     target = name.replace(piece, packed)

@@ -70,7 +70,9 @@ class _Launched:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device, dtype: torch.dtype,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
+        """kv_cache_dtype: the KV cache's, when not the model's (FP8)."""
         self.config = config
         self.device, self.dtype = device, dtype
         self.block_size = config.cache.block_size
@@ -81,7 +83,7 @@ class ModelRunner:
         self.async_scheduling = config.scheduler.async_scheduling
         self.model = load_model(source, config.model, dtype, device)
         self.kv_cache = KVCache([m for m in self.model.modules() if isinstance(m, Attention)], self.block_size,
-                                dtype, device)
+                                kv_cache_dtype or dtype, device)
         self.backend = get_backend(config.attention_backend or default_backend_name(device))
         self.sampler = Sampler()
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)

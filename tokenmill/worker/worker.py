@@ -19,6 +19,8 @@ import torch
 
 from tokenmill.config import DeviceInfo, EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput
+from tokenmill.layers.fp8_ops import FP8_DTYPE
+from tokenmill.layers.quantization.fp8 import check_fp8_device
 from tokenmill.source import ModelSource
 from tokenmill.worker.cuda_graphs import capture_model_graphs
 from tokenmill.worker.memory import determine_num_blocks
@@ -53,10 +55,17 @@ class Worker:
 
     def load_model(self, config: EngineConfig) -> None:
         self.config = config
-        self.runner = ModelRunner(config, self.source, self.device, TORCH_DTYPES[config.model.dtype])
+        kv_cache_dtype = None
+        if config.cache.kv_cache_dtype.startswith("fp8"):
+            check_fp8_device(self.device)
+            kv_cache_dtype = FP8_DTYPE
+        self.runner = ModelRunner(config, self.source, self.device, TORCH_DTYPES[config.model.dtype], kv_cache_dtype)
 
     def kv_bytes_per_block(self) -> int:
         return self.runner.kv_cache.bytes_per_block()
+
+    def kv_cache_dtype(self) -> str:
+        return str(self.runner.kv_cache.dtype).removeprefix("torch.")
 
     def determine_num_blocks(self) -> int:
         tune_gemms(self.runner)

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from tokenmill.config import DTYPE_NAMES
+from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPES
 from tokenmill.loader.registry import LOAD_FORMATS
 
 
@@ -37,6 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="schedule the next step while the current one runs on the device (default: on)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: 1")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--quantization", "-q",
+                        help="quantize a 16-bit checkpoint at load: fp8 (default: the checkpoint's own format)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                        help="auto: the model's dtype (default); fp8 (= fp8_e4m3): e4m3, twice the tokens")
     parser.add_argument("--generation-config",
                         help="sampling defaults: 'auto' (the model's generation_config.json; the default), 'vllm' "
                              "(none: SamplingParams' own), or a folder holding a generation_config.json")
@@ -48,7 +52,7 @@ ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seq
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
                     "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
                     "async_scheduling", "tensor_parallel_size", "device", "generation_config",
-                    "override_generation_config")
+                    "override_generation_config", "quantization", "kv_cache_dtype")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

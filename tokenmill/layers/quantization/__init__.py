@@ -9,22 +9,37 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
+from tokenmill.layers.quantization.compressed_tensors import CompressedTensorsConfig
+from tokenmill.layers.quantization.fp8 import Fp8Config
 
-# method name (as `quantization_config["quant_method"]` spells it) -> its QuantizationConfig class
-QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {}
+# method name (as `quantization_config["quant_method"]` and `quantization=` spell it) -> its QuantizationConfig
+QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
+    "fp8": Fp8Config,
+    "compressed-tensors": CompressedTensorsConfig,
+}
+# Methods that quantize a 16-bit checkpoint as it loads.
+ONLINE_METHODS = {"fp8": Fp8Config.online}
 
 __all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "get_quantization_config"]
 
 
-def get_quantization_config(hf_config: Any) -> QuantizationConfig | None:
-    """The weight format a HF config declares, or None for plain floating-point weights."""
+def get_quantization_config(hf_config: Any, quantization: str | None = None) -> QuantizationConfig | None:
+    """The weight format: the checkpoint's (its `quantization_config`), which `quantization` may name but not
+    contradict; for a 16-bit checkpoint, `quantization` quantizes it at load (fp8). None: plain weights."""
     declared = getattr(hf_config, "quantization_config", None)
-    if not declared:
+    if declared:
+        declared = declared if isinstance(declared, dict) else declared.to_dict()
+        method = declared.get("quant_method")
+        if method not in QUANTIZATION_METHODS:
+            raise ValueError(f"the checkpoint's quantization_config names quant_method {method!r}, which tokenmill "
+                             f"does not support (supported: {', '.join(sorted(QUANTIZATION_METHODS))})")
+        if quantization is not None and quantization != method:
+            raise ValueError(f"quantization={quantization!r}, but the checkpoint is quantized with {method!r}")
+        return QUANTIZATION_METHODS[method].from_config(declared)
+    if quantization is None:
         return None
-    declared = declared if isinstance(declared, dict) else declared.to_dict()
-    method = declared.get("quant_method")
-    if method not in QUANTIZATION_METHODS:
-        supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet"
-        raise ValueError(f"the checkpoint's quantization_config names quant_method {method!r}, which tokenmill does "
-                         f"not support (supported: {supported})")
-    return QUANTIZATION_METHODS[method].from_config(declared)
+    if quantization not in ONLINE_METHODS:
+        known = sorted(set(QUANTIZATION_METHODS) | set(ONLINE_METHODS))
+        raise ValueError(f"quantization={quantization!r} needs a checkpoint quantized so, and this one is not "
+                         f"(known methods: {', '.join(known)}; on a 16-bit checkpoint: {', '.join(ONLINE_METHODS)})")
+    return ONLINE_METHODS[quantization]()

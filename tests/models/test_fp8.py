@@ -1,0 +1,150 @@
+"""FP8 weights and the FP8 KV cache on the CPU: tiny random checkpoints written in each FP8 format, scales
+included, load and give HF transformers' greedy tokens on the same weights dequantized (the CPU dequantizes
+at load); `quantization="fp8"` quantizes a 16-bit checkpoint per channel; an e4m3 cache round-trips its
+keys and values within e4m3's rounding. (The GPU's FP8 GEMMs and attention: tests/layers/test_fp8_ops.py,
+tests/attention, tests/gpu.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX
+
+PROMPTS = [[5, 17, 42, 8, 99, 3], list(range(100, 131))]
+NUM_NEW = 12
+BLOCK = (16, 16)
+
+
+def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(e4m3 weight, the checkpoint's scale tensors by name suffix, the dequantized float32 weight)."""
+    if fmt == "block":
+        n, k = weight.shape
+        blocks = weight.reshape(n // BLOCK[0], BLOCK[0], k // BLOCK[1], BLOCK[1])
+        scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+        full = scale.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)
+        q = (weight / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return q, {"weight_scale_inv": scale}, q.float() * full
+    if fmt == "channel":
+        scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        return q, {"weight_scale": scale}, q.float() * scale
+    scale = weight.abs().amax() / FP8_MAX
+    q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, {"weight_scale": scale.reshape(1), "input_scale": torch.tensor([0.02])}, q.float() * scale
+
+
+QUANTIZATION_CONFIGS = {
+    "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)},
+    "channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                "config_groups": {"group_0": {"targets": ["Linear"],
+                    "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "dynamic": False,
+                                "symmetric": True},
+                    "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}}},
+                "kv_cache_scheme": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}},
+    "tensor": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+               "config_groups": {"group_0": {"targets": ["Linear"],
+                   "weights": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False},
+                   "input_activations": {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False}}}},
+}
+
+
+def write_fp8_checkpoint(source: str, target, fmt: str) -> transformers.PreTrainedModel:
+    """`source`'s weights with every decoder linear layer in FP8 as `fmt` ships it, saved to `target`; returns
+    the HF model with those weights dequantized (the reference)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tensors, dequantized = {}, {}
+    for name, weight in model.state_dict().items():
+        if ".layers." in name and name.endswith("_proj.weight"):
+            q, scales, deq = quantize(weight, fmt)
+            tensors[name] = q
+            tensors.update({name[:-len("weight")] + suffix: s.float() for suffix, s in scales.items()})
+            dequantized[name] = deq
+        else:
+            tensors[name] = weight.contiguous()
+    if fmt == "channel":  # the kv_cache_scheme's per-layer scales (llm-compressor's newer names)
+        for i in range(model.config.num_hidden_layers):
+            tensors[f"model.layers.{i}.self_attn.k_proj.output_scale"] = torch.tensor([0.03])
+            tensors[f"model.layers.{i}.self_attn.v_proj.output_scale"] = torch.tensor([0.02])
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    target.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{source}/{name}", target / name)
+    config = json.loads(open(f"{source}/config.json").read())
+    config["quantization_config"] = QUANTIZATION_CONFIGS[fmt]
+    (target / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(target / "model.safetensors"))
+    model.load_state_dict(dequantized, strict=False)
+    return model.eval()
+
+
+def hf_greedy(model) -> list[list[int]]:
+    return [model.generate(torch.tensor([p]), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+
+
+def greedy(llm: LLM) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                                          use_tqdm=False)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("fmt", ["block", "channel", "tensor"])
+def test_fp8_checkpoints_match_hf_on_the_dequantized_weights(arch, fmt, tiny_model_dir, tmp_path):
+    reference = write_fp8_checkpoint(tiny_model_dir(arch), tmp_path / fmt, fmt)
+    llm = LLM(str(tmp_path / fmt), dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
+    assert greedy(llm) == hf_greedy(reference)
+    attn = llm.llm_engine.core.worker.runner.kv_cache.attn_layers[0]
+    expected = (0.03, 0.02) if fmt == "channel" else (1.0, 1.0)
+    assert (attn.k_scale_value, attn.v_scale_value) == pytest.approx(expected)
+
+
+def test_online_fp8_quantizes_per_channel(tiny_model_dir):
+    path = tiny_model_dir("qwen2")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if ".layers." in name and name.endswith("_proj.weight"):
+                param.copy_(quantize(param, "channel")[2])
+    llm = LLM(path, quantization="fp8", dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
+    assert greedy(llm) == hf_greedy(reference.eval())
+
+
+def test_unknown_or_contradicting_quantization_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="quantization='awq' needs a checkpoint quantized so"):
+        LLM(tiny_model_dir("llama"), quantization="awq", kv_cache_memory_bytes=8 << 20, max_model_len=128)
+    write_fp8_checkpoint(tiny_model_dir("llama"), tmp_path / "ckpt", "block")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "bitsandbytes"
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'bitsandbytes'.*supported: compressed-tensors, fp8"):
+        LLM(str(tmp_path / "ckpt"), kv_cache_memory_bytes=8 << 20, max_model_len=128)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_kv_cache_holds_twice_the_tokens_and_stays_close(backend, tiny_model_dir):
+    path = tiny_model_dir("llama")
+    kwargs = dict(dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128, attention_backend=backend,
+                  skip_tokenizer_init=True)
+    full, fp8 = LLM(path, **kwargs), LLM(path, kv_cache_dtype="fp8", **kwargs)
+    assert fp8.llm_engine.core.num_blocks == 4 * full.llm_engine.core.num_blocks  # 1 byte against float32's 4
+    cache = fp8.llm_engine.core.worker.runner.kv_cache
+    assert cache.pool.dtype == FP8_DTYPE
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    exact = full.generate(prompts, params, use_tqdm=False)
+    close = fp8.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(exact, close):
+        # the next-token distribution moves by e4m3's rounding of the keys and values only
+        top_a, top_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        shared = set(top_a) & set(top_b)
+        assert len(shared) >= 3
+        assert max(abs(top_a[t].logprob - top_b[t].logprob) for t in shared) < 0.1
