@@ -19,7 +19,7 @@ from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX
 
 PROMPTS = [[5, 17, 42, 8, 99, 3], list(range(100, 131))]
 NUM_NEW = 12
-BLOCK = (16, 16)
+BLOCK = (16, 32)
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:

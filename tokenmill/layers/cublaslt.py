@@ -243,6 +243,8 @@ def tune(weights: dict[tuple[int, int], list[torch.Tensor]], sizes: list[int], p
     every size against F.linear; without (a few large sizes, where every timing is long), the
     candidates are the heuristic's own picks for each size."""
     started = time.perf_counter()
+    if not weights:  # every layer quantized: nothing for cuBLASLt
+        return 0.0
     sizes = sorted(set(sizes))
     gen = torch.Generator(device=next(iter(weights.values()))[0].device).manual_seed(0)
     kept = 0

@@ -128,6 +128,9 @@ def block_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     if a_scale.shape != (M, triton.cdiv(K, block_k)) or b_scale.shape != (triton.cdiv(N, block_n),
                                                                            triton.cdiv(K, block_k)):
         raise ValueError(f"scales {tuple(a_scale.shape)} / {tuple(b_scale.shape)} do not match blocks {block_size}")
+    if block_k < 32 or block_k & (block_k - 1):
+        raise ValueError(f"block_fp8_matmul needs block_k a power of two >= 32 (an FP8 tensor-core tile), "
+                         f"got {block_k}")
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     block_m = 16 if M <= 16 else 64
     block_nt = min(128, block_n)
