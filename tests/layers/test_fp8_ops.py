@@ -57,7 +57,8 @@ def test_block_fp8_matmul_matches_float64(m, n, k, block, bias):
     got = block_fp8_matmul(q, x_scale, weight, w_scale, block, torch.float32, b)
     x_deq = q.double() * x_scale.double().repeat_interleave(block[1], 1)[:, :k]
     ref = x_deq @ dequant_blocks(weight, w_scale, block).T + (b.double() if bias else 0)
-    assert got.shape == (m, n) and rel_err(got, ref) < 1e-5
+    # float32 accumulation under the interpreter; Hopper's FP8 MMA keeps fewer accumulator bits (about 5e-5 here)
+    assert got.shape == (m, n) and rel_err(got, ref) < (2e-4 if DEVICE == "cuda" else 1e-5)
 
 
 @pytest.mark.parametrize("n, k, block", [(37, 96, None), (40, 64, (16, 32))])
