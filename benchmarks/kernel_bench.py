@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.attention import triton_paged  # noqa: E402
 from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX  # noqa: E402
+from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX, quant_fp8  # noqa: E402
 from tokenmill.layers.quantization.fp8 import fp8_linear, quantize_per_channel  # noqa: E402
 
 PEAK_FLOPS = 7.9e14  # dense bf16 tensor cores, as a large GEMM measures it on an H100 or H200
@@ -170,9 +170,14 @@ def fp8_gemm_rows(copy_bw: float) -> None:
         for m in (1, 8, 64, 512, 4096):
             x = torch.randn(m, k, device="cuda", generator=gen, dtype=DTYPE)
             got = fp8_linear(x, weight, scale, None, None)
-            ref = x.double() @ (weight.double() * scale.double()[:, None]).T
+            if m == 1:  # the GEMV reads 16-bit activations
+                x_ref = x.double()
+            else:
+                q, x_scale = quant_fp8(x)
+                x_ref = q.double() * x_scale.double()
+            ref = x_ref @ (weight.double() * scale.double()[:, None]).T
             err = ((got.double() - ref).norm() / ref.norm()).item()
-            assert err < 2e-2, f"fp8 {name} M={m}: rel err {err:.2e}"
+            assert err < 1e-2, f"fp8 {name} M={m}: rel err {err:.2e}"
             ms = bench_graph(functools.partial(fp8_linear, x, weight, scale, None, None))
             bf16_ms = bench_graph(functools.partial(torch.matmul, x, w16.T))
             nbytes, flops = n * k + 2 * m * (n + k), 2 * m * n * k
