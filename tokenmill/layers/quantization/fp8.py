@@ -76,7 +76,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             q, x_scale = quant_fp8(x2)
         else:
             q = (x2.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-            x_scale = input_scale.reshape(1, 1).expand(x2.shape[0], 1)
+            x_scale = input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()  # rowwise: one per row
         out = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1), bias=bias,
                                out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
