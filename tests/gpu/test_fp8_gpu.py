@@ -40,9 +40,14 @@ def test_per_channel_fp8_linear(m, static_input):
 
 
 def test_fp8_weights_and_kv_cache_agree_with_bf16_on_llama_8b(tmp_path):
-    """32 prompts x 64 greedy tokens of a seeded random Llama-3.1-8B (HF's initialization, std 0.02), bf16
-    against FP8 weights (per channel, at load) with an FP8 KV cache: the share of positions with the same
-    token. The figure is printed; the issue asks >= 95 %."""
+    """32 prompts x 64 greedy tokens of a seeded random Llama-3.1-8B, bf16 against FP8 weights (per channel, at
+    load) with an FP8 KV cache: the share of positions with the same token. The figure is printed; the issue
+    asks >= 95 %.
+
+    HF's initialization alone (std 0.02 everywhere) makes a chaotic network: each layer's output dwarfs the
+    residual stream, so any rounding flips most greedy tokens (0.2 % agreement measured on the H200). The
+    residual projections are scaled by 1 / sqrt(2 x layers) and the embeddings given unit scale, as GPT-2
+    initializes and as trained models' residual streams behave."""
     import transformers
 
     from tokenmill import LLM, SamplingParams
@@ -53,6 +58,11 @@ def test_fp8_weights_and_kv_cache_agree_with_bf16_on_llama_8b(tmp_path):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_((2 * config.num_hidden_layers) ** -0.5)
+            layer.mlp.down_proj.weight.mul_((2 * config.num_hidden_layers) ** -0.5)
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
     model.save_pretrained(tmp_path)
     del model
     prompts = [{"prompt_token_ids": torch.randint(0, 128000, (64,), generator=torch.Generator().manual_seed(i))
