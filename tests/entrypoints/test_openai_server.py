@@ -366,6 +366,27 @@ def test_metrics_exposition(server):
     assert values["vllm:prompt_tokens_total"] > 0 and values["vllm:time_to_first_token_seconds_count"] > 0
 
 
+def cache_config_info(server) -> dict[str, str]:
+    text = httpx.get(f"{server.url}/metrics").text
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "vllm:cache_config_info")
+    return family.samples[0].labels
+
+
+def test_an_fp8_kv_cache_holds_more_blocks_and_the_metrics_say_so(server, start_server):
+    """--kv-cache-dtype fp8 in the same memory: a block per 1-byte element where the default cache (the
+    model's dtype on the CPU) spends 2 or 4, shown by vLLM's cache_config_info; and the server still answers."""
+    default = cache_config_info(server)
+    fp8_server = start_server(["--kv-cache-dtype", "fp8"])
+    fp8 = cache_config_info(fp8_server)
+    assert default["cache_dtype"] == "auto" and fp8["cache_dtype"] == "fp8"
+    assert fp8["block_size"] == default["block_size"] and fp8["enable_prefix_caching"] == "True"
+    ratio = int(fp8["num_gpu_blocks"]) / int(default["num_gpu_blocks"])
+    assert ratio in (2, 4), ratio
+    fp8_client = openai.OpenAI(base_url=f"{fp8_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = fp8_client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert reply.usage.completion_tokens == 8 and reply.choices[0].text
+
+
 def test_bench_serve(server, tmp_path, caplog):
     """Also: one progress bar and a summary, not a log line per request (httpx's)."""
     from tokenmill.entrypoints.cli.bench.serve import register

@@ -83,6 +83,10 @@ class AsyncLLM:
             raise
         self.core_pid = ready.pid
         self.max_model_len = ready.max_model_len
+        # vLLM's cache_config_info labels: what the pool holds and how
+        self.cache_info = {"block_size": str(ready.block_size), "cache_dtype": config.cache.kv_cache_dtype,
+                           "enable_prefix_caching": str(config.cache.enable_prefix_caching),
+                           "num_gpu_blocks": str(ready.num_blocks)}
         self.sampling_defaults = sampling_defaults(self.source, config.model.generation_config,
                                                    config.model.override_generation_config)
         log_sampling_defaults(self.sampling_defaults)

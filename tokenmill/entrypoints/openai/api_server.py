@@ -161,7 +161,7 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
     completions = OpenAIServingCompletion(engine, served_model_names, limits)
     chat = OpenAIServingChat(engine, served_model_names, chat_template, tool_call_parser, enable_auto_tool_choice,
                              reasoning_parser, limits)
-    stat_logger = PrometheusStatLogger(served_model_names[0])
+    stat_logger = PrometheusStatLogger(served_model_names[0], engine.cache_info)
     engine.stat_loggers.append(stat_logger)
     app.state.engine = engine
 

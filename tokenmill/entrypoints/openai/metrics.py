@@ -24,8 +24,12 @@ _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 
 class PrometheusStatLogger:
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, cache_info: dict[str, str] | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        if cache_info:
+            Gauge("vllm:cache_config_info", "Information of the LLMEngine's cache config.", list(cache_info),
+                  registry=self.registry).labels(**cache_info).set(1)
         labels = ["model_name"]
 
         def make(kind, name: str, doc: str, **kwargs):
