@@ -66,6 +66,8 @@ class Case:
             self.k_scale, self.v_scale = (self.kv_cache[i].abs().max().item() / FP8_MAX for i in (0, 1))
             scaled = [self.kv_cache[0] / self.k_scale, self.kv_cache[1] / self.v_scale]
             self.kv_cache = torch.stack(scaled).to(FP8_DTYPE)
+        # as the engine passes them: device tensors (none is made while a CUDA graph captures)
+        self.scale_tensors = [torch.tensor(s, device="cuda") for s in (self.k_scale, self.v_scale)]
         self.query = torch.randn((sum(q_lens), NUM_HEADS, HEAD_DIM), device="cuda", dtype=DTYPE, generator=gen)
         self.query_start_loc = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
                                             device="cuda")  # fmt: skip
@@ -75,8 +77,8 @@ class Case:
 
     def run(self) -> torch.Tensor:
         return paged_attention(self.query, self.kv_cache, self.query_start_loc, self.seq_lens, self.block_table,
-                               self.scale, max(self.q_lens_list), out=self.out, k_scale=self.k_scale,
-                               v_scale=self.v_scale)  # fmt: skip
+                               self.scale, max(self.q_lens_list), out=self.out, k_scale=self.scale_tensors[0],
+                               v_scale=self.scale_tensors[1])  # fmt: skip
 
     def kv_bytes(self) -> int:
         kv = sum(self.seq_lens_list) * NUM_KV_HEADS * HEAD_DIM * 2 * self.kv_cache.element_size()

@@ -82,6 +82,9 @@ class CacheConfig:
     kv_offload_size: float = 0.0  # GiB of host memory for evicted KV blocks (0 = off)
     # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-layer key and value scales, twice the tokens
     kv_cache_dtype: str = "auto"
+    # an FP8 cache's scales from the first batch's keys and values (vLLM's --calculate-kv-scales), not the
+    # checkpoint's or 1.0
+    calculate_kv_scales: bool = False
 
     def __post_init__(self) -> None:
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
@@ -93,6 +96,8 @@ class CacheConfig:
         _require(self.kv_offload_size >= 0, "kv_offload_size", f"must be >= 0 GiB, got {self.kv_offload_size!r}")
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
                  f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        _require(not self.calculate_kv_scales or self.kv_cache_dtype != "auto", "calculate_kv_scales",
+                 "needs an FP8 KV cache (kv_cache_dtype='fp8')")
 
 
 @dataclass

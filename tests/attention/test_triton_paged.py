@@ -433,7 +433,7 @@ def test_write_kv_to_an_fp8_cache_stores_values_over_their_scales() -> None:
     for t, s in enumerate(slots.tolist()):
         if s >= 0:  # what torch's own conversion (round to nearest even, saturating) gives
             for stored, original, scale in ((flat[0, s], key[t], 0.02), (flat[1, s], value[t], 0.005)):
-                expected = (original * (1 / scale)).clamp(-448, 448).to(torch.float8_e4m3fn)
+                expected = (original / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
                 assert torch.equal(stored.float(), expected.float())
 
 

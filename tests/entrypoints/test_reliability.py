@@ -357,7 +357,7 @@ def test_limit_flags_defaults():
 def registered_routes() -> tuple[list[tuple[str, str]], set[str]]:
     """(method, path) of every route build_app registers, and the paths OpenAPI lists, from an app built
     in-process on a stub engine (the routes do not depend on the engine)."""
-    engine = SimpleNamespace(tokenizer=None, max_model_len=MAX_MODEL_LEN, stat_loggers=[])
+    engine = SimpleNamespace(tokenizer=None, max_model_len=MAX_MODEL_LEN, stat_loggers=[], cache_info={})
     app = api_server.build_app(engine, [MODEL], api_key=API_KEY)
     routes = sorted((method, route.path) for route in app.routes for method in route.methods)
     return routes, {route.path for route in app.routes if getattr(route, "include_in_schema", False)}

@@ -107,8 +107,8 @@ def test_qk_norm_rope_writes_an_fp8_cache_over_its_scales(dtype):
     flat = cache.view(2, 12, kv_heads, head_dim)
     for t, slot in enumerate(slots.tolist()):
         if slot >= 0:
-            expected_k = (keys[t].float() * (1 / 0.05)).clamp(-448, 448).to(torch.float8_e4m3fn)
-            expected_v = (values[t].float() * (1 / 0.01)).clamp(-448, 448).to(torch.float8_e4m3fn)
+            expected_k = (keys[t].float() / 0.05).clamp(-448, 448).to(torch.float8_e4m3fn)
+            expected_v = (values[t].float() / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
             assert torch.equal(flat[0, slot].float(), expected_k.float())
             assert torch.equal(flat[1, slot].float(), expected_v.float())
 

@@ -104,7 +104,7 @@ def test_fp8_checkpoints_match_hf_on_the_dequantized_weights(arch, fmt, tiny_mod
     assert greedy(llm) == hf_greedy(reference)
     attn = llm.llm_engine.core.worker.runner.kv_cache.attn_layers[0]
     expected = (0.03, 0.02) if fmt == "channel" else (1.0, 1.0)
-    assert (attn.k_scale_value, attn.v_scale_value) == pytest.approx(expected)
+    assert (float(attn.k_scale), float(attn.v_scale)) == pytest.approx(expected)
 
 
 def test_online_fp8_quantizes_per_channel(tiny_model_dir):
@@ -148,3 +148,37 @@ def test_fp8_kv_cache_holds_twice_the_tokens_and_stays_close(backend, tiny_model
         shared = set(top_a) & set(top_b)
         assert len(shared) >= 3
         assert max(abs(top_a[t].logprob - top_b[t].logprob) for t in shared) < 0.1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_calculate_kv_scales_takes_them_from_the_first_batch(backend, tiny_model_dir):
+    """Each layer's scales become the first step's largest |key| / 200 and |value| / 100 (vLLM's rule), read off
+    a float32 cache that holds the same prompts' keys and values; later steps keep them."""
+    path = tiny_model_dir("llama")
+    kwargs = dict(dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128, attention_backend=backend,
+                  skip_tokenizer_init=True)
+    full, fp8 = LLM(path, **kwargs), LLM(path, kv_cache_dtype="fp8", calculate_kv_scales=True, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    exact = full.generate(prompts, params, use_tqdm=False)  # the cache now holds every prompt position
+    close = fp8.generate(prompts, params, use_tqdm=False)
+    full_layers = full.llm_engine.core.worker.runner.kv_cache.attn_layers
+    fp8_layers = fp8.llm_engine.core.worker.runner.kv_cache.attn_layers
+    for i, (reference, layer) in enumerate(zip(full_layers, fp8_layers)):
+        k_max, v_max = (reference.kv_cache[j].abs().max().item() for j in (0, 1))
+        # layer 0's keys come from the embeddings alone; later layers' from an attention that read FP8
+        tolerance = 1e-6 if i == 0 else 0.05
+        assert float(layer.k_scale) == pytest.approx(k_max / 200, rel=tolerance)
+        assert float(layer.v_scale) == pytest.approx(v_max / 100, rel=tolerance)
+        assert not layer.calculate_kv_scales
+    for a, b in zip(exact, close):
+        top_a, top_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        assert max(abs(top_a[t].logprob - top_b[t].logprob) for t in set(top_a) & set(top_b)) < 0.1
+    before = [float(layer.k_scale) for layer in fp8_layers]
+    fp8.generate([{"prompt_token_ids": [7] * 40}], params, use_tqdm=False)
+    assert [float(layer.k_scale) for layer in fp8_layers] == before
+
+
+def test_calculate_kv_scales_needs_an_fp8_cache(tiny_model_dir):
+    with pytest.raises(ValueError, match="calculate_kv_scales.*kv_cache_dtype='fp8'"):
+        LLM(tiny_model_dir("llama"), calculate_kv_scales=True, kv_cache_memory_bytes=8 << 20, max_model_len=128)

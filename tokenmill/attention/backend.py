@@ -64,7 +64,7 @@ class AttentionBackend(ABC):
     @abstractmethod
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-        k_scale: float = 1.0, v_scale: float = 1.0,
+        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
     ) -> None:
         """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped. An FP8
         cache stores key / k_scale and value / v_scale."""
@@ -72,8 +72,8 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None, k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over the paged cache.
 

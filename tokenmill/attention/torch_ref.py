@@ -17,7 +17,7 @@ def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len:
     return kv[0, :seq_len], kv[1, :seq_len]
 
 
-def widen(cache_values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def widen(cache_values: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
     """Keys or values read from the cache in the queries' dtype: an FP8 cache's times their scale."""
     if cache_values.dtype == dtype:
         return cache_values
@@ -29,21 +29,22 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | float = 1.0,
+                 v_scale: torch.Tensor | float = 1.0) -> None:
         num_tokens = slot_mapping.shape[0]
         valid = slot_mapping >= 0
         slots = slot_mapping[valid]
         flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
         key, value = key[:num_tokens][valid], value[:num_tokens][valid]
-        if kv_cache.dtype == FP8_DTYPE:  # times the inverse, as the Triton kernels do
-            key = (key.float() * (1.0 / k_scale)).clamp(-FP8_MAX, FP8_MAX)
-            value = (value.float() * (1.0 / v_scale)).clamp(-FP8_MAX, FP8_MAX)
+        if kv_cache.dtype == FP8_DTYPE:
+            key = (key.float() / k_scale).clamp(-FP8_MAX, FP8_MAX)
+            value = (value.float() / v_scale).clamp(-FP8_MAX, FP8_MAX)
         flat[0, slots] = key.to(kv_cache.dtype)
         flat[1, slots] = value.to(kv_cache.dtype)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         scales = (k_scale, v_scale)
         out = torch.zeros_like(query)
         block_size = kv_cache.shape[2]

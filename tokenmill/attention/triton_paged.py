@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
-from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3
+from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3, scale_pointer
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -94,8 +94,8 @@ def _write_kv_kernel(
     stride_c_slot,
     stride_c_head,
     stride_c_dim,
-    k_inv_scale,
-    v_inv_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -126,9 +126,9 @@ def _write_kv_kernel(
         + heads[:, None] * stride_c_head
         + dims[None, :] * stride_c_dim
     )
-    if FP8_CACHE:  # e4m3 of value / scale
-        k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -448.0), 448.0)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -448.0), 448.0)
+    if FP8_CACHE:  # e4m3 of value / scale (correctly rounded, as torch divides)
+        k = tl.minimum(tl.maximum(tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -448.0), 448.0)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -448.0), 448.0)
         if ROUND_E4M3:
             k, v = round_e4m3(k), round_e4m3(v)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -136,7 +136,7 @@ def _write_kv_kernel(
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+             k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0) -> None:
     """Store key/value [num_tokens, num_kv_heads, head_dim] into kv_cache [2, num_blocks, block_size,
     num_kv_heads, head_dim] at flat slots slot_mapping [num_tokens] (int64; -1 = skip). An FP8 (e4m3) cache
     stores key / k_scale and value / v_scale.
@@ -167,8 +167,8 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         *key.stride(),
         *value.stride(),
         *k_cache.stride(),
-        1.0 / k_scale,
-        1.0 / v_scale,
+        scale_pointer(k_scale, kv_cache),
+        scale_pointer(v_scale, kv_cache),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_H=block_h,
@@ -278,7 +278,8 @@ def _paged_attention_kernel(
     order_ptr,
     partials_ptr,
     qk_scale,
-    v_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     num_reqs,
     min_q_len,
     max_q_len,
@@ -389,6 +390,8 @@ def _paged_attention_kernel(
     block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt_req
     k_head_ptr = kv_cache_ptr + kv_head * stride_c_head
     v_head_ptr = k_head_ptr + stride_c_kv
+    if FP8_CACHE:  # scores of e4m3 keys times k_scale
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     for tile in range(tile_lo, tl.minimum(tile_hi, num_full_tiles)):
         acc, l_i, m_i = _attend_tile(
@@ -403,7 +406,7 @@ def _paged_attention_kernel(
             HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
         )  # fmt: skip
     if FP8_CACHE:
-        acc = acc * v_scale
+        acc = acc * tl.load(v_scale_ptr)
 
     if SPLIT:
         # Partial results in fp32, one row of PARTIAL_ROW floats per (token, head, split): the
@@ -582,8 +585,8 @@ def paged_attention(
     max_q_len: int = 2**31 - 1,
     max_seq_len: int | None = None,
     order: torch.Tensor | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | float = 1.0,
+    v_scale: torch.Tensor | float = 1.0,
 ) -> torch.Tensor:
     """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
@@ -666,8 +669,9 @@ def paged_attention(
         query_start_loc,
         order if order is not None else query_start_loc,
         partials,
-        scale * k_scale * LOG2E,
-        v_scale,
+        scale * LOG2E,
+        scale_pointer(k_scale, kv_cache),
+        scale_pointer(v_scale, kv_cache),
         num_reqs,
         min_q_len,
         max_q_len,
@@ -732,14 +736,14 @@ class TritonPagedAttentionBackend(AttentionBackend):
 
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-        k_scale: float = 1.0, v_scale: float = 1.0,
+        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
     ) -> None:
         write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None, k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
     ) -> torch.Tensor:
         if key is not None and metadata.num_reqs == 1 and query.dtype in (torch.float16, torch.bfloat16) \
                 and metadata.max_seq_len == metadata.num_actual_tokens >= DENSE_PREFILL_MIN_TOKENS:

@@ -9,7 +9,10 @@ The model's last layer is built with `is_last_layer`: when the forward context s
 each request's last row is read after the pass), every key is still written but only those rows attend.
 
 An FP8 cache holds key / k_scale and value / v_scale: the layer's `k_scale` and `v_scale`, from the
-checkpoint when it has them (an FP8 checkpoint's kv_cache_scheme), else 1.0.
+checkpoint when it has them (an FP8 checkpoint's kv_cache_scheme), else 1.0, or, with
+`calculate_kv_scales` set, from the first forward pass after it is set (vLLM's rule: the largest |key| over
+200 and |value| over 100, leaving later tokens headroom). The kernels read them as device tensors, so CUDA
+graphs replay with the scales as they are.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from torch import nn
 from tokenmill.forward_context import ForwardContext, get_forward_context
 from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
+
+K_SCALE_CONSTANT, V_SCALE_CONSTANT = 200.0, 100.0
 
 
 def _kv_scale_param() -> nn.Parameter:
@@ -41,10 +46,7 @@ class Attention(nn.Module):
         # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the worker's KV cache
         self.kv_cache = torch.empty(0)
         self.k_scale, self.v_scale = _kv_scale_param(), _kv_scale_param()
-        self.k_scale_value = self.v_scale_value = 1.0  # the same, as numbers the kernels take
-
-    def process_weights_after_loading(self) -> None:
-        self.k_scale_value, self.v_scale_value = float(self.k_scale), float(self.v_scale)
+        self.calculate_kv_scales = False
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None = None,
                 k_norm: RMSNorm | None = None) -> torch.Tensor:
@@ -53,7 +55,7 @@ class Attention(nn.Module):
         and keys before the rotation (the model owns their weights)."""
         ctx = get_forward_context()
         q, k, v = self._rotate_and_cache(positions, qkv, q_norm, k_norm, ctx)
-        scales = dict(k_scale=self.k_scale_value, v_scale=self.v_scale_value)
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if self.is_last_layer and ctx.logits_rows is not None:
             out = ctx.backend.forward(q[ctx.logits_rows], self.kv_cache, ctx.logits_metadata, self.scale, **scales)
         else:
@@ -66,13 +68,15 @@ class Attention(nn.Module):
         """(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]), normed and rotated; k and v are in the cache."""
         num_tokens = qkv.shape[0]
         slot_mapping = ctx.attn_metadata.slot_mapping
+        fused_write = qkv.is_cuda and not self.calculate_kv_scales
         if qkv.is_cuda:  # one kernel: norms and rotary in place on the projection, keys and values cached
             from tokenmill.layers.triton_ops import qk_norm_rope_inplace
 
             norms = dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps) if q_norm is not None else {}
+            cache = dict(kv_cache=self.kv_cache, slot_mapping=slot_mapping, k_scale=self.k_scale,
+                         v_scale=self.v_scale) if fused_write else {}
             qk_norm_rope_inplace(qkv, positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache, self.num_heads,
-                                 self.num_kv_heads, self.head_dim, **norms, kv_cache=self.kv_cache,
-                                 slot_mapping=slot_mapping, k_scale=self.k_scale_value, v_scale=self.v_scale_value)
+                                 self.num_kv_heads, self.head_dim, **norms, **cache)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -82,5 +86,11 @@ class Attention(nn.Module):
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
             q, k = self.rotary_emb(positions, q, k)
-            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping, self.k_scale_value, self.v_scale_value)
+        if self.calculate_kv_scales:
+            tiny = torch.finfo(torch.float32).tiny  # an all-zero batch must not make the scale 0
+            self.k_scale.copy_((k.abs().amax().float() / K_SCALE_CONSTANT).clamp_min(tiny))
+            self.v_scale.copy_((v.abs().amax().float() / V_SCALE_CONSTANT).clamp_min(tiny))
+            self.calculate_kv_scales = False
+        if not fused_write:
+            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping, self.k_scale, self.v_scale)
         return q, k, v

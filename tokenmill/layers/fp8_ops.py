@@ -26,6 +26,17 @@ ROUND_E4M3 = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def scale_pointer(scale: torch.Tensor | float, kv_cache: torch.Tensor) -> torch.Tensor:
+    """A KV-cache scale as the float32 tensor the kernels read: the layer's own parameter in the engine, so a
+    CUDA graph replays with whatever it holds now; a number (tests, benchmarks) becomes a tensor. A cache in
+    the model's dtype reads no scale, and gets the cache itself as a placeholder."""
+    if kv_cache.dtype != FP8_DTYPE:
+        return kv_cache
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return torch.tensor(float(scale), dtype=torch.float32, device=kv_cache.device)
+
+
 def round_e4m3(x):
     """x (float32, |x| <= 448) rounded to the nearest e4m3 value, ties to even: steps of 2^(e - 3) for
     normal numbers, 2^-9 below 2^-6."""

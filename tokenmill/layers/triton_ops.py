@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3
+from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3, scale_pointer
 
 
 @triton.jit
@@ -206,7 +206,7 @@ def sample_from_logits(logits: torch.Tensor, temperature: torch.Tensor, seed: in
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr, k_weight_ptr, kv_cache_ptr,
                          slot_mapping_ptr, qkv_stride, cache_stride, eps, stride_c_kv, stride_c_block, stride_c_slot,
-                         stride_c_head, k_inv_scale, v_inv_scale, NUM_HEADS: tl.constexpr,
+                         stride_c_head, k_scale_ptr, v_scale_ptr, NUM_HEADS: tl.constexpr,
                          NUM_QK_HEADS: tl.constexpr, NUM_ALL_HEADS: tl.constexpr, HALF: tl.constexpr,
                          BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr,
                          WRITE_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8_CACHE: tl.constexpr,
@@ -252,10 +252,10 @@ def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr,
                  + (slot % BLOCK_SIZE) * stride_c_slot + kv_head[:, None] * stride_c_head + cols[None, :])
         # (slot as a [BLOCK_HEADS] tensor: the interpreter mis-types scalar & tensor masks)
         cache_mask = mask & ((heads >= NUM_HEADS) & (slot + 0 * heads >= 0))[:, None]
-        if FP8_CACHE:  # e4m3 of key / k_scale, value / v_scale
-            inv = tl.where(is_key, k_inv_scale, v_inv_scale)[:, None]
-            y1 = tl.minimum(tl.maximum(y1.to(tl.float32) * inv, -448.0), 448.0)
-            y2 = tl.minimum(tl.maximum(y2.to(tl.float32) * inv, -448.0), 448.0)
+        if FP8_CACHE:  # e4m3 of key / k_scale, value / v_scale (correctly rounded, as torch divides)
+            s = tl.where(is_key, tl.load(k_scale_ptr), tl.load(v_scale_ptr))[:, None]
+            y1 = tl.minimum(tl.maximum(tl.math.div_rn(y1.to(tl.float32), s), -448.0), 448.0)
+            y2 = tl.minimum(tl.maximum(tl.math.div_rn(y2.to(tl.float32), s), -448.0), 448.0)
             if ROUND_E4M3:
                 y1, y2 = round_e4m3(y1), round_e4m3(y2)
         tl.store(cache, y1.to(kv_cache_ptr.dtype.element_ty), mask=cache_mask)
@@ -265,7 +265,8 @@ def _qk_norm_rope_kernel(qkv_ptr, positions_ptr, cos_ptr, sin_ptr, q_weight_ptr,
 def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
                          num_heads: int, num_kv_heads: int, head_dim: int, q_weight: torch.Tensor | None = None,
                          k_weight: torch.Tensor | None = None, eps: float = 1e-6, kv_cache: torch.Tensor | None = None,
-                         slot_mapping: torch.Tensor | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                         slot_mapping: torch.Tensor | None = None, k_scale: torch.Tensor | float = 1.0,
+                         v_scale: torch.Tensor | float = 1.0) -> None:
     """In one kernel, on the query and key heads of a packed projection qkv [tokens, (Hq + 2 Hkv) * head_dim]
     (rows may be strided): the optional per-head RMSNorm (Qwen3's q_norm / k_norm) and then rotary
     embedding, in place. Values are untouched. Same rounding as RMSNorm followed by RotaryEmbedding.
@@ -292,10 +293,11 @@ def qk_norm_rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: 
     block_heads = min(16, triton.next_power_of_2(all_heads))
     grid = (tokens, triton.cdiv(all_heads, block_heads))
     cache_strides = kv_cache.stride()[:4] if write_kv else (0, 0, 0, 0)
+    scale_args = (scale_pointer(k_scale, kv_cache), scale_pointer(v_scale, kv_cache)) if write_kv else (qkv, qkv)
     _qk_norm_rope_kernel[grid](qkv, positions, cos_cache, sin_cache, q_weight if has_norm else qkv,
                                k_weight if has_norm else qkv, kv_cache if write_kv else qkv,
                                slot_mapping if write_kv else positions, qkv.stride(0), cos_cache.stride(0), eps,
-                               *cache_strides, 1.0 / k_scale, 1.0 / v_scale, NUM_HEADS=num_heads,
+                               *cache_strides, *scale_args, NUM_HEADS=num_heads,
                                NUM_QK_HEADS=qk_heads, NUM_ALL_HEADS=all_heads, HALF=half, BLOCK_HEADS=block_heads,
                                BLOCK_HALF=triton.next_power_of_2(half), HAS_NORM=has_norm, WRITE_KV=write_kv,
                                BLOCK_SIZE=kv_cache.shape[2] if write_kv else 1,

@@ -38,8 +38,6 @@ def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, dev
         method = getattr(module, "linear_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
-        elif hasattr(module, "process_weights_after_loading"):  # attention: its KV-cache scales
-            module.process_weights_after_loading()
     logger.info("model loaded in %.1f s (%s, %s, %s weights)", time.perf_counter() - started, dtype, device,
                 load_format)
     return model.eval()

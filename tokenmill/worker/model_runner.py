@@ -103,6 +103,14 @@ class ModelRunner:
         self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
         self._unsampled: _Launched | None = None
         self._sampled: deque[_Launched] = deque()
+        # Set by calculate_kv_scales: the next step runs eagerly, its attention layers measuring the scales.
+        self.kv_scales_pending = False
+
+    def calculate_kv_scales(self) -> None:
+        """The FP8 cache's scales from the next step's keys and values (after warm-up, so from real ones)."""
+        for layer in self.kv_cache.attn_layers:
+            layer.calculate_kv_scales = True
+        self.kv_scales_pending = True
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -128,8 +136,9 @@ class ModelRunner:
         # logprob is still to report.
         decode_only = num_tokens == num_reqs and bool(
             (batch.num_computed_tokens[rows] >= batch.num_prompt_tokens[rows] - 1).all())
-        graph_size = self.graphs.padded_size(num_reqs) if decode_only else None
-        mixed_size = None if decode_only else self.mixed_graphs.padded_size(num_tokens)
+        graph_size = self.graphs.padded_size(num_reqs) if decode_only and not self.kv_scales_pending else None
+        mixed_size = None if decode_only or self.kv_scales_pending else self.mixed_graphs.padded_size(num_tokens)
+        self.kv_scales_pending = False
         if graph_size is not None:
             padded_reqs = padded_tokens = graph_size
         elif mixed_size is not None:

@@ -81,6 +81,8 @@ class Worker:
         capture_model_graphs(self.runner)
         if self.device.type == "cuda":  # compiles what the graphs did not, before the first request
             logger.info("warm-up steps: %.1f s", warm_up(self.runner))
+        if self.config.cache.calculate_kv_scales:
+            self.runner.calculate_kv_scales()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepInfo:
         return self.runner.execute_model(scheduler_output)

@@ -41,6 +41,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="quantize a 16-bit checkpoint at load: fp8 (default: the checkpoint's own format)")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                         help="auto: the model's dtype (default); fp8 (= fp8_e4m3): e4m3, twice the tokens")
+    parser.add_argument("--calculate-kv-scales", action="store_true", default=None,
+                        help="an FP8 cache's k and v scales from the first batch (default: the checkpoint's, else 1.0)")
     parser.add_argument("--generation-config",
                         help="sampling defaults: 'auto' (the model's generation_config.json; the default), 'vllm' "
                              "(none: SamplingParams' own), or a folder holding a generation_config.json")
@@ -52,7 +54,8 @@ ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seq
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
                     "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
                     "async_scheduling", "tensor_parallel_size", "device", "generation_config",
-                    "override_generation_config", "quantization", "kv_cache_dtype")
+                    "override_generation_config", "quantization", "kv_cache_dtype",
+                    "calculate_kv_scales")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
