@@ -23,6 +23,7 @@ DTYPE_NAMES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+EXECUTOR_BACKENDS = ("uni", "mp")
 # Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
 USAGE_CONTEXTS = ("llm", "serve")
 
@@ -159,10 +160,33 @@ def checkpoint_dtype(hf_config: Any) -> str | None:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # "uni": one rank in the core's process; "mp": a process per further rank (the default above one rank)
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
-        _require(self.tensor_parallel_size == 1, "tensor_parallel_size",
-                 f"must be 1 in this version, got {self.tensor_parallel_size!r}")
+        _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+                 "tensor_parallel_size", f"must be a positive integer, got {self.tensor_parallel_size!r}")
+        _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS), "distributed_executor_backend",
+                 f"must be one of {EXECUTOR_BACKENDS}, got {self.distributed_executor_backend!r}")
+        _require(self.distributed_executor_backend != "uni" or self.world_size == 1, "distributed_executor_backend",
+                 f"'uni' runs one rank; tensor_parallel_size={self.tensor_parallel_size} needs 'mp'")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    def executor_backend(self) -> str:
+        return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
+
+    def check_model(self, hf_config: Any) -> None:
+        """Refuses a split the model's shapes do not allow, naming the flag."""
+        tp = self.tensor_parallel_size
+        heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+        for name, size in (("num_attention_heads", heads), ("intermediate_size", hf_config.intermediate_size)):
+            _require(size % tp == 0, "tensor_parallel_size", f"must divide the model's {name} ({size}), got {tp}")
+        _require(kv_heads % tp == 0 or tp % kv_heads == 0, "tensor_parallel_size",
+                 f"must divide or be a multiple of the model's num_key_value_heads ({kv_heads}), got {tp}")
 
 
 @dataclass
@@ -205,6 +229,7 @@ class EngineConfig:
     def resolve(self, hf_config: Any, device: DeviceInfo) -> EngineConfig:
         """A copy with every "auto" and None decided for this model on this device: dtype, max_model_len
         (also the scheduler's), the step's token budget and the device."""
+        self.parallel.check_model(hf_config)
         max_model_len = resolve_max_model_len(hf_config, self.model.max_model_len)
         model = dataclasses.replace(self.model, max_model_len=max_model_len,
                                     dtype=resolve_dtype(self.model.dtype, checkpoint_dtype(hf_config), device))

@@ -18,11 +18,11 @@ from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, Schedu
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.executor import make_executor
 from tokenmill.metrics import step_timer
 from tokenmill.source import ModelSource, load_tokenizer
 from tokenmill.structured import grammar
 from tokenmill.structured.manager import StructuredOutputManager
-from tokenmill.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,36 @@ class InFlightStep:
 class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         started = time.perf_counter()
-        self.worker = Worker(config, source)
+        config.parallel.check_model(source.hf_config)  # before any rank starts
+        self.executor = make_executor(config, source)
+        try:
+            self._start(config, source)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        logger.info("engine ready in %.1f s", time.perf_counter() - started)
+        if self.num_host_blocks:
+            logger.info("KV host tier: %d blocks (%.2f GiB)", self.num_host_blocks, config.cache.kv_offload_size)
+        self.async_scheduling = self.config.scheduler.async_scheduling
+        self.structured = StructuredOutputManager(lambda: load_tokenizer(source, config.model.tokenizer),
+                                                  source.hf_config.vocab_size)
+        self.in_flight: deque[InFlightStep] = deque()
+        self.scheduler = Scheduler(self.config.scheduler, KVCacheManager(
+            self.num_blocks, self.config.cache.block_size, config.cache.enable_prefix_caching, self.num_host_blocks))
+        # Everything made so far (the model, the block pool's objects) lives as long as the engine: moved
+        # out of the garbage collector's generations, it is not traversed again by every collection that
+        # a step's allocations trigger.
+        gc.collect()
+        gc.freeze()
+
+    def _start(self, config: EngineConfig, source: ModelSource) -> None:
+        """The ranks' start-up: the model on each device, a KV pool as large as the smallest rank allows,
+        CUDA graphs and warm-up."""
+        self.worker = self.executor.driver  # rank 0's, whose results are the engine's
         self.config = config = config.resolve(source.hf_config, self.worker.device_info())
-        self.worker.load_model(config)
+        self.executor.call("load_model", config)
         block_size, max_model_len = config.cache.block_size, config.scheduler.max_model_len
-        num_blocks = self.worker.determine_num_blocks()
+        num_blocks = min(self.executor.call("determine_num_blocks"))
         if num_blocks * block_size < max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
@@ -72,27 +97,16 @@ class EngineCore:
         if config.cache.enable_prefix_caching:
             num_host_blocks = int(config.cache.kv_offload_size * 2**30) // self.worker.kv_bytes_per_block()
         allocating = time.perf_counter()
-        self.worker.initialize_cache(num_blocks, num_host_blocks)
+        self.executor.call("initialize_cache", num_blocks, num_host_blocks)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB of %s; max concurrency %.1f at "
                     "max_model_len=%d), allocated in %.1f s", num_blocks, block_size, num_blocks * block_size,
                     num_blocks * self.worker.kv_bytes_per_block() / 2**30, self.worker.kv_cache_dtype(),
                     num_blocks * block_size / max_model_len, max_model_len, time.perf_counter() - allocating)
-        self.worker.compile_or_warm_up()
-        self.num_blocks = num_blocks
-        logger.info("engine ready in %.1f s", time.perf_counter() - started)
-        if num_host_blocks:
-            logger.info("KV host tier: %d blocks (%.2f GiB)", num_host_blocks, config.cache.kv_offload_size)
-        self.async_scheduling = config.scheduler.async_scheduling
-        self.structured = StructuredOutputManager(lambda: load_tokenizer(source, config.model.tokenizer),
-                                                  source.hf_config.vocab_size)
-        self.in_flight: deque[InFlightStep] = deque()
-        self.scheduler = Scheduler(config.scheduler, KVCacheManager(
-            num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks))
-        # Everything made so far (the model, the block pool's objects) lives as long as the engine: moved
-        # out of the garbage collector's generations, it is not traversed again by every collection that
-        # a step's allocations trigger.
-        gc.collect()
-        gc.freeze()
+        self.executor.call("compile_or_warm_up")
+        self.num_blocks, self.num_host_blocks = num_blocks, num_host_blocks
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def add_request(self, request: EngineCoreRequest) -> None:
         params = request.sampling_params
@@ -140,7 +154,7 @@ class EngineCore:
     def _launch(self) -> InFlightStep:
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
-        info = self.worker.execute_model(scheduler_output)
+        info = self.executor.step("execute_model", scheduler_output)
         step = InFlightStep(scheduler_output, info.req_ids, info.samples)
         self.in_flight.append(step)
         return step
@@ -155,7 +169,7 @@ class EngineCore:
             else:
                 rows, grammars = self._constrained_rows(step)
                 bitmask = self.structured.fill(grammars, rows, len(step.req_ids)) if rows else None
-        self.worker.sample_tokens(bitmask)
+        self.executor.step("sample_tokens", bitmask)
         step.phase = StepPhase.SAMPLED
 
     def _constrained_rows(self, step: InFlightStep) -> tuple[list[int], list]:
@@ -177,7 +191,7 @@ class EngineCore:
         """Waits for the oldest step's tokens, advances the grammars by them, starts the next step's mask
         fill (the grammars are now where that step's tokens continue) and updates the requests."""
         step = self.in_flight.popleft()
-        runner_output = self.worker.finish_step()
+        runner_output = self.executor.step("finish_step")
         with step_timer.phase("accept"):
             if self.scheduler.num_structured_requests:
                 grammars, tokens = grammar.tokens_to_accept(self.scheduler.requests, runner_output)

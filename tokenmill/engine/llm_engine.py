@@ -38,6 +38,10 @@ class LLMEngine:
                                    self.source.hf_config.vocab_size, eos_token_ids(self.source, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
 
+    def shutdown(self) -> None:
+        """Stops the engine's other ranks (if any) and leaves their torch.distributed world."""
+        self.core.shutdown()
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
         text, request = self.processor.process(request_id, prompt, params)
         for core_id, core_params in self.output_processor.add_request(request_id, text, request.prompt_token_ids,

@@ -1,4 +1,7 @@
-"""Token embedding and LM head, split over the vocabulary across tensor-parallel ranks."""
+"""Token embedding and LM head, split over the vocabulary across tensor-parallel ranks.
+
+Each rank holds ceil(vocab / tp) rows, the last rank's tail zero-padded, so the ranks' logits gather into
+equal slices; the padding columns are cut off after the gather."""
 
 from __future__ import annotations
 
@@ -18,22 +21,23 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // self.tp_size)
         self.vocab_start = self.tp_rank * self.shard_size
-        rows = min(self.shard_size, vocab_size - self.vocab_start)
+        self.num_rows = max(0, min(self.shard_size, vocab_size - self.vocab_start))  # the rest is padding
+        rows = self.shard_size if self.tp_size > 1 else vocab_size
         self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        shard = loaded.narrow(0, self.vocab_start, param.shape[0])
-        if shard.shape != param.shape:
-            raise ValueError(f"embedding shape mismatch: parameter {tuple(param.shape)}, "
+        if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(f"embedding shape mismatch: vocabulary {self.vocab_size} x {param.shape[1]}, "
                              f"checkpoint {tuple(loaded.shape)}")
-        param.data.copy_(shard)
+        param.data[:self.num_rows].copy_(loaded.narrow(0, self.vocab_start, self.num_rows))
+        param.data[self.num_rows:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
-        mask = (local < 0) | (local >= self.weight.shape[0])
+        mask = (local < 0) | (local >= self.num_rows)
         out = F.embedding(local.masked_fill(mask, 0), self.weight).masked_fill(mask.unsqueeze(-1), 0)
         return tp_all_reduce(out)
 
@@ -47,4 +51,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.linear_method = UnquantizedLinearMethod()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return tp_all_gather(self.linear_method.apply(self, hidden_states))
+        logits = tp_all_gather(self.linear_method.apply(self, hidden_states))
+        return logits[..., :self.vocab_size] if self.tp_size > 1 else logits

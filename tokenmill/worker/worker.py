@@ -2,7 +2,7 @@
 batch, KV cache) and the start-up work done on that device. The engine core drives it with these calls,
 in this order (with several ranks, an executor makes each call on every rank's worker):
 
-    Worker(config, source)          picks the device
+    Worker(config, source, rank)    picks the device; with several ranks, joins their torch.distributed world
     device_info()                   -> DeviceInfo: what EngineConfig.resolve needs to know
     load_model(resolved config)     the runner: weights on the device, input buffers
     determine_num_blocks()          GEMM tuning, then a profiling step: how many KV blocks fit
@@ -14,11 +14,13 @@ in this order (with several ranks, an executor makes each call on every rank's w
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from tokenmill.config import DeviceInfo, EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput
+from tokenmill.distributed.parallel_state import init_distributed
 from tokenmill.layers.fp8_ops import FP8_DTYPE
 from tokenmill.layers.quantization.fp8 import check_fp8_device
 from tokenmill.source import ModelSource
@@ -33,15 +35,28 @@ logger = logging.getLogger(__name__)
 # the KV cache is sized.
 GRAPH_MEMORY_RESERVE = 512 << 20
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Joining the ranks' world, and any collective after, fails after this long instead of hanging.
+DIST_TIMEOUT_S = float(os.environ.get("TOKENMILL_DIST_TIMEOUT_S", "300"))
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        self.source = source
-        if config.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(config.device)
+    def __init__(self, config: EngineConfig, source: ModelSource, rank: int = 0,
+                 distributed_init_method: str | None = None) -> None:
+        """`rank` of config.parallel.world_size; above one rank, `distributed_init_method` is where the ranks
+        meet (tcp://host:port) and rank r takes GPU r of this host."""
+        self.source, self.rank = source, rank
+        world_size = config.parallel.world_size
+        device_type = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device_type.split(":")[0], rank) if world_size > 1 and device_type != "cpu" \
+            else torch.device(device_type)
+        if self.device.type == "cuda":
+            if world_size > torch.cuda.device_count():
+                raise ValueError(f"tensor_parallel_size={world_size} needs {world_size} GPUs; this host has "
+                                 f"{torch.cuda.device_count()}")
+            torch.cuda.set_device(self.device)
+        if world_size > 1:
+            init_distributed(rank, world_size, config.parallel.tensor_parallel_size, distributed_init_method,
+                             "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S)
         # GPU memory in use before this engine allocates anything (other processes, our CUDA context).
         self.initial_gpu_used = (lambda free, total: total - free)(*torch.cuda.mem_get_info()) \
             if self.device.type == "cuda" else 0

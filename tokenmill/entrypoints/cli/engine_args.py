@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from tokenmill.config import DTYPE_NAMES, KV_CACHE_DTYPES
+from tokenmill.config import DTYPE_NAMES, EXECUTOR_BACKENDS, KV_CACHE_DTYPES
 from tokenmill.loader.registry import LOAD_FORMATS
 
 
@@ -36,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         help="schedule the next step while the current one runs on the device (default: on)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: 1")
+    parser.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
+                        help="uni: one rank in the engine's process; mp: a process per further rank (the default "
+                             "above one rank)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--quantization", "-q",
                         help="quantize a 16-bit checkpoint at load: fp8 (default: the checkpoint's own format)")
@@ -53,8 +56,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
                     "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
-                    "async_scheduling", "tensor_parallel_size", "device", "generation_config",
-                    "override_generation_config", "quantization", "kv_cache_dtype",
+                    "async_scheduling", "tensor_parallel_size", "distributed_executor_backend", "device",
+                    "generation_config", "override_generation_config", "quantization", "kv_cache_dtype",
                     "calculate_kv_scales")
 
 
