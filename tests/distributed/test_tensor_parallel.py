@@ -77,7 +77,7 @@ def test_a_rank_that_dies_fails_the_engine_with_its_error(tiny_model_dir):
         assert llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)
         rank1 = llm.llm_engine.core.executor.procs[0]
         os.kill(rank1.pid, signal.SIGKILL)
-        rank1.join(10)
+        rank1.wait(10)
         with pytest.raises(RankFailed, match=r"rank 1's worker exited \(exit code -9\)"):
             llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
     finally:

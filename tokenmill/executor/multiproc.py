@@ -1,8 +1,9 @@
-"""Several ranks on this host: rank 0's worker in the core's process, one spawned process per further rank.
+"""Several ranks on this host: rank 0's worker in the core's process, one child process per further rank,
+joined to the core by a socket pair (a multiprocessing Connection on each end).
 
-Each call is pickled once and written to every other rank's pipe, then made on rank 0; a step's call does not
+Each call is pickled once and written to every other rank's connection, then made on rank 0; a step's call does not
 wait for the other ranks (their collectives with rank 0 keep them in step), a start-up call collects every
-rank's result. A rank that raises reports its error on its pipe and exits; rank 0's next collective then fails
+rank's result. A rank that raises reports its error on its connection and exits; rank 0's next collective then fails
 (gloo at once, NCCL at the process group's timeout) and the executor raises the rank's own error. A rank
 whose core goes away reads end-of-file and exits.
 """
@@ -10,12 +11,12 @@ whose core goes away reads end-of-file and exits.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import pickle
 import signal
 import socket
-import threading
+import subprocess
+import sys
 import weakref
 from multiprocessing.connection import Connection
 from typing import Any
@@ -39,16 +40,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(rank: int, config: EngineConfig, source: ModelSource, init_method: str, conn: Connection) -> None:
-    """Entry point of rank `rank`'s process: the worker's calls as they come, until the core goes away."""
+def _worker_main() -> None:
+    """Entry point of a further rank's process (started by MultiprocExecutor): connects back to the core, then
+    makes the worker's calls as they come until the core goes away (its connection reads end-of-file however
+    the core ends)."""
     from tokenmill.logger import configure_logging
 
+    conn = Connection(int(sys.argv[1]))
+    rank, config, source, init_method = pickle.loads(conn.recv_bytes())
     configure_logging(prefix=f"Worker[rank {rank}] ")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; the core decides
-    # tqdm's default lock is a multiprocessing semaphore, which a process leaving through os._exit leaks
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
     try:
         worker = Worker(config, source, rank=rank, distributed_init_method=init_method)
         conn.send(("ok", None))
@@ -59,7 +60,7 @@ def _worker_main(rank: int, config: EngineConfig, source: ModelSource, init_meth
             result = getattr(worker, method)(*args)
             if reply:
                 conn.send(("ok", result))
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+    except (EOFError, OSError, KeyboardInterrupt):
         pass  # the core is gone
     except BaseException as e:  # noqa: BLE001 - reported to the core, then this rank ends
         logger.exception("rank %d failed", rank)
@@ -72,17 +73,18 @@ def _worker_main(rank: int, config: EngineConfig, source: ModelSource, init_meth
     os._exit(0)
 
 
-def _stop(conns: list[Connection], procs: list[multiprocessing.Process]) -> None:
+def _stop(conns: list[Connection], procs: list[subprocess.Popen]) -> None:
     for conn in conns:
         try:
             conn.send_bytes(pickle.dumps(("shutdown", (), False)))
         except OSError:
             pass
     for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.join()
+            proc.wait()
     for conn in conns:
         conn.close()
     destroy_distributed()
@@ -92,18 +94,20 @@ class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         world_size = config.parallel.world_size
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        ctx = multiprocessing.get_context("spawn")
         self.conns: list[Connection] = []
-        self.procs: list[multiprocessing.Process] = []
+        self.procs: list[subprocess.Popen] = []
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)
         for rank in range(1, world_size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(rank, config, source, init_method, child),
-                               name=f"tokenmill-rank{rank}", daemon=True)
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
+            # A plain child process (the server's core is a daemon, which multiprocessing forbids children),
+            # joined to the core by a socket pair: private, and closed by either side's death.
+            ours, theirs = socket.socketpair()
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", "from tokenmill.executor.multiproc import _worker_main; _worker_main()",
+                 str(theirs.fileno())], pass_fds=(theirs.fileno(),)))
+            theirs.close()
+            conn = Connection(ours.detach())
+            conn.send_bytes(pickle.dumps((rank, config, source, init_method)))
+            self.conns.append(conn)
         try:
             self.driver = self._checked(Worker, config, source, rank=0, distributed_init_method=init_method)
             self._results()  # the others' workers are up
@@ -147,8 +151,7 @@ class MultiprocExecutor(Executor):
             try:
                 status, value = conn.recv()
             except (EOFError, OSError):
-                raise RankFailed(f"rank {rank}'s worker exited (exit code {self.procs[rank - 1].exitcode})") \
-                    from None
+                raise RankFailed(f"rank {rank}'s worker exited (exit code {self.procs[rank - 1].wait()})") from None
             if status == "error":
                 raise RankFailed(f"rank {rank}'s worker failed: {value}")
             results.append(value)
@@ -163,6 +166,8 @@ class MultiprocExecutor(Executor):
                         raise RankFailed(f"rank {rank}'s worker failed: {value}")
             except (EOFError, OSError):
                 pass
-            proc.join(timeout=0.1 if proc.exitcode is None else 0)
-            if proc.exitcode is not None:
-                raise RankFailed(f"rank {rank}'s worker exited (exit code {proc.exitcode})")
+            try:
+                code = proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                continue
+            raise RankFailed(f"rank {rank}'s worker exited (exit code {code})")
