@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill.attention import triton_paged  # noqa: E402
 from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX, quant_fp8  # noqa: E402
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX  # noqa: E402
+from tokenmill.layers.fp8_ops import quant_fp8  # noqa: E402
 from tokenmill.layers.quantization.fp8 import fp8_linear, quantize_per_channel  # noqa: E402
 
 PEAK_FLOPS = 7.9e14  # dense bf16 tensor cores, as a large GEMM measures it on an H100 or H200

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX, quant_fp8
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
+from tokenmill.layers.fp8_ops import quant_fp8
 from tokenmill.layers.quantization.fp8 import fp8_linear, quantize_per_channel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),

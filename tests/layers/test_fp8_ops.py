@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX, block_fp8_matmul, fp8_gemv, quant_fp8
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
+from tokenmill.layers.fp8_ops import block_fp8_matmul, fp8_gemv, quant_fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import save_file
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 
 PROMPTS = [[5, 17, 42, 8, 99, 3], list(range(100, 131))]
 NUM_NEW = 12

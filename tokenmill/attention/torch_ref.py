@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 
 
 def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int

@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, register_backend
-from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3, scale_pointer
+from tokenmill.layers.fp8_format import FP8_DTYPE
+from tokenmill.layers.fp8_ops import ROUND_E4M3, round_e4m3, scale_pointer
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -15,10 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-# The smallest scale: a row of zeros quantizes to zeros instead of dividing by zero.
-MIN_SCALE = 1e-12
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX, MIN_SCALE
+
 # Triton's interpreter converts float32 to e4m3 rounding half up and dropping mantissa carries (Triton 3.9:
 # 125.8 -> 64); under it, values are first rounded to the e4m3 grid (round_e4m3), so that what the CPU tests
 # store is what the GPU's conversion (round to nearest even, saturating) stores.

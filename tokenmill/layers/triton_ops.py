@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.layers.fp8_ops import FP8_DTYPE, ROUND_E4M3, round_e4m3, scale_pointer
+from tokenmill.layers.fp8_format import FP8_DTYPE
+from tokenmill.layers.fp8_ops import ROUND_E4M3, round_e4m3, scale_pointer
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 from tokenmill.config import DeviceInfo, EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput
 from tokenmill.distributed.parallel_state import init_distributed
-from tokenmill.layers.fp8_ops import FP8_DTYPE
+from tokenmill.layers.fp8_format import FP8_DTYPE
 from tokenmill.layers.quantization.fp8 import check_fp8_device
 from tokenmill.source import ModelSource
 from tokenmill.worker.cuda_graphs import capture_model_graphs

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.layers.fp8_ops import FP8_DTYPE, FP8_MAX, block_fp8_matmul, fp8_gemv, quant_fp8
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig, WeightLoader
 
 
@@ -68,6 +68,7 @@ def _scalar_param(layer: nn.Module, fill: float) -> nn.Parameter:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ (weight [N, K] e4m3 x weight_scale [N]).T (+ bias), on the GPU."""
+    from tokenmill.layers.fp8_ops import fp8_gemv, quant_fp8  # Triton: imported where a GPU runs it
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 1 and input_scale is None and x2.dtype in (torch.bfloat16, torch.float16):
         out = fp8_gemv(x2, weight, weight_scale, bias)
@@ -176,6 +177,8 @@ class Fp8BlockLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.dequantized:
             return F.linear(x, layer.weight, bias)
+        from tokenmill.layers.fp8_ops import block_fp8_matmul, fp8_gemv, quant_fp8
+
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 1 and x2.dtype in (torch.bfloat16, torch.float16):
             out = fp8_gemv(x2, layer.weight, layer.weight_scale_inv, bias, block_size=self.block_size)
