@@ -149,6 +149,20 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None, device: DeviceIn
     return DTYPE_NAMES.get(checkpoint_dtype, checkpoint_dtype)
 
 
+def resolve_quantization(model: ModelConfig, hf_config: Any, device: DeviceInfo) -> str | None:
+    """A GGUF file on the CPU keeps its weights quantized ("gguf") unless a dtype is asked for: `--dtype
+    float32` dequantizes them, as HF transformers does. On a GPU its weights are dequantized at load."""
+    from tokenmill.source.gguf_file import GGUFConfig
+
+    if model.quantization == "gguf":
+        _require(device.type == "cpu", "quantization", "'gguf' keeps GGUF weights quantized on the CPU; on a GPU "
+                 "leave it unset and the weights are dequantized at load")
+    if model.quantization is None and model.dtype == "auto" and device.type == "cpu" \
+            and isinstance(hf_config, GGUFConfig):
+        return "gguf"
+    return model.quantization
+
+
 def checkpoint_dtype(hf_config: Any) -> str | None:
     """The dtype a HF config names for its weights (`dtype`, or transformers 4's `torch_dtype`), as a name. Read
     from the instance's own fields: transformers 5 warns on every read of its `torch_dtype` alias."""
@@ -232,7 +246,8 @@ class EngineConfig:
         self.parallel.check_model(hf_config)
         max_model_len = resolve_max_model_len(hf_config, self.model.max_model_len)
         model = dataclasses.replace(self.model, max_model_len=max_model_len,
-                                    dtype=resolve_dtype(self.model.dtype, checkpoint_dtype(hf_config), device))
+                                    dtype=resolve_dtype(self.model.dtype, checkpoint_dtype(hf_config), device),
+                                    quantization=resolve_quantization(self.model, hf_config, device))
         budget = self.scheduler.max_num_batched_tokens or default_max_num_batched_tokens(self.usage_context, device)
         scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget)
         return dataclasses.replace(self, model=model, scheduler=scheduler,

@@ -18,11 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 STARTUP_TIMEOUT_S = 300.0
 # Short contexts keep the long-prompt tests fast on CPU; 256 MiB of KV is ~5.8k tokens (45 KiB each).
 MAX_MODEL_LEN = 512
+# float32: these tests compare greedy texts across batchings and cache states, which the CPU's quantized default
+# (bfloat16 roundings of its int4 products) may turn into different tokens at a near-tie
 SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "64",
                "--disable-uvicorn-access-log", "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
-               "--reasoning-parser", "qwen3"]
-# What `make serve` runs: the same without the tool flags.
-PLAIN_SERVER_ARGS = [a for a in SERVER_ARGS if a not in ("--tool-call-parser", "hermes", "--enable-auto-tool-choice")]
+               "--reasoning-parser", "qwen3", "--dtype", "float32"]
+# What `make serve` runs: the same without the tool flags, and quantized.
+PLAIN_SERVER_ARGS = [a for a in SERVER_ARGS
+                     if a not in ("--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--dtype", "float32")]
 CUSTOM_CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}[assistant] {% endif %}")
 

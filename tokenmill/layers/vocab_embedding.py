@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from tokenmill.layers.linear import UnquantizedLinearMethod
+from tokenmill.layers.quantization import QuantizationConfig
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,9 +47,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the whole vocabulary (gathered across ranks). Its weight is
     the embedding's when the model ties them; its product runs through a linear method like any layer's."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, prefix: str = "") -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, prefix: str = "",
+                 quant_config: QuantizationConfig | None = None) -> None:
         super().__init__(vocab_size, hidden_size, prefix)
-        self.linear_method = UnquantizedLinearMethod()
+        method = quant_config.get_lm_head_method() if quant_config is not None else None
+        self.linear_method = method or UnquantizedLinearMethod()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = tp_all_gather(self.linear_method.apply(self, hidden_states))

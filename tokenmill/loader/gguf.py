@@ -1,5 +1,6 @@
 """Weights from a GGUF file (source/gguf_file.py parses it): llama.cpp tensor names mapped to HF ones,
-each tensor dequantized to the model's dtype, in HF shapes ([out, in] for Linear)."""
+each tensor dequantized to the model's dtype, in HF shapes ([out, in] for Linear); or, when the model keeps
+GGUF weights quantized (layers/quantization/gguf.py), the linear layers' tensors as the file's blocks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
+from tokenmill.layers.quantization.gguf import GGUFBlocks, GGUFQuantConfig
 from tokenmill.loader.base import CheckpointLoader
 from tokenmill.source.gguf_file import GGUFTensorInfo, check_architecture, open_gguf
 
@@ -29,6 +31,7 @@ _LAYER_MODULE_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_LINEAR_WEIGHT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}  # folded into config.rope_parameters
 
 
@@ -55,23 +58,37 @@ def _unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 class GGUFLoader(CheckpointLoader):
     source_formats = ("gguf",)
+    keep_quantized = False  # yield the linear layers' quantized tensors as GGUFBlocks
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def load(self, model: torch.nn.Module, dtype: torch.dtype, seed: int) -> None:
+        self.keep_quantized = isinstance(getattr(model, "quant_config", None), GGUFQuantConfig)
+        super().load(model, dtype, seed)
+
+    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
         """`lm_head.weight` is yielded only when the file has `output.weight` (else embeddings are tied). For
-        the llama architecture the q/k projection rows are put back in HF order; qwen2/qwen3 files are not
-        permuted by llama.cpp. The next few tensors are decoded in threads while the model copies in the
-        current one (numpy and torch release the GIL)."""
+        the llama architecture the q/k projection rows are put back in HF order (blocks hold whole rows, so
+        kept blocks are reordered the same way); qwen2/qwen3 files are not permuted by llama.cpp. The next few
+        tensors are decoded in threads while the model copies in the current one (numpy and torch release
+        the GIL)."""
         gguf_file = open_gguf(self.source.path)
         architecture = check_architecture(gguf_file)
         num_heads = gguf_file.metadata[f"{architecture}.attention.head_count"]
         num_kv_heads = gguf_file.metadata.get(f"{architecture}.attention.head_count_kv", num_heads)
 
-        def decode(info: GGUFTensorInfo) -> torch.Tensor:
-            weight = torch.from_numpy(gguf_file.load(info))
+        def decode(info: GGUFTensorInfo) -> torch.Tensor | GGUFBlocks:
+            blocks = None
+            if self.keep_quantized and _LINEAR_WEIGHT.fullmatch(info.name):
+                raw = torch.from_numpy(gguf_file.raw(info).copy())
+                blocks = GGUFBlocks(info.ggml_type, raw.view(info.shape[0], -1), info.shape[1])
+                weight = blocks.data
+            else:
+                weight = torch.from_numpy(gguf_file.load(info))
             if architecture == "llama" and ".attn_q." in info.name:
                 weight = _unpermute_rope_rows(weight, num_heads)
             elif architecture == "llama" and ".attn_k." in info.name:
                 weight = _unpermute_rope_rows(weight, num_kv_heads)
+            if blocks is not None:
+                return GGUFBlocks(blocks.ggml_type, weight, blocks.cols).unpack()
             return weight.to(dtype)
 
         infos = [info for info in gguf_file.tensors.values() if info.name not in _CONFIG_ONLY_TENSORS]

@@ -38,6 +38,7 @@ def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, dev
         method = getattr(module, "linear_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
-    logger.info("model loaded in %.1f s (%s, %s, %s weights)", time.perf_counter() - started, dtype, device,
-                load_format)
+    kept = f", {quant_config.name} quantization" if quant_config is not None else ""
+    logger.info("model loaded in %.1f s (%s, %s, %s weights%s)", time.perf_counter() - started, dtype, device,
+                load_format, kept)
     return model.eval()

@@ -18,7 +18,7 @@ from tokenmill.layers.attention import Attention
 from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tokenmill.layers.quantization import QuantizationConfig
-from tokenmill.layers.rotary import RotaryEmbedding, rope_parameters
+from tokenmill.layers.rotary import get_rope, rope_parameters
 from tokenmill.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
 
 
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
-                              RotaryEmbedding(head_dim, max_position, theta, scaling), is_last_layer)
+                              get_rope(head_dim, max_position, theta, scaling), is_last_layer)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         norms = (self.q_norm, self.k_norm) if self.use_qk_norm else ()
@@ -143,10 +143,10 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.quant_config = config, quant_config
         self.model = self.model_cls(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "lm_head")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "lm_head", quant_config)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -170,10 +170,10 @@ class GGUFFile:
 # Dequantization
 # ---------------------------------------------------------------------------------------------------------
 
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "BF16": 30}
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "BF16": 30}
 _GGML_TYPE_NAMES = {type_id: name for name, type_id in GGML_TYPES.items()}
 # type id -> (elements per block, bytes per block)
-_BLOCK_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34), 30: (1, 2)}
+_BLOCK_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 30: (1, 2)}
 
 
 def _blocks(raw: np.ndarray, type_size: int, num_scales: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +236,8 @@ def ggml_type_name(ggml_type: int) -> str:
         return f"GGML type {ggml_type}"
 
 
-def _block_size(ggml_type: int, tensor_name: str) -> tuple[int, int]:
+def block_size(ggml_type: int, tensor_name: str = "tensor") -> tuple[int, int]:
+    """(weights per block, bytes per block) of a GGML type."""
     if ggml_type in _BLOCK_SIZES:
         return _BLOCK_SIZES[ggml_type]
     try:
@@ -251,12 +252,12 @@ def _block_size(ggml_type: int, tensor_name: str) -> tuple[int, int]:
 
 
 def _num_bytes(ggml_type: int, shape: Sequence[int], tensor_name: str) -> int:
-    block_size, type_size = _block_size(ggml_type, tensor_name)
+    weights, type_size = block_size(ggml_type, tensor_name)
     row_size = shape[-1] if shape else 1
-    if row_size % block_size:
+    if row_size % weights:
         raise ValueError(f"tensor {tensor_name!r}: row size {row_size} is not a multiple of the "
-                         f"{ggml_type_name(ggml_type)} block size {block_size}")
-    return math.prod(shape) // block_size * type_size
+                         f"{ggml_type_name(ggml_type)} block size {weights}")
+    return math.prod(shape) // weights * type_size
 
 
 def dequantize(raw: np.ndarray | bytes, ggml_type: int, shape: Sequence[int], tensor_name: str = "?") -> np.ndarray:
@@ -281,8 +282,8 @@ def dequantize(raw: np.ndarray | bytes, ggml_type: int, shape: Sequence[int], te
 def _dequantize_with_gguf(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], tensor_name: str) -> np.ndarray:
     import gguf
 
-    block_size, type_size = _block_size(ggml_type, tensor_name)
-    rows = raw.reshape(*shape[:-1], shape[-1] // block_size * type_size)
+    weights, type_size = block_size(ggml_type, tensor_name)
+    rows = raw.reshape(*shape[:-1], shape[-1] // weights * type_size)
     try:
         values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(ggml_type))
     except NotImplementedError:

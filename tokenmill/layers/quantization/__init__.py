@@ -11,6 +11,7 @@ from typing import Any
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
 from tokenmill.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from tokenmill.layers.quantization.fp8 import Fp8Config
+from tokenmill.layers.quantization.gguf import GGUFQuantConfig
 
 # method name (as `quantization_config["quant_method"]` and `quantization=` spell it) -> its QuantizationConfig
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
@@ -25,7 +26,18 @@ __all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "get_qu
 
 def get_quantization_config(hf_config: Any, quantization: str | None = None) -> QuantizationConfig | None:
     """The weight format: the checkpoint's (its `quantization_config`), which `quantization` may name but not
-    contradict; for a 16-bit checkpoint, `quantization` quantizes it at load (fp8). None: plain weights."""
+    contradict; for a 16-bit checkpoint, `quantization` quantizes it at load (fp8); for a GGUF file, "gguf"
+    keeps its quantized tensors as they are. None: plain weights."""
+    from tokenmill.source.gguf_file import GGUFConfig
+
+    if quantization == "gguf" or isinstance(hf_config, GGUFConfig):
+        if not isinstance(hf_config, GGUFConfig):
+            raise ValueError("quantization='gguf' keeps a GGUF file's weights quantized, and this model is not a "
+                             "GGUF file")
+        if quantization not in (None, "gguf"):
+            raise ValueError(f"quantization={quantization!r} does not apply to a GGUF file (it may be 'gguf', "
+                             "which keeps its weights quantized, or unset, which dequantizes them)")
+        return GGUFQuantConfig() if quantization == "gguf" else None
     declared = getattr(hf_config, "quantization_config", None)
     if declared:
         declared = declared if isinstance(declared, dict) else declared.to_dict()
@@ -39,7 +51,7 @@ def get_quantization_config(hf_config: Any, quantization: str | None = None) -> 
     if quantization is None:
         return None
     if quantization not in ONLINE_METHODS:
-        known = sorted(set(QUANTIZATION_METHODS) | set(ONLINE_METHODS))
+        known = sorted(set(QUANTIZATION_METHODS) | set(ONLINE_METHODS) | {"gguf"})
         raise ValueError(f"quantization={quantization!r} needs a checkpoint quantized so, and this one is not "
                          f"(known methods: {', '.join(known)}; on a 16-bit checkpoint: {', '.join(ONLINE_METHODS)})")
     return ONLINE_METHODS[quantization]()

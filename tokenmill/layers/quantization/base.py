@@ -52,3 +52,7 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod:
         """The method for the linear layer named `prefix` (e.g. "model.layers.0.self_attn.qkv_proj")."""
+
+    def get_lm_head_method(self) -> LinearMethod | None:
+        """The LM head's method; None: its weight in the model's dtype, as checkpoints of most formats keep it."""
+        return None
