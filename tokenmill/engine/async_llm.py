@@ -70,12 +70,15 @@ class AsyncLLM:
     """Blocking constructor (spawns the core, loads the tokenizer, waits for the model); then call
     start() inside the running event loop before use."""
 
-    def __init__(self, config: EngineConfig, startup_timeout_s: float | None = None) -> None:
+    def __init__(self, config: EngineConfig, startup_timeout_s: float | None = None,
+                 client: EngineCoreClient | None = None) -> None:
+        """`client`: a core already started for `config` (a command line starts it before importing this)."""
         self.config = config
-        self.source = resolve_model(config.model.model, config.model.revision)
-        self.client = EngineCoreClient(config, self.source)
+        self.client = client or EngineCoreClient(config)
         try:
-            # Loading the tokenizer overlaps with the core loading the weights.
+            # Finding the model and loading the tokenizer overlap with the core importing torch and loading
+            # the weights.
+            self.source = resolve_model(config.model.model, config.model.revision)
             self.tokenizer = load_tokenizer(self.source, config.model.tokenizer)
             ready = self.client.wait_ready(startup_timeout_s)
         except BaseException:

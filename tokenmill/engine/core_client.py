@@ -1,6 +1,6 @@
 """The engine core in its own process, and the frontend's handle on it.
 
-    frontend process                                 engine core process (spawn)
+    frontend process                                 engine core process (a fresh interpreter)
     ----------------                                 ---------------------------
     EngineCoreClient.add_request ----+
     EngineCoreClient.abort_requests -+-- input pipe --> drain messages (block only while idle)
@@ -9,19 +9,27 @@
     reader thread <------------------- output pipe ----+  one CoreOutputs per step (+ SchedulerStats)
       -> on_message(...) in the event loop                 UtilityResult per utility call
 
-Messages are plain dataclasses pickled by multiprocessing.Connection: no extra dependencies, and a
-step's message is small (a few token ids per request). The reader thread waits on the output pipe
-and on the process sentinel together, so a core that dies -- crash, OOM kill, SIGKILL -- is noticed
-at once and reported as CoreDead, never as a hang.
+Messages are plain dataclasses pickled by multiprocessing.Connection over socket pairs: no extra
+dependencies, and a step's message is small (a few token ids per request). The reader thread waits on the
+output socket and on the process sentinel together, so a core that dies -- crash, OOM kill, SIGKILL -- is
+noticed at once and reported as CoreDead, never as a hang.
+
+The core is `python -c ...` started by subprocess, not a multiprocessing child: it imports only what it runs
+(not the parent's __main__ again, as spawn does, nor a resource tracker: 0.3 s of a CLI start on two cores),
+and it may start processes of its own (further tensor-parallel ranks), which a daemonic multiprocessing
+child may not.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -33,7 +41,7 @@ from typing import Any
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 from tokenmill.logger import configure_logging
-from tokenmill.source import ModelSource
+from tokenmill.source import ModelSource, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +166,9 @@ class EngineCoreProc:
         return UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
 
 
-def run_engine_core(config: EngineConfig, source: ModelSource, input_conn: Connection,
+def run_engine_core(config: EngineConfig, source: ModelSource | None, input_conn: Connection,
                     output_conn: Connection) -> None:
-    """Entry point of the spawned core process."""
+    """Entry point of the spawned core process; `source` None: the core resolves the model itself."""
     logging.basicConfig(level=logging.INFO,
                         format=f"%(levelname)s %(asctime)s EngineCore[{os.getpid()}] %(name)s: %(message)s")
     configure_logging(prefix=f"EngineCore[{os.getpid()}] ")
@@ -172,19 +180,18 @@ def run_engine_core(config: EngineConfig, source: ModelSource, input_conn: Conne
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
-    started = False
+    core = None
     try:
         from tokenmill.engine.core import EngineCore
 
-        core = EngineCore(config, source)
+        core = EngineCore(config, source or resolve_model(config.model.model, config.model.revision))
         output_conn.send(CoreReady(os.getpid(), core.config.scheduler.max_model_len, core.num_blocks,
                                    config.cache.block_size))
-        started = True
         EngineCoreProc(core, input_conn, output_conn).run()
     except (EOFError, BrokenPipeError):
         pass  # the frontend is gone: nothing left to serve
     except BaseException as e:  # noqa: BLE001 - report anything, then die loudly
-        if not started and isinstance(e, (ValueError, OSError)):
+        if core is None and isinstance(e, (ValueError, OSError)):
             # A start-up the user can fix (a model that is not there, a KV cache too small): the message is
             # the whole story, so no traceback.
             logger.error("engine core failed to start: %s", e)
@@ -197,6 +204,60 @@ def run_engine_core(config: EngineConfig, source: ModelSource, input_conn: Conne
         except Exception:  # noqa: BLE001
             pass
         os._exit(1)
+    if core is not None:
+        core.shutdown()
+    # The frontend waits for this process to end: skip the interpreter's teardown (a tenth of a second of
+    # unloading torch) once the logs are out.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _core_main() -> None:
+    """Entry point of the core's interpreter: argv[1] and argv[2] are its sockets to the frontend (input,
+    output); the first input message is (config, source)."""
+    input_conn, output_conn = Connection(int(sys.argv[1])), Connection(int(sys.argv[2]))
+    config, source = pickle.loads(input_conn.recv_bytes())
+    run_engine_core(config, source, input_conn, output_conn)
+
+
+class CoreProcess:
+    """The core's process, with the part of multiprocessing.Process's interface the client uses. `sentinel`
+    becomes readable when the process ends: the read end of a pipe whose write end only the process holds."""
+
+    def __init__(self, conns: tuple[socket.socket, socket.socket]) -> None:
+        sentinel_read, sentinel_write = os.pipe()
+        fds = (*(sock.fileno() for sock in conns), sentinel_write)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", "from tokenmill.engine.core_client import _core_main; _core_main()",
+             *(str(fd) for fd in fds[:2])], pass_fds=fds)
+        os.close(sentinel_write)
+        self.sentinel = sentinel_read
+        self.pid = self.popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
+
+    def close(self) -> None:
+        os.close(self.sentinel)
 
 
 # ---- the frontend's client -------------------------------------------------------------------------
@@ -208,16 +269,18 @@ class EngineCoreClient:
     CoreDead if the process goes away without being asked to.
     """
 
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._input_recv, self._input_send = context.Pipe(duplex=False)
-        self._output_recv, self._output_send = context.Pipe(duplex=False)
-        self.process = context.Process(target=run_engine_core, name="EngineCore",
-                                       args=(config, source, self._input_recv, self._output_send), daemon=True)
-        self.process.start()
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        """Spawns the core; without `source` it finds the model itself, so that it starts before the frontend
+        has (the two read the model's config at the same time)."""
+        input_ours, input_theirs = socket.socketpair()
+        output_ours, output_theirs = socket.socketpair()
+        self.process = CoreProcess((input_theirs, output_theirs))
         # Only the child holds these ends now, so its death closes them and our reads see EOF.
-        self._input_recv.close()
-        self._output_send.close()
+        input_theirs.close()
+        output_theirs.close()
+        self._input_send = Connection(input_ours.detach())
+        self._output_recv = Connection(output_ours.detach())
+        self._input_send.send_bytes(pickle.dumps((config, source)))
         self._closing = False
         self.ready: CoreReady | None = None
         # Sends go through a writer thread: a full pipe (the core is mid-step) never blocks the event loop.
@@ -321,3 +384,4 @@ class EngineCoreClient:
                 thread.join(SHUTDOWN_TIMEOUT_S)
         for conn in (self._input_send, self._output_recv):
             conn.close()
+        self.process.close()

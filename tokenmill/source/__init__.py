@@ -112,15 +112,15 @@ def _gguf_source(name: str, path: str) -> ModelSource:
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    if tokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer)
-    if source.is_gguf:
+    """The HF tokenizer. A GGUF file's comes from its converted cache without AutoTokenizer, whose import
+    brings in torch (over a second of start-up in a frontend that otherwise never needs it)."""
+    if tokenizer is None and source.is_gguf:
         from tokenmill.source.gguf_file import load_gguf_tokenizer
 
         return load_gguf_tokenizer(source.path)
-    return AutoTokenizer.from_pretrained(source.path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer or source.path)
 
 
 def eos_token_ids(source: ModelSource, tokenizer: Any | None) -> set[int]:

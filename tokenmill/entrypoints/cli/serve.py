@@ -8,7 +8,7 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from tokenmill.entrypoints.cli.engine_args import add_engine_args
-from tokenmill.entrypoints.openai.protocol import RequestLimits
+from tokenmill.entrypoints.openai.limits import RequestLimits
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

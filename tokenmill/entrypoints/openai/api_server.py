@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.entrypoints.openai.errors import OpenAIError, error_body, error_response, install_error_handlers
+from tokenmill.entrypoints.openai.limits import RequestLimits
 from tokenmill.entrypoints.openai.metrics import CONTENT_TYPE_LATEST, PrometheusStatLogger
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -40,7 +41,6 @@ from tokenmill.entrypoints.openai.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    RequestLimits,
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -33,25 +32,6 @@ SEED_RANGE = (-(2**63), 2**63 - 1)  # what a torch.Generator accepts
 # Free-form JSON fields the server walks (templates, grammars): a deep value there costs recursion or minutes
 # of grammar compilation, so their depth is capped. Typed fields are bounded by validation.
 FREE_FORM_FIELDS = ("response_format", "structured_outputs", "chat_template_kwargs", "tools", "tool_choice")
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Caps on one request, beyond type checks; each is a `tokenmill serve` flag of the same name."""
-
-    max_request_body_bytes: int = 16 << 20  # larger bodies are 413s (api_server.BodySizeLimitMiddleware)
-    max_n: int = 128  # OpenAI's limit; n engine requests are created per prompt
-    max_stop_strings: int = 256  # entries of `stop`, and of `stop_token_ids`
-    # characters in one stop string: each is searched for after every token, and a stream holds back its
-    # length minus one, so a megabyte-long stop string would stall the stream and load the event loop
-    max_stop_string_length: int = 1024
-    max_json_depth: int = 64  # nesting of FREE_FORM_FIELDS
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_body_bytes", "max_n", "max_stop_strings", "max_stop_string_length",
-                     "max_json_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def json_depth_exceeds(value: Any, max_depth: int) -> bool:

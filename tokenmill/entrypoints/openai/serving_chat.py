@@ -18,6 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.engine.core_client import EngineDeadError
 from tokenmill.entrypoints.openai.errors import OpenAIError
+from tokenmill.entrypoints.openai.limits import RequestLimits
 from tokenmill.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -28,7 +29,6 @@ from tokenmill.entrypoints.openai.protocol import (
     ChatMessage,
     DeltaMessage,
     FunctionCall,
-    RequestLimits,
     ResponseMessage,
     TokenLogprob,
     ToolCall,

@@ -14,12 +14,12 @@ from pydantic import BaseModel
 
 from tokenmill.engine.async_llm import AsyncLLM
 from tokenmill.entrypoints.openai.errors import OpenAIError, error_body
+from tokenmill.entrypoints.openai.limits import RequestLimits
 from tokenmill.entrypoints.openai.protocol import (
     FREE_FORM_FIELDS,
     UNSUPPORTED_HINTS,
     OpenAIModel,
     PromptTokensDetails,
-    RequestLimits,
     SamplingRequest,
     UsageInfo,
     json_depth_exceeds,
