@@ -1,5 +1,6 @@
 """Start-up as a newcomer meets it, on the CPU, the embedded model: wall time of `tokenmill generate` of 16
-tokens, of `make serve` until /health answers (and the memory the server then holds), and, as the peer, of HF
+tokens (quantized, the default, and `--dtype float32`), of `make serve` until /health answers (and the memory
+the server then holds), and, as the peer, of HF
 transformers loading the same GGUF and generating 16 tokens.
 
     python benchmarks/startup_bench.py --runs 5 --output-json benchmarks/results/cpu-<date>/startup.json
@@ -90,19 +91,23 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    generate = [timed([str(VENV / "tokenmill"), "generate", PROMPT, "--max-tokens", "16"]) for _ in range(args.runs)]
+    command = [str(VENV / "tokenmill"), "generate", PROMPT, "--max-tokens", "16"]
+    generate = [timed(command) for _ in range(args.runs)]
+    generate_float32 = [timed([*command, "--dtype", "float32"]) for _ in range(args.runs)]
     served = [serve_to_health(args.port) for _ in range(args.runs)]
     hf = [timed([str(VENV / "python"), "-c", HF_PEER, PROMPT]) for _ in range(args.hf_runs)]
     record = {
         "workload": "cpu-startup", "model": "SmolLM2-135M-Instruct.Q4_1.gguf (embedded)",
         "tokenmill_generate_16_tokens_s": summary(generate),
+        "tokenmill_generate_16_tokens_float32_s": summary(generate_float32),
         "make_serve_to_health_s": summary([seconds for seconds, _ in served]),
         "server_resident_mib": summary([mib for _, mib in served]),
         "hf_transformers_load_and_generate_16_tokens_s": summary(hf),
         "targets": {"tokenmill_generate_16_tokens_s": 3.0, "make_serve_to_health_s": 4.0},
         **base_record(), "command": "python benchmarks/startup_bench.py " + " ".join(sys.argv[1:]),
     }
-    for key in ("tokenmill_generate_16_tokens_s", "make_serve_to_health_s", "server_resident_mib",
+    for key in ("tokenmill_generate_16_tokens_s", "tokenmill_generate_16_tokens_float32_s", "make_serve_to_health_s",
+                "server_resident_mib",
                 "hf_transformers_load_and_generate_16_tokens_s"):
         print(f"{key:<48} median {record[key]['median']:8.2f}  (min {record[key]['min']:.2f}, "
               f"max {record[key]['max']:.2f})")
