@@ -174,20 +174,24 @@ def checkpoint_dtype(hf_config: Any) -> str | None:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     # "uni": one rank in the core's process; "mp": a process per further rank (the default above one rank)
     distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
                  "tensor_parallel_size", f"must be a positive integer, got {self.tensor_parallel_size!r}")
+        _require(isinstance(self.pipeline_parallel_size, int) and self.pipeline_parallel_size >= 1,
+                 "pipeline_parallel_size", f"must be a positive integer, got {self.pipeline_parallel_size!r}")
         _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS), "distributed_executor_backend",
                  f"must be one of {EXECUTOR_BACKENDS}, got {self.distributed_executor_backend!r}")
         _require(self.distributed_executor_backend != "uni" or self.world_size == 1, "distributed_executor_backend",
-                 f"'uni' runs one rank; tensor_parallel_size={self.tensor_parallel_size} needs 'mp'")
+                 f"'uni' runs one rank; tensor_parallel_size={self.tensor_parallel_size} x "
+                 f"pipeline_parallel_size={self.pipeline_parallel_size} needs 'mp'")
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel_size
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def executor_backend(self) -> str:
         return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
@@ -201,6 +205,9 @@ class ParallelConfig:
             _require(size % tp == 0, "tensor_parallel_size", f"must divide the model's {name} ({size}), got {tp}")
         _require(kv_heads % tp == 0 or tp % kv_heads == 0, "tensor_parallel_size",
                  f"must divide or be a multiple of the model's num_key_value_heads ({kv_heads}), got {tp}")
+        layers = hf_config.num_hidden_layers
+        _require(self.pipeline_parallel_size <= layers, "pipeline_parallel_size",
+                 f"must be at most the model's num_hidden_layers ({layers}), got {self.pipeline_parallel_size}")
 
 
 @dataclass
@@ -250,5 +257,7 @@ class EngineConfig:
                                     quantization=resolve_quantization(self.model, hf_config, device))
         budget = self.scheduler.max_num_batched_tokens or default_max_num_batched_tokens(self.usage_context, device)
         scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget)
+        # A pipeline's stages hand activations over with send/recv between steps: no CUDA graphs there.
         return dataclasses.replace(self, model=model, scheduler=scheduler,
-                                   device=device.type if self.device == "auto" else self.device)
+                                   device=device.type if self.device == "auto" else self.device,
+                                   enforce_eager=self.enforce_eager or self.parallel.pipeline_parallel_size > 1)

@@ -6,12 +6,21 @@ packed-modules table below maps checkpoint names onto those shards when loading.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import (
+    get_pp_rank,
+    get_pp_size,
+    is_first_stage,
+    is_last_stage,
+    pp_recv,
+    pp_send,
+)
 from tokenmill.forward_context import get_forward_context
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import Attention
@@ -20,6 +29,22 @@ from tokenmill.layers.linear import MergedColumnParallelLinear, QKVParallelLinea
 from tokenmill.layers.quantization import QuantizationConfig
 from tokenmill.layers.rotary import get_rope, rope_parameters
 from tokenmill.layers.vocab_embedding import ParallelLMHead, VocabParallelEmbedding
+
+
+def pp_layer_range(num_layers: int) -> tuple[int, int]:
+    """[start, end) of the layers this pipeline stage holds: an even split, the first stages one more where
+    the layers do not divide."""
+    size, rank = get_pp_size(), get_pp_rank()
+    per, extra = divmod(num_layers, size)
+    start = rank * per + min(rank, extra)
+    return start, start + per + (rank < extra)
+
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class PPMissingLayer(nn.Identity):
+    """The place of a layer another pipeline stage holds: no parameters, never called."""
 
 
 def head_dim_of(config: Any) -> int:
@@ -107,18 +132,33 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, f"{prefix}.embed_tokens")
         num_layers = config.num_hidden_layers
-        self.layers = nn.ModuleList(self.layer_cls(config, max_position, quant_config, f"{prefix}.layers.{i}",
-                                                   is_last_layer=i == num_layers - 1) for i in range(num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
+        self.start_layer, self.end_layer = pp_layer_range(num_layers)
+        # A pipeline stage holds its layers; the first the embedding, the last the final norm.
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, f"{prefix}.embed_tokens")
+                             if is_first_stage() else None)
+        self.layers = nn.ModuleList(
+            self.layer_cls(config, max_position, quant_config, f"{prefix}.layers.{i}",
+                           is_last_layer=i == num_layers - 1)
+            if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last_stage() else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """Hidden states of every row, or only of the forward context's logits_rows when it sets them: the
-        last layer then computes keys and values for every row, and the rest only for those rows."""
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        last layer then computes keys and values for every row, and the rest only for those rows. A stage
+        before the last takes its input from the stage before it (hidden states and residual) and passes its
+        output on, returning None."""
+        if is_first_stage():
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden_states, residual = pp_recv([shape, shape], self.dtype, input_ids.device)
+        for layer in self.layers[self.start_layer:self.end_layer]:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if not is_last_stage():
+            pp_send([hidden_states, residual])
+            return None
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -146,11 +186,15 @@ class LlamaForCausalLM(nn.Module):
         self.config, self.quant_config = config, quant_config
         self.model = self.model_cls(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, "lm_head", quant_config)
-        if self.tie_word_embeddings:
+        self.lm_head = (ParallelLMHead(config.vocab_size, config.hidden_size, "lm_head", quant_config)
+                        if is_last_stage() else None)
+        # Tied: one parameter where one stage holds both; a last stage without the embedding loads it as its head.
+        self.shares_embedding = self.tie_word_embeddings and self.lm_head is not None \
+            and self.model.embed_tokens is not None
+        if self.shares_embedding:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size] (or
         [len(logits_rows), hidden_size], see LlamaModel.forward)."""
         return self.model(input_ids, positions)
@@ -169,6 +213,10 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
             name = next((name.replace(old, new) for old, new in self.renamed.items() if name.endswith(old)), name)
+            if not self._on_this_stage(name):
+                if not (name == "model.embed_tokens.weight" and self.tie_word_embeddings and self.lm_head is not None):
+                    continue
+                name = "lm_head.weight"
             for piece, (packed, shard_id) in self.packed_modules.items():
                 if piece in name:
                     target = name.replace(piece, packed)
@@ -185,9 +233,20 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     loader(param, tensor)
             loaded.add(target)
-        if self.tie_word_embeddings:
+        if self.shares_embedding:
             loaded.add("lm_head.weight")
         return loaded
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Whether this pipeline stage holds the parameter of checkpoint tensor `name`."""
+        layer = _LAYER_INDEX.match(name)
+        if layer is not None:
+            return self.model.start_layer <= int(layer.group(1)) < self.model.end_layer
+        if name.startswith("model.embed_tokens."):
+            return self.model.embed_tokens is not None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return self.lm_head is not None
+        return True
 
     @staticmethod
     def _param(params: dict[str, nn.Parameter], target: str, name: str) -> nn.Parameter:

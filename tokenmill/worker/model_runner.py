@@ -34,6 +34,7 @@ from tokenmill.attention.backend import AttentionMetadata, default_backend_name,
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.core.kv_cache_manager import cdiv
+from tokenmill.distributed.parallel_state import get_pp_size, pp_broadcast_from_last, pp_broadcast_object_from_last
 from tokenmill.forward_context import set_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
@@ -170,11 +171,17 @@ class ModelRunner:
                     with set_forward_context(attn_metadata, self.backend, logits_rows, logits_metadata):
                         hidden_states = self.model(self.inputs.input_ids.gpu[:num_tokens],
                                                    self.inputs.positions.gpu[:num_tokens])
-                if logits_rows is None:
-                    prompt_logprobs = compute_prompt_logprobs(self.model, batch, rows, num_scheduled, hidden_states,
-                                                              self.device)
-                    hidden_states = hidden_states[logits_indices]
-                logits = self.model.compute_logits(hidden_states)
+                if hidden_states is None:  # a pipeline stage before the last: the last samples
+                    logits = None
+                else:
+                    if logits_rows is None:
+                        prompt_logprobs = compute_prompt_logprobs(self.model, batch, rows, num_scheduled,
+                                                                  hidden_states, self.device)
+                        hidden_states = hidden_states[logits_indices]
+                    logits = self.model.compute_logits(hidden_states)
+                if get_pp_size() > 1 and any(batch.states[r].sampling_params.prompt_logprobs is not None
+                                             for r in rows.tolist()):
+                    prompt_logprobs = pp_broadcast_object_from_last(prompt_logprobs)  # every stage reports them
         samples = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
         self._unsampled = _Launched(StepInfo([batch.req_ids[r] for r in rows], samples), prompt_logprobs, logits,
                                     sampling_metadata)
@@ -201,11 +208,15 @@ class ModelRunner:
         row to its allowed tokens."""
         launched, self._unsampled = self._unsampled, None
         self._sampled.append(launched)
-        if launched.logits is None:
+        if not launched.info.req_ids:
             return
         with step_timer.phase("sample"):
-            bitmask = None if grammar_bitmask is None else grammar_bitmask.to(self.device, non_blocking=True)
-            out = self.sampler(launched.logits, launched.sampling_metadata, bitmask)
+            out = None
+            if launched.logits is not None:
+                bitmask = None if grammar_bitmask is None else grammar_bitmask.to(self.device, non_blocking=True)
+                out = self.sampler(launched.logits, launched.sampling_metadata, bitmask)
+            if get_pp_size() > 1:
+                out = self._from_last_stage(out, launched)
             launched.logits = launched.sampling_metadata = None
             if self.async_scheduling:  # the next step may need these before the host has them
                 self.last_sampled = out.sampled_token_ids
@@ -219,6 +230,19 @@ class ModelRunner:
             if self.device.type == "cuda":
                 launched.event = torch.cuda.Event()
                 launched.event.record()
+
+    def _from_last_stage(self, out: SamplerOutput | None, launched: _Launched) -> SamplerOutput:
+        """The last pipeline stage's sampled tokens (and logprobs), on every stage: the first embeds them in
+        the next step, and every stage records them in its batch."""
+        num_reqs = len(launched.info.req_ids)
+        ids = out.sampled_token_ids if out is not None else torch.empty(num_reqs, dtype=torch.int64,
+                                                                         device=self.device)
+        pp_broadcast_from_last(ids)
+        if launched.sampling_metadata.max_num_logprobs is None:
+            return out or SamplerOutput(ids)
+        extra = None if out is None else [t.cpu() for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks)]
+        extra = pp_broadcast_object_from_last(extra)
+        return out or SamplerOutput(ids, *(t.to(self.device) for t in extra))
 
     def finish_step(self) -> ModelRunnerOutput:
         """Waits for the oldest sampled step's tokens and records them in the batch (rows may have moved

@@ -51,8 +51,8 @@ class Worker:
             else torch.device(device_type)
         if self.device.type == "cuda":
             if world_size > torch.cuda.device_count():
-                raise ValueError(f"tensor_parallel_size={world_size} needs {world_size} GPUs; this host has "
-                                 f"{torch.cuda.device_count()}")
+                raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world_size} needs {world_size} "
+                                 f"GPUs; this host has {torch.cuda.device_count()}")
             torch.cuda.set_device(self.device)
         if world_size > 1:
             init_distributed(rank, world_size, config.parallel.tensor_parallel_size, distributed_init_method,
