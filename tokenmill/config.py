@@ -175,6 +175,10 @@ def checkpoint_dtype(hf_config: Any) -> str | None:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Engine cores behind one server, each of tensor x pipeline ranks (engine/dp_client.py); the rank is set
+    # for each core's own config.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
     # "uni": one rank in the core's process; "mp": a process per further rank (the default above one rank)
     distributed_executor_backend: str | None = None
 
@@ -183,6 +187,8 @@ class ParallelConfig:
                  "tensor_parallel_size", f"must be a positive integer, got {self.tensor_parallel_size!r}")
         _require(isinstance(self.pipeline_parallel_size, int) and self.pipeline_parallel_size >= 1,
                  "pipeline_parallel_size", f"must be a positive integer, got {self.pipeline_parallel_size!r}")
+        _require(isinstance(self.data_parallel_size, int) and self.data_parallel_size >= 1,
+                 "data_parallel_size", f"must be a positive integer, got {self.data_parallel_size!r}")
         _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS), "distributed_executor_backend",
                  f"must be one of {EXECUTOR_BACKENDS}, got {self.distributed_executor_backend!r}")
         _require(self.distributed_executor_backend != "uni" or self.world_size == 1, "distributed_executor_backend",

@@ -86,6 +86,8 @@ def test_embedded_gguf_model_in_three_stages():
     (dict(pipeline_parallel_size=0), "pipeline_parallel_size must be a positive integer"),
     (dict(pipeline_parallel_size=3), r"pipeline_parallel_size must be at most the model's num_hidden_layers \(2\)"),
     (dict(pipeline_parallel_size=2, distributed_executor_backend="uni"), "'uni' runs one rank"),
+    (dict(data_parallel_size=0), "data_parallel_size must be a positive integer"),
+    (dict(data_parallel_size=2), r"data_parallel_size > 1 runs engine cores behind the server"),
 ])
 def test_impossible_layouts_are_refused_naming_the_flag(kwargs, message, tiny_model_dir):
     with pytest.raises(ValueError, match=message):

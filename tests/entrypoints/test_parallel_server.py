@@ -1,9 +1,10 @@
 """The OpenAI server over a tensor-parallel engine (the embedded model split three ways on the CPU): it answers
 as one rank does, and a rank that dies ends every request in flight with an error, turns /health to 503 and
-stops the server."""
+stops the server. And over two data-parallel engine cores: a load spread over both, every request answered."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -52,3 +53,29 @@ def test_tp3_server_answers_as_one_rank_and_a_dead_rank_fails_it(server, start_s
     assert len(failures) == 1 and "worker exited" in str(failures[0])
     assert httpx.get(f"{split.url}/health").status_code == 503
     assert split.proc.wait(timeout=30) == 1
+
+
+def test_dp2_server_spreads_a_load_over_both_cores_and_answers_each_request_once(start_server):
+    """Two engine cores behind one server: 64 concurrent requests, each answered once, greedy answers equal to
+    the same prompt's answer alone, and both cores busy (each core process's CPU time grows)."""
+    split = start_server(["--data-parallel-size", "2"])
+    cores = [p for p in psutil.Process(split.proc.pid).children() if "_core_main" in " ".join(p.cmdline())]
+    assert len(cores) == 2
+    before = [sum(core.cpu_times()[:2]) for core in cores]
+    client = openai.AsyncOpenAI(base_url=f"{split.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    prompts = [f"Item {i}: the colour of the sky is" for i in range(64)]
+
+    async def load() -> list:
+        async def one(prompt: str):
+            return await client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    responses = asyncio.run(load())
+    assert len({r.id for r in responses}) == 64 and all(len(r.choices) == 1 and r.choices[0].text for r in responses)
+    used = [sum(core.cpu_times()[:2]) - b for core, b in zip(cores, before)]
+    assert min(used) > 0.2, f"CPU seconds per core during the load: {used}"
+    alone = openai.OpenAI(base_url=f"{split.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    for i in (0, 37):
+        again = alone.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0)
+        assert again.choices[0].text == responses[i].choices[0].text

@@ -31,6 +31,7 @@ from tokenmill.engine.core_client import (
     EngineDeadError,
     UtilityResult,
 )
+from tokenmill.engine.dp_client import DPCoreClient, make_core_client
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.processor import Processor, PromptType
 from tokenmill.outputs import RequestOutput
@@ -71,10 +72,10 @@ class AsyncLLM:
     start() inside the running event loop before use."""
 
     def __init__(self, config: EngineConfig, startup_timeout_s: float | None = None,
-                 client: EngineCoreClient | None = None) -> None:
+                 client: EngineCoreClient | DPCoreClient | None = None) -> None:
         """`client`: a core already started for `config` (a command line starts it before importing this)."""
         self.config = config
-        self.client = client or EngineCoreClient(config)
+        self.client = client or make_core_client(config)
         try:
             # Finding the model and loading the tokenizer overlap with the core importing torch and loading
             # the weights.

@@ -20,6 +20,9 @@ from tokenmill.source import eos_token_ids, load_tokenizer, log_sampling_default
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, skip_tokenizer_init: bool = False) -> None:
+        if config.parallel.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 runs engine cores behind the server (tokenmill serve -dp N); "
+                             "LLM runs one engine")
         self.source = resolve_model(config.model.model, config.model.revision)
         # The tokenizer loads in a thread while the engine core loads the weights (mostly numpy and torch
         # copies, which release the GIL).

@@ -45,14 +45,16 @@ class Worker:
         """`rank` of config.parallel.world_size; above one rank, `distributed_init_method` is where the ranks
         meet (tcp://host:port) and rank r takes GPU r of this host."""
         self.source, self.rank = source, rank
-        world_size = config.parallel.world_size
+        world_size, dp = config.parallel.world_size, config.parallel.data_parallel_size
         device_type = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device_type.split(":")[0], rank) if world_size > 1 and device_type != "cpu" \
-            else torch.device(device_type)
+        # data-parallel core d's ranks take the d-th group of world_size GPUs
+        index = config.parallel.data_parallel_rank * world_size + rank
+        self.device = torch.device(device_type.split(":")[0], index) if world_size * dp > 1 \
+            and device_type != "cpu" else torch.device(device_type)
         if self.device.type == "cuda":
-            if world_size > torch.cuda.device_count():
-                raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world_size} needs {world_size} "
-                                 f"GPUs; this host has {torch.cuda.device_count()}")
+            if world_size * dp > torch.cuda.device_count():
+                raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
+                                 f"{world_size * dp} needs as many GPUs; this host has {torch.cuda.device_count()}")
             torch.cuda.set_device(self.device)
         if world_size > 1:
             init_distributed(rank, world_size, config.parallel.tensor_parallel_size, distributed_init_method,

@@ -38,6 +38,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, help="default: 1")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int,
                         help="default: 1; the model's layers in this many stages, one rank group each")
+    parser.add_argument("--data-parallel-size", "-dp", type=int,
+                        help="default: 1; engine cores behind the server, each of -tp x -pp ranks")
     parser.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
                         help="uni: one rank in the engine's process; mp: a process per further rank (the default "
                              "above one rank)")
@@ -58,7 +60,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
 ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
                     "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
-                    "async_scheduling", "tensor_parallel_size", "pipeline_parallel_size",
+                    "async_scheduling", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
                     "distributed_executor_backend", "device",
                     "generation_config", "override_generation_config", "quantization", "kv_cache_dtype",
                     "calculate_kv_scales")

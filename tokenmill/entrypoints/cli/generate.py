@@ -23,10 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tokenmill.config import EngineConfig
-    from tokenmill.engine.core_client import EngineCoreClient
+    from tokenmill.engine.dp_client import make_core_client
 
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
-    client = EngineCoreClient(config)  # the core imports torch while this process imports the rest
+    client = make_core_client(config)  # the core imports torch while this process imports the rest
     try:
         from tokenmill.engine.async_llm import AsyncLLM
         from tokenmill.sampling_params import RequestOutputKind, SamplingParams
