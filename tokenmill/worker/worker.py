@@ -41,18 +41,19 @@ DIST_TIMEOUT_S = float(os.environ.get("TOKENMILL_DIST_TIMEOUT_S", "300"))
 
 class Worker:
     def __init__(self, config: EngineConfig, source: ModelSource, rank: int = 0,
-                 distributed_init_method: str | None = None) -> None:
+                 distributed_init_method: str | None = None, device_index: int | None = None) -> None:
         """`rank` of config.parallel.world_size; above one rank, `distributed_init_method` is where the ranks
-        meet (tcp://host:port) and rank r takes GPU r of this host."""
+        meet (tcp://host:port) and rank r takes GPU r of this host (of its data-parallel core's group), or GPU
+        `device_index` where the process sees only its own (a Ray actor)."""
         self.source, self.rank = source, rank
         world_size, dp = config.parallel.world_size, config.parallel.data_parallel_size
         device_type = config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         # data-parallel core d's ranks take the d-th group of world_size GPUs
-        index = config.parallel.data_parallel_rank * world_size + rank
+        index = config.parallel.data_parallel_rank * world_size + rank if device_index is None else device_index
         self.device = torch.device(device_type.split(":")[0], index) if world_size * dp > 1 \
             and device_type != "cpu" else torch.device(device_type)
         if self.device.type == "cuda":
-            if world_size * dp > torch.cuda.device_count():
+            if device_index is None and world_size * dp > torch.cuda.device_count():
                 raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
                                  f"{world_size * dp} needs as many GPUs; this host has {torch.cuda.device_count()}")
             torch.cuda.set_device(self.device)

@@ -42,7 +42,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="default: 1; engine cores behind the server, each of -tp x -pp ranks")
     parser.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
                         help="uni: one rank in the engine's process; mp: a process per further rank (the default "
-                             "above one rank)")
+                             "above one rank); ray: a Ray actor per further rank (RAY_ADDRESS's cluster, else a "
+                             "local one)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--quantization", "-q",
                         help="quantize a 16-bit checkpoint at load: fp8 (default: the checkpoint's own format)")
