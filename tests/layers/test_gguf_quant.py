@@ -11,7 +11,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
-from tokenmill.layers.quantization.gguf import GGUFBlocks, int4_linear, unpack_int4  # noqa: E402
+from tokenmill.layers.quantization.gguf import GGUFBlocks, unpack_int4  # noqa: E402
+from tokenmill.layers.quantization.int4_cpu import int4_linear, pack_int4  # noqa: E402
 from tokenmill.source.gguf_file import GGML_TYPES  # noqa: E402
 
 KEPT_TYPES = ["Q4_0", "Q4_1", "Q4_K"]
@@ -64,11 +65,9 @@ def test_packed_product_against_float64(type_name, num_tokens):
     rows, cols = 96, 512
     raw = random_blocks(type_name, rows, cols, seed=3)
     q, scale, zero = unpack_int4(blocks_of(type_name, raw, cols))
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
-    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
     x = torch.randn(num_tokens, cols)
     bias = torch.randn(rows)
-    out = int4_linear(x, packed, scales_and_zeros, bias)
+    out = int4_linear(x, pack_int4(q, scale, zero, 32), bias)
     weight = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])).double()
     reference = x.double() @ weight.t() + bias.double()
     assert out.dtype == torch.float32 and out.shape == (num_tokens, rows)

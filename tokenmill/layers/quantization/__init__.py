@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenmill.layers.quantization.awq import AWQConfig
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
 from tokenmill.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from tokenmill.layers.quantization.fp8 import Fp8Config
@@ -17,6 +18,7 @@ from tokenmill.layers.quantization.gguf import GGUFQuantConfig
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     "fp8": Fp8Config,
     "compressed-tensors": CompressedTensorsConfig,
+    "awq": AWQConfig,
 }
 # Methods that quantize a 16-bit checkpoint as it loads.
 ONLINE_METHODS = {"fp8": Fp8Config.online}

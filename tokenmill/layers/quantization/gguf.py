@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig, WeightLoader
+from tokenmill.layers.quantization.int4_cpu import ACTIVATION_DTYPE, int4_linear, pack_int4
 from tokenmill.source.gguf_file import GGML_TYPES, block_size, dequantize
 
-GROUP_SIZE = 32  # weights per scale and zero in the packed kernel
-ACTIVATION_DTYPE = torch.bfloat16
+GROUP_SIZE = 32  # weights per scale and zero of GGUF's 4-bit types (Q4_K's sub-blocks)
 INT4_TYPES = {GGML_TYPES["Q4_0"], GGML_TYPES["Q4_1"], GGML_TYPES["Q4_K"]}  # kept 4-bit
 
 
@@ -105,23 +105,6 @@ def unpack_int4(blocks: GGUFBlocks) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return q.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] @ W.T for W packed by `_convert_weight_to_int4pack_for_cpu`, out in x's dtype.
-
-    The kernel takes bfloat16 activations, whose 8-bit mantissa alone costs the embedded model a tenth of its
-    greedy tokens against float32 (89 % agree); so x goes in as two bfloat16 rows per token, its rounding and
-    the remainder (16 bits kept: 96 % agree), stacked into one product that reads the weights once."""
-    x2 = x.reshape(-1, x.shape[-1])
-    high = x2.to(ACTIVATION_DTYPE)
-    rows = torch.cat([high, (x2 - high).to(ACTIVATION_DTYPE)])
-    out = torch._weight_int4pack_mm_for_cpu(rows, packed, GROUP_SIZE, scales_and_zeros)
-    out = out.view(2, x2.shape[0], -1).to(x.dtype).sum(0)
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
 class GGUFLinearMethod(LinearMethod):
     """One layer's GGUF weights: its shards (q, k and v, or gate and up, each this rank's rows and columns) are
     gathered as they load, then packed for the int4 kernel, or dequantized if any is of another type."""
@@ -159,8 +142,7 @@ class GGUFLinearMethod(LinearMethod):
         self.parts = []
         if all(isinstance(part, GGUFBlocks) and part.ggml_type in INT4_TYPES for part in parts):
             q, scale, zero = (torch.cat(tensors) for tensors in zip(*(part.unpack().int4 for part in parts)))
-            layer.qweight = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
-            layer.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
+            layer.int4_weight = pack_int4(q, scale, zero, GROUP_SIZE)
             self.packed = True
             return
         dense = [part.dequantize(self.params_dtype) if isinstance(part, GGUFBlocks) else part for part in parts]
@@ -168,7 +150,7 @@ class GGUFLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed:
-            return int4_linear(x, layer.qweight, layer.scales_and_zeros, bias)
+            return int4_linear(x, layer.int4_weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
