@@ -13,12 +13,14 @@ from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
 from tokenmill.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from tokenmill.layers.quantization.fp8 import Fp8Config
 from tokenmill.layers.quantization.gguf import GGUFQuantConfig
+from tokenmill.layers.quantization.gptq import GPTQConfig
 
 # method name (as `quantization_config["quant_method"]` and `quantization=` spell it) -> its QuantizationConfig
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     "fp8": Fp8Config,
     "compressed-tensors": CompressedTensorsConfig,
     "awq": AWQConfig,
+    "gptq": GPTQConfig,
 }
 # Methods that quantize a 16-bit checkpoint as it loads.
 ONLINE_METHODS = {"fp8": Fp8Config.online}
