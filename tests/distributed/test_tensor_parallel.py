@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -94,3 +95,10 @@ def test_a_rank_that_dies_fails_the_engine_with_its_error(tiny_model_dir):
 def test_impossible_layouts_are_refused_naming_the_flag(kwargs, message, tiny_model_dir):
     with pytest.raises(ValueError, match=message):
         LLM(tiny_model_dir("llama"), kv_cache_memory_bytes=8 << 20, **KWARGS, **kwargs)
+
+
+def test_ray_backend_without_ray_is_refused_naming_it(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ValueError, match=r"distributed_executor_backend='ray' needs Ray: pip install ray"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=2, distributed_executor_backend="ray",
+            kv_cache_memory_bytes=8 << 20, **KWARGS)
