@@ -52,9 +52,8 @@ def test_unpack_is_the_inverse_of_awqs_packing():
     assert [(int(word) >> (4 * i)) & 15 for i in range(8)] == list(AWQ_ORDER)
 
 
-@pytest.fixture(scope="module")
-def awq_checkpoint(tmp_path_factory, smol_tokenizer) -> tuple[str, str]:
-    """(the AWQ directory, a float32 HF directory of its dequantized weights)."""
+def write_awq(path: str, reference: str, tokenizer) -> None:
+    """A tiny Llama in AWQ's layout at `path`, and its dequantized weights as a float32 HF model at `reference`."""
     config = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
@@ -75,16 +74,22 @@ def awq_checkpoint(tmp_path_factory, smol_tokenizer) -> tuple[str, str]:
         tensors[f"{prefix}.scales"] = scales.contiguous()
         state[name] = dequantize(q, zeros, scales).float()
     model.load_state_dict(state)
-    reference = str(tmp_path_factory.mktemp("awq-reference"))
     model.save_pretrained(reference)
-    smol_tokenizer.save_pretrained(reference)
-    path = str(tmp_path_factory.mktemp("awq"))
+    tokenizer.save_pretrained(reference)
+    os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     quantized = {**config.to_dict(), "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": GROUP,
                                                              "zero_point": True, "version": "gemm"}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(quantized, f)
-    smol_tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def awq_checkpoint(tmp_path_factory, smol_tokenizer) -> tuple[str, str]:
+    """(the AWQ directory, a float32 HF directory of its dequantized weights)."""
+    path, reference = str(tmp_path_factory.mktemp("awq")), str(tmp_path_factory.mktemp("awq-reference"))
+    write_awq(path, reference, smol_tokenizer)
     return path, reference
 
 
@@ -104,7 +109,7 @@ def test_awq_model_runs_4bit_and_matches_hf_on_the_dequantized_weights(awq_check
     llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
     try:
         layer = llm.llm_engine.core.worker.runner.model.model.layers[0].mlp.gate_up_proj
-        assert layer.linear_method.int4 and hasattr(layer, "int4_weight")  # kept 4-bit
+        assert layer.linear_method.kernel is not None and hasattr(layer, "int4_weight")  # kept 4-bit
         requests = [{"prompt_token_ids": p} for p in prompts]
         greedy = llm.generate(requests, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
         first = llm.generate(requests, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)

@@ -10,9 +10,9 @@ Each quantized linear stores, for W as [in, out] (the transpose of nn.Linear's):
     scales   fp16  [in / group, out]
     w[k, n] = (q[k, n] - z[k / group, n]) * s[k / group, n]
 
-At load the nibbles are unpacked into [out, in] (so that tensor-parallel shards are cut as any weight's); on
-the CPU the weights stay 4-bit through int4_cpu's kernel (scale s, zero (8 - z) * s: exact); on a GPU they are
-dequantized to the model's dtype (a 4-bit GPU kernel is yet to come).
+At load the nibbles are unpacked into [out, in] (so that tensor-parallel shards are cut as any weight's), then
+repacked for the 4-bit kernel of the device (int4.py: scale s, zero (8 - z) * s, exact); a shape no kernel
+takes is dequantized to the model's dtype.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.quantization import int4
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig, WeightLoader
-from tokenmill.layers.quantization.int4_cpu import GROUP_SIZES, int4_linear, pack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column of each nibble (lowest first) within a word's 8 columns
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
@@ -41,7 +41,7 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
 class AWQLinearMethod(LinearMethod):
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
-        self.int4 = False  # on the CPU: layer.int4_weight; else layer.weight, dequantized
+        self.kernel: int4.Kernel | None = None  # with layer.int4_weight; None: layer.weight, dequantized
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
@@ -66,9 +66,9 @@ class AWQLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         q, zeros, scales = layer.qweight.data, layer.qzeros.data.float(), layer.scales.data
         del layer.qweight, layer.qzeros, layer.scales
-        if q.device.type == "cpu" and self.group_size in GROUP_SIZES:
-            layer.int4_weight = pack_int4(q, scales, (8 - zeros) * scales, self.group_size)
-            self.int4 = True
+        packed = int4.pack(q, scales, (8 - zeros) * scales, self.group_size, self.params_dtype)
+        if packed is not None:
+            layer.int4_weight, self.kernel = packed
             return
         def expand(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(self.group_size, dim=1)[:, :q.shape[1]]
@@ -77,8 +77,8 @@ class AWQLinearMethod(LinearMethod):
         layer.weight = nn.Parameter(weight.to(self.params_dtype), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.int4:
-            return int4_linear(x, layer.int4_weight, bias)
+        if self.kernel is not None:
+            return self.kernel(x, layer.int4_weight, bias)
         return F.linear(x, layer.weight, bias)
 
 

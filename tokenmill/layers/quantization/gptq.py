@@ -11,10 +11,10 @@ Each quantized linear stores, for W as [in, out] (the transpose of nn.Linear's),
     g_idx    int32 [in]                 each input's group (k / group_size, or a permutation with desc_act)
     w[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n]
 
-At load the values are unpacked into [out, in] (so that tensor-parallel shards are cut as any weight's). On the
-CPU, 4-bit weights stay 4-bit through int4_cpu's kernel: the inputs are reordered so that each group's are
+At load the values are unpacked into [out, in] (so that tensor-parallel shards are cut as any weight's). 4-bit
+weights stay 4-bit through the device's kernel (int4.py): the inputs are reordered so that each group's are
 contiguous (desc_act's permutation applied to the activations) and the kernel's zero is (8 - z) * s, exact.
-8-bit weights, and every weight on a GPU (a 4-bit GPU kernel is yet to come), are dequantized at load.
+8-bit weights, and shapes no kernel takes, are dequantized at load.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.quantization import int4
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig, WeightLoader
-from tokenmill.layers.quantization.int4_cpu import GROUP_SIZES, int4_linear, pack_int4
 
 
 def unpack_gptq(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def unpack_gptq(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 class GPTQLinearMethod(LinearMethod):
     def __init__(self, bits: int, group_size: int, zero_offset: int) -> None:
         self.bits, self.group_size, self.zero_offset = bits, group_size, zero_offset
-        self.int4 = False  # on the CPU (4-bit): layer.int4_weight, with layer.input_order when desc_act
+        self.kernel: int4.Kernel | None = None  # 4-bit: with layer.int4_weight (and layer.input_order)
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
@@ -84,7 +84,7 @@ class GPTQLinearMethod(LinearMethod):
         zeros = layer.qzeros.data.float() + self.zero_offset
         scales = layer.scales.data
         del layer.qweight, layer.qzeros, layer.scales, layer.g_idx
-        if q.device.type == "cpu" and self.bits == 4 and self._pack(layer, q, g_idx, zeros, scales):
+        if self.bits == 4 and self._pack(layer, q, g_idx, zeros, scales):
             return
         weight = (q.float() - zeros[:, g_idx]) * scales[:, g_idx]
         layer.weight = nn.Parameter(weight.to(self.params_dtype), requires_grad=False)
@@ -94,24 +94,28 @@ class GPTQLinearMethod(LinearMethod):
         """The int4 kernel's layout, if each of its groups falls in one GPTQ group once inputs are ordered
         by group (not so for a tensor-parallel shard holding part of a desc_act group)."""
         order = torch.argsort(g_idx, stable=True)
-        size = next((g for g in (self.group_size, *reversed(GROUP_SIZES))
-                     if g in GROUP_SIZES and q.shape[1] % g == 0), None)
+        sizes = int4.GROUP_SIZES
+        size = next((g for g in (self.group_size, *sizes) if g in sizes and q.shape[1] % g == 0), None)
         if size is None:
             return False
         groups = g_idx[order].view(-1, size)
         if not bool((groups == groups[:, :1]).all()):
             return False
         first = groups[:, 0]
-        layer.int4_weight = pack_int4(q[:, order], scales[:, first], (8 - zeros[:, first]) * scales[:, first], size)
-        layer.input_order = None if bool((order == torch.arange(len(order))).all()) else order
-        self.int4 = True
+        packed = int4.pack(q[:, order], scales[:, first], (8 - zeros[:, first]) * scales[:, first], size,
+                           self.params_dtype)
+        if packed is None:
+            return False
+        layer.int4_weight, self.kernel = packed
+        identity = torch.arange(len(order), device=order.device)
+        layer.input_order = None if bool((order == identity).all()) else order
         return True
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.int4:
+        if self.kernel is not None:
             if layer.input_order is not None:
                 x = x.index_select(-1, layer.input_order)
-            return int4_linear(x, layer.int4_weight, bias)
+            return self.kernel(x, layer.int4_weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
