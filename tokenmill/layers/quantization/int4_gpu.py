@@ -51,7 +51,7 @@ def pack_int4_gpu(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
 @triton.jit
 def _int4_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                       stride_sg, stride_om, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+                      BLOCK_N: tl.constexpr, HALF: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -75,8 +75,8 @@ def _int4_gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, M, N
         z_high = tl.load(zero_ptr + group_high * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         w_low = ((b & 0x0F) - 8).to(tl.float32) * s_low[None, :] + z_low[None, :]
         w_high = ((b >> 4) - 8).to(tl.float32) * s_high[None, :] + z_high[None, :]
-        acc += tl.dot(x_low, w_low.to(x_low.dtype))
-        acc += tl.dot(x_high, w_high.to(x_high.dtype))
+        acc += tl.dot(x_low, w_low.to(x_low.dtype), input_precision=DOT_PRECISION)
+        acc += tl.dot(x_high, w_high.to(x_high.dtype), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -97,5 +97,6 @@ def int4_gemm(x: torch.Tensor, weight: Int4GpuWeight, bias: torch.Tensor | None 
     _int4_gemm_kernel[grid](x2, weight.packed, weight.scales, weight.zeros, bias if bias is not None else out, out,
                             m, n, k, x2.stride(0), weight.packed.stride(0), weight.scales.stride(0), out.stride(0),
                             GROUP=weight.group_size, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                            HALF=HALF_TILE, num_warps=4, num_stages=3)
+                            HALF=HALF_TILE, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                            num_warps=4, num_stages=3)
     return out.reshape(*x.shape[:-1], n)
