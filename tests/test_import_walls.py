@@ -50,3 +50,11 @@ def test_frontend_and_core_load_without_torch_or_engine_internals():
 
 def test_the_check_sees_a_breach():
     assert forbidden(loaded_after_importing(["tokenmill.worker.worker"])) != []
+
+
+def test_a_cpu_engine_does_not_import_triton():
+    """Triton is the GPU's: importing it costs a CPU start-up a sixth of a second (and prints nanobind's leak
+    report at exit)."""
+    loaded = loaded_after_importing(["tokenmill.worker.worker", "tokenmill.models.llama", "tokenmill.loader.gguf",
+                                     "tokenmill.loader.safetensors", "tokenmill.layers.quantization"])
+    assert "triton" not in loaded

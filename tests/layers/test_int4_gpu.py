@@ -63,7 +63,7 @@ def test_awq_and_gptq_models_through_the_gpu_kernel(fmt, tmp_path, smol_tokenize
     llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
     try:
         layer = llm.llm_engine.core.worker.runner.model.model.layers[0].mlp.down_proj
-        assert layer.linear_method.kernel is int4.int4_gpu.int4_gemm
+        assert layer.linear_method.kernel is int4_gemm
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                                SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
     finally:

@@ -27,7 +27,8 @@ Attention is causal: a query at position p sees keys at positions 0..p of its ow
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,8 @@ class AttentionMetadata:
     # padding tokens' rows after them; mixed steps: int32 [num_decodes], the one-token requests by ascending
     # seq_len. A backend may use it to start the longest first (None: not given).
     decode_order: torch.Tensor | None = None
+    # What a backend derives from this step's metadata once and every layer reuses (by key)
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 class AttentionBackend(ABC):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.layers.quantization import int4_cpu, int4_gpu
+from tokenmill.layers.quantization import int4_cpu
 
 Kernel = Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]
 
@@ -29,6 +29,8 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: i
         if group_size not in int4_cpu.GROUP_SIZES:
             return None
         return int4_cpu.pack_int4(q, scale, zero, group_size), int4_cpu.int4_linear
+    from tokenmill.layers.quantization import int4_gpu  # Triton: imported where a GPU runs it
+
     if not int4_gpu.supports(q.shape[1], group_size):
         return None
     return int4_gpu.pack_int4_gpu(q, scale, zero, group_size, dtype), int4_gpu.int4_gemm
