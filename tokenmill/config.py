@@ -151,12 +151,10 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None, device: DeviceIn
 
 def resolve_quantization(model: ModelConfig, hf_config: Any, device: DeviceInfo) -> str | None:
     """A GGUF file on the CPU keeps its weights quantized ("gguf") unless a dtype is asked for: `--dtype
-    float32` dequantizes them, as HF transformers does. On a GPU its weights are dequantized at load."""
+    float32` dequantizes them, as HF transformers does. On a GPU they are dequantized at load unless
+    `quantization="gguf"` keeps them 4-bit (the Triton kernel, not yet timed against the dequantized path)."""
     from tokenmill.source.gguf_file import GGUFConfig
 
-    if model.quantization == "gguf":
-        _require(device.type == "cpu", "quantization", "'gguf' keeps GGUF weights quantized on the CPU; on a GPU "
-                 "leave it unset and the weights are dequantized at load")
     if model.quantization is None and model.dtype == "auto" and device.type == "cpu" \
             and isinstance(hf_config, GGUFConfig):
         return "gguf"

@@ -141,6 +141,34 @@ def test_model_of_every_kept_type_matches_the_dequantized_file(tmp_path):
     assert differences.mean() < 0.03 and differences.max() < 0.1, differences
 
 
+def test_kept_types_through_the_gpu_kernel(tmp_path, monkeypatch):
+    """The same file's layers repacked for the Triton 4-bit GEMM (the GPU's path; here under the interpreter),
+    in float32: the next token's log-probabilities equal the dequantized model's to float32's noise."""
+    from tokenmill.layers.quantization import int4
+
+    monkeypatch.setattr(int4, "backend_for", lambda device_type: "triton")
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_0", "attn_v": "Q4_1", "attn_output": "Q4_0",
+             "ffn_gate": "Q4_1", "ffn_up": "Q4_K", "ffn_down": "Q4_K"}
+    path = _write_llama_gguf(tmp_path / "tiny-llama.gguf", types)
+    prompts = [{"prompt_token_ids": [int(t) for t in np.random.default_rng(i).integers(3, 384, 12)]}
+               for i in range(4)]
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    results = {}
+    for name, kwargs in {"kernel": {"quantization": "gguf"}, "float32": {}}.items():
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True,
+                  **kwargs)
+        if name == "kernel":
+            layer = llm.llm_engine.core.worker.runner.model.model.layers[0].self_attn.qkv_proj
+            assert layer.linear_method.kernel is not None and layer.int4_weight.packed.shape == (512, 128)
+            head = llm.llm_engine.core.worker.runner.model.lm_head.linear_method
+            head.int8 = False  # the GPU's head (float); on the CPU it would be int8
+        results[name] = [out.outputs[0].logprobs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
+        llm.llm_engine.shutdown()
+    for kernel, reference in zip(results["kernel"], results["float32"]):
+        assert list(kernel) == list(reference)
+        assert all(abs(kernel[t].logprob - reference[t].logprob) < 1e-4 for t in reference)
+
+
 def test_embedded_model_quantized_agrees_with_float32():
     """The default on the CPU (Q4_1 kept 4-bit, int8 head) against the file dequantized to float32: greedy
     tokens over 32 prompts x 64 tokens, position by position."""

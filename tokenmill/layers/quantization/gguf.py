@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized (`quantization="gguf"`, the default for a GGUF file on the CPU).
+"""GGUF weights kept quantized (`quantization="gguf"`: the default for a GGUF file on the CPU, asked for on a GPU).
 
 llama.cpp's 4-bit types are, once unpacked, 4-bit integers q in 0..15 with one scale and one offset per 32
 weights, which is exactly the operand of PyTorch's packed CPU kernel `_weight_int4pack_mm_for_cpu`
@@ -10,11 +10,10 @@ weights, which is exactly the operand of PyTorch's packed CPU kernel `_weight_in
                                                              w = q * d sc - dmin m  scale d sc,   zero 8 d sc - dmin m
 
 So a linear layer's weights load as the file's blocks (GGUFBlocks), stay 4-bit in memory (a quarter of
-bfloat16's bytes), and multiply without ever being dequantized; the kernel takes bfloat16 activations (see
-int4_linear for how float32 precision is kept), cast from and back to the model's dtype around each product.
-The LM head runs in int8 with its top logits recomputed exactly (Int8HeadMethod). A layer whose tensors
-include another type (Q5_K, Q6_K, Q8_0, F16) is dequantized to the model's dtype at load and runs as a plain
-layer.
+bfloat16's bytes), and multiply without ever being dequantized, through the device's 4-bit kernel (int4.py; the
+same layout runs our Triton GEMM on a GPU). On the CPU the LM head runs in int8 with its top logits recomputed
+exactly (Int8HeadMethod). A layer whose tensors include another type (Q5_K, Q6_K, Q8_0, F16) is dequantized to
+the model's dtype at load and runs as a plain layer.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.quantization import int4
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig, WeightLoader
-from tokenmill.layers.quantization.int4_cpu import ACTIVATION_DTYPE, int4_linear, pack_int4
+from tokenmill.layers.quantization.int4_cpu import ACTIVATION_DTYPE
 from tokenmill.source.gguf_file import GGML_TYPES, block_size, dequantize
 
 GROUP_SIZE = 32  # weights per scale and zero of GGUF's 4-bit types (Q4_K's sub-blocks)
@@ -110,7 +110,7 @@ class GGUFLinearMethod(LinearMethod):
     gathered as they load, then packed for the int4 kernel, or dequantized if any is of another type."""
 
     def __init__(self) -> None:
-        self.packed: bool = False
+        self.kernel: int4.Kernel | None = None  # with layer.int4_weight; None: layer.weight, dequantized
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
@@ -140,17 +140,19 @@ class GGUFLinearMethod(LinearMethod):
         if rows != self.shape[0]:
             raise ValueError(f"{layer.prefix}: the checkpoint filled {rows} of its {self.shape[0]} rows")
         self.parts = []
+        device = layer.weight.device  # the blocks were read on the CPU
         if all(isinstance(part, GGUFBlocks) and part.ggml_type in INT4_TYPES for part in parts):
-            q, scale, zero = (torch.cat(tensors) for tensors in zip(*(part.unpack().int4 for part in parts)))
-            layer.int4_weight = pack_int4(q, scale, zero, GROUP_SIZE)
-            self.packed = True
-            return
+            q, scale, zero = (torch.cat(t).to(device) for t in zip(*(part.unpack().int4 for part in parts)))
+            packed = int4.pack(q, scale, zero, GROUP_SIZE, self.params_dtype)
+            if packed is not None:
+                layer.int4_weight, self.kernel = packed
+                return
         dense = [part.dequantize(self.params_dtype) if isinstance(part, GGUFBlocks) else part for part in parts]
-        layer.weight = nn.Parameter(torch.cat(dense), requires_grad=False)
+        layer.weight = nn.Parameter(torch.cat(dense).to(device), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed:
-            return int4_linear(x, layer.int4_weight, bias)
+        if self.kernel is not None:
+            return self.kernel(x, layer.int4_weight, bias)
         return F.linear(x, layer.weight, bias)
 
 
@@ -164,17 +166,25 @@ class Int8HeadMethod(LinearMethod):
 
     EXACT_TOP = 64
 
+    def __init__(self) -> None:
+        self.int8 = False  # on the CPU; elsewhere the head multiplies in the model's dtype
+
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
         """The head's weight is the embedding's parameter (layers/vocab_embedding.py)."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.weight.device.type != "cpu":
+            return
+        self.int8 = True
         weight = layer.weight.data.float()
         scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
         layer.int8_weight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         layer.int8_scale = scale.to(ACTIVATION_DTYPE)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.int8:
+            return F.linear(x, layer.weight)
         x2 = x.reshape(-1, x.shape[-1])
         logits = torch._weight_int8pack_mm(x2.to(ACTIVATION_DTYPE).contiguous(), layer.int8_weight,
                                            layer.int8_scale).to(x.dtype)
