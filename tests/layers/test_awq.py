@@ -8,14 +8,13 @@ import os
 
 import pytest
 import torch
-import transformers
+from quantized_llama import first_layer, linear_module, logprob_differences, tiny_llama  # this folder's
 from safetensors.torch import save_file
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.layers.quantization.awq import AWQ_ORDER, unpack_awq
 
 GROUP = 64
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
@@ -54,17 +53,11 @@ def test_unpack_is_the_inverse_of_awqs_packing():
 
 def write_awq(path: str, reference: str, tokenizer) -> None:
     """A tiny Llama in AWQ's layout at `path`, and its dequantized weights as a float32 HF model at `reference`."""
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
-                                      eos_token_id=2, initializer_range=0.05)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     tensors = {}
     state = model.state_dict()
     for name, tensor in list(state.items()):
-        module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
-        if module not in LINEARS:
+        if linear_module(name) is None:
             tensors[name] = tensor.contiguous()
             continue
         q, zeros, scales = quantize(tensor)
@@ -78,8 +71,8 @@ def write_awq(path: str, reference: str, tokenizer) -> None:
     tokenizer.save_pretrained(reference)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"))
-    quantized = {**config.to_dict(), "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": GROUP,
-                                                             "zero_point": True, "version": "gemm"}}
+    quantized = {**model.config.to_dict(), "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(quantized, f)
     tokenizer.save_pretrained(path)
@@ -94,32 +87,14 @@ def awq_checkpoint(tmp_path_factory, smol_tokenizer) -> tuple[str, str]:
 
 
 def test_awq_model_runs_4bit_and_matches_hf_on_the_dequantized_weights(awq_checkpoint):
-    """Greedy continuations agree (their first tokens exactly), and the next token's top-5 log-probabilities
-    equal HF's up to the 4-bit kernel's bfloat16 roundings."""
-    path, reference = awq_checkpoint
-    prompts = [list(range(10 + 7 * i, 30 + 9 * i)) for i in range(6)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    expected, expected_logprobs = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=12, do_sample=False)
-            expected.append(ids[0, len(prompt):].tolist())
-            expected_logprobs.append(torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1].double(), -1))
-    llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
-    try:
-        layer = llm.llm_engine.core.worker.runner.model.model.layers[0].mlp.gate_up_proj
-        assert layer.linear_method.kernel is not None and hasattr(layer, "int4_weight")  # kept 4-bit
-        requests = [{"prompt_token_ids": p} for p in prompts]
-        greedy = llm.generate(requests, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-        first = llm.generate(requests, SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    got = [o.outputs[0].token_ids for o in greedy]
-    agreement = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e)) / (len(prompts) * 12)
-    assert [g[:4] for g in got] == [e[:4] for e in expected] and agreement >= 0.75, (got, expected)
-    differences = [abs(v.logprob - float(reference[k])) for out, reference in zip(first, expected_logprobs)
-                   for k, v in out.outputs[0].logprobs[0].items()]
+    """Greedy next tokens equal HF's, and their top-5 log-probabilities up to the 4-bit kernel's bfloat16
+    roundings."""
+
+    def kept_4bit(llm: LLM) -> None:
+        layer = first_layer(llm).mlp.gate_up_proj
+        assert layer.linear_method.kernel is not None and hasattr(layer, "int4_weight")
+
+    differences = logprob_differences(*awq_checkpoint, kept_4bit)
     assert max(differences) < 0.05, differences
 
 

@@ -9,14 +9,13 @@ import os
 
 import pytest
 import torch
-import transformers
+from quantized_llama import first_layer, linear_module, logprob_differences, tiny_llama  # this folder's
 from safetensors.torch import save_file
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.layers.quantization.gptq import unpack_gptq
 
 GROUP = 64
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -48,18 +47,13 @@ def quantize(weight: torch.Tensor, bits: int, sym: bool, g_idx: torch.Tensor):
 
 
 def write_gptq(path: str, reference: str, bits: int, sym: bool, desc_act: bool, tokenizer) -> None:
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
-                                      eos_token_id=2, initializer_range=0.05)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     generator = torch.Generator().manual_seed(1)
     state, tensors = model.state_dict(), {}
     orders = {}  # matrices of one input (q/k/v, gate/up) share desc_act's order, as GPTQ gives them
     for name, tensor in list(state.items()):
-        module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
-        if module not in LINEARS:
+        module = linear_module(name)
+        if module is None:
             tensors[name] = tensor.contiguous()
             continue
         in_features = tensor.shape[1]
@@ -84,7 +78,7 @@ def write_gptq(path: str, reference: str, bits: int, sym: bool, desc_act: bool, 
     tokenizer.save_pretrained(reference)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"))
-    quantized = {**config.to_dict(), "quantization_config": {
+    quantized = {**model.config.to_dict(), "quantization_config": {
         "quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": desc_act, "sym": sym,
         "checkpoint_format": "gptq"}}
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -104,25 +98,16 @@ def test_gptq_model_matches_hf_on_the_dequantized_weights(bits, sym, desc_act, t
     path, reference = str(tmp_path / "gptq"), str(tmp_path / "reference")
     os.makedirs(path)
     write_gptq(path, reference, bits, sym, desc_act, smol_tokenizer)
-    prompts = [list(range(10 + 7 * i, 30 + 9 * i)) for i in range(6)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = [torch.log_softmax(hf(torch.tensor([p])).logits[0, -1].double(), -1) for p in prompts]
-    llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
-    try:
-        layer = llm.llm_engine.core.worker.runner.model.model.layers[0].self_attn.qkv_proj
+
+    def kept_4bit(llm: LLM) -> None:
+        layer = first_layer(llm).self_attn.qkv_proj
         assert (layer.linear_method.kernel is not None) == (bits == 4)  # 4-bit kept 4-bit; 8-bit dequantized
         if bits == 4:
             assert (layer.input_order is not None) == desc_act
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    differences = [abs(v.logprob - float(reference[k])) for out, reference in zip(outputs, expected)
-                   for k, v in out.outputs[0].logprobs[0].items()]
+
+    differences = logprob_differences(path, reference, kept_4bit)
     # the 4-bit kernel's bfloat16 roundings; dequantized 8-bit runs float32
     assert max(differences) < (0.05 if bits == 4 else 1e-4), differences
-    assert [o.outputs[0].token_ids[0] for o in outputs] == [int(r.argmax()) for r in expected]
 
 
 def test_unsupported_gptq_variants_are_refused(tiny_model_dir, tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from test_awq import write_awq  # this folder's: pytest puts it on the path
+from quantized_llama import PROMPTS, first_layer, logprob_differences  # this folder's: pytest puts it on the path
+from test_awq import write_awq
 from test_gptq import write_gptq
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.layers.quantization import int4
 from tokenmill.layers.quantization.int4_gpu import int4_gemm, pack_int4_gpu
 
@@ -56,18 +56,9 @@ def test_awq_and_gptq_models_through_the_gpu_kernel(fmt, tmp_path, smol_tokenize
         write_awq(path, reference, smol_tokenizer)
     else:
         write_gptq(path, reference, 4, False, True, smol_tokenizer)
-    prompts = [list(range(10 + 7 * i, 30 + 9 * i)) for i in range(3)]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = [torch.log_softmax(hf(torch.tensor([p])).logits[0, -1].double(), -1) for p in prompts]
-    llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
-    try:
-        layer = llm.llm_engine.core.worker.runner.model.model.layers[0].mlp.down_proj
-        assert layer.linear_method.kernel is int4_gemm
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                               SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
-    finally:
-        llm.llm_engine.shutdown()
-    differences = [abs(v.logprob - float(reference[k])) for out, reference in zip(outputs, expected)
-                   for k, v in out.outputs[0].logprobs[0].items()]
+
+    def through_the_kernel(llm: LLM) -> None:
+        assert first_layer(llm).mlp.down_proj.linear_method.kernel is int4_gemm
+
+    differences = logprob_differences(path, reference, through_the_kernel, PROMPTS[:3])
     assert max(differences) < 1e-3, differences  # float32 activations: only the order of the sums differs
