@@ -14,7 +14,6 @@ prefill included (the prompts are a dozen tokens), after one warm-up call.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenmill.entrypoints.cli.bench.common import base_record  # noqa: E402
+from tokenmill.entrypoints.cli.bench.common import base_record, write_records  # noqa: E402
 from tokenmill.source.default_model import default_model_path  # noqa: E402
 
 SINGLE_TOKENS, STREAMS, STREAM_TOKENS = 128, 32, 128
@@ -103,10 +102,7 @@ def main() -> None:
     for name, numbers in results.items():
         print(f"{name:<32} single stream {numbers['single_stream_tok_s']:8.1f} tok/s   "
               f"{STREAMS} streams {numbers['throughput_tok_s']:8.1f} tok/s")
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(record, f, indent=1)
+    write_records(record, args.output_json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ first run, as it is for anyone who starts twice.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenmill.entrypoints.cli.bench.common import base_record  # noqa: E402
+from tokenmill.entrypoints.cli.bench.common import base_record, write_records  # noqa: E402
 
 VENV = ROOT / ".venv" / "bin"
 PROMPT = "The capital of France is"
@@ -111,10 +110,7 @@ def main() -> None:
                 "hf_transformers_load_and_generate_16_tokens_s"):
         print(f"{key:<48} median {record[key]['median']:8.2f}  (min {record[key]['min']:.2f}, "
               f"max {record[key]['max']:.2f})")
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(record, f, indent=1)
+    write_records(record, args.output_json)
 
 
 if __name__ == "__main__":

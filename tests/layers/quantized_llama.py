@@ -3,8 +3,12 @@ next-token log-probabilities with HF transformers' on the dequantized weights.""
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import transformers
+from safetensors.torch import save_file
 
 from tokenmill import LLM, SamplingParams
 
@@ -26,6 +30,20 @@ def linear_module(name: str) -> str | None:
     """The linear layer a state-dict weight belongs to ("q_proj"...), None for the rest."""
     module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
     return module if module in LINEARS else None
+
+
+def save_checkpoints(model: transformers.LlamaForCausalLM, state: dict, tensors: dict, quantization_config: dict,
+                     path: str, reference: str, tokenizer) -> None:
+    """The quantized checkpoint (`tensors` and the config naming `quantization_config`) at `path`, and the model
+    with `state` (its dequantized weights) as a float32 HF checkpoint at `reference`."""
+    model.load_state_dict(state)
+    model.save_pretrained(reference)
+    tokenizer.save_pretrained(reference)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**model.config.to_dict(), "quantization_config": quantization_config}, f)
+    tokenizer.save_pretrained(path)
 
 
 def logprob_differences(path: str, reference: str, check=None, prompts=PROMPTS) -> list[float]:

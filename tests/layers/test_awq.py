@@ -8,8 +8,13 @@ import os
 
 import pytest
 import torch
-from quantized_llama import first_layer, linear_module, logprob_differences, tiny_llama  # this folder's
-from safetensors.torch import save_file
+from quantized_llama import (  # this folder's
+    first_layer,
+    linear_module,
+    logprob_differences,
+    save_checkpoints,
+    tiny_llama,
+)
 
 from tokenmill import LLM
 from tokenmill.layers.quantization.awq import AWQ_ORDER, unpack_awq
@@ -66,16 +71,8 @@ def write_awq(path: str, reference: str, tokenizer) -> None:
         tensors[f"{prefix}.qzeros"] = pack_awq(zeros)
         tensors[f"{prefix}.scales"] = scales.contiguous()
         state[name] = dequantize(q, zeros, scales).float()
-    model.load_state_dict(state)
-    model.save_pretrained(reference)
-    tokenizer.save_pretrained(reference)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"))
-    quantized = {**model.config.to_dict(), "quantization_config": {
-        "quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(quantized, f)
-    tokenizer.save_pretrained(path)
+    save_checkpoints(model, state, tensors, {"quant_method": "awq", "bits": 4, "group_size": GROUP,
+                                             "zero_point": True, "version": "gemm"}, path, reference, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,13 @@ import os
 
 import pytest
 import torch
-from quantized_llama import first_layer, linear_module, logprob_differences, tiny_llama  # this folder's
-from safetensors.torch import save_file
+from quantized_llama import (  # this folder's
+    first_layer,
+    linear_module,
+    logprob_differences,
+    save_checkpoints,
+    tiny_llama,
+)
 
 from tokenmill import LLM
 from tokenmill.layers.quantization.gptq import unpack_gptq
@@ -73,17 +78,9 @@ def write_gptq(path: str, reference: str, bits: int, sym: bool, desc_act: bool, 
         tensors[f"{prefix}.g_idx"] = g_idx
         s, z = scales.double()[g_idx.long()], zeros.double()[g_idx.long()]
         state[name] = ((q.double() - z) * s).t().float()
-    model.load_state_dict(state)
-    model.save_pretrained(reference)
-    tokenizer.save_pretrained(reference)
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, "model.safetensors"))
-    quantized = {**model.config.to_dict(), "quantization_config": {
-        "quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": desc_act, "sym": sym,
-        "checkpoint_format": "gptq"}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(quantized, f)
-    tokenizer.save_pretrained(path)
+    quantization_config = {"quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": desc_act,
+                           "sym": sym, "checkpoint_format": "gptq"}
+    save_checkpoints(model, state, tensors, quantization_config, path, reference, tokenizer)
 
 
 def test_unpack_is_the_inverse_of_gptqs_packing():

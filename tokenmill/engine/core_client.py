@@ -41,7 +41,7 @@ from typing import Any
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerStats
 from tokenmill.logger import configure_logging
-from tokenmill.source import ModelSource, resolve_model
+from tokenmill.source import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,9 @@ class EngineCoreProc:
         return UtilityResult(call.call_id, error=f"unknown utility method {call.method!r}")
 
 
-def run_engine_core(config: EngineConfig, source: ModelSource | None, input_conn: Connection,
-                    output_conn: Connection) -> None:
-    """Entry point of the spawned core process; `source` None: the core resolves the model itself."""
+def run_engine_core(config: EngineConfig, input_conn: Connection, output_conn: Connection) -> None:
+    """The core process's life: it finds the model itself (while the frontend does the same), builds the
+    engine core and serves the frontend's messages."""
     logging.basicConfig(level=logging.INFO,
                         format=f"%(levelname)s %(asctime)s EngineCore[{os.getpid()}] %(name)s: %(message)s")
     configure_logging(prefix=f"EngineCore[{os.getpid()}] ")
@@ -184,7 +184,7 @@ def run_engine_core(config: EngineConfig, source: ModelSource | None, input_conn
     try:
         from tokenmill.engine.core import EngineCore
 
-        core = EngineCore(config, source or resolve_model(config.model.model, config.model.revision))
+        core = EngineCore(config, resolve_model(config.model.model, config.model.revision))
         output_conn.send(CoreReady(os.getpid(), core.config.scheduler.max_model_len, core.num_blocks,
                                    config.cache.block_size))
         EngineCoreProc(core, input_conn, output_conn).run()
@@ -215,10 +215,9 @@ def run_engine_core(config: EngineConfig, source: ModelSource | None, input_conn
 
 def _core_main() -> None:
     """Entry point of the core's interpreter: argv[1] and argv[2] are its sockets to the frontend (input,
-    output); the first input message is (config, source)."""
+    output); the first input message is the engine's config."""
     input_conn, output_conn = Connection(int(sys.argv[1])), Connection(int(sys.argv[2]))
-    config, source = pickle.loads(input_conn.recv_bytes())
-    run_engine_core(config, source, input_conn, output_conn)
+    run_engine_core(pickle.loads(input_conn.recv_bytes()), input_conn, output_conn)
 
 
 class CoreProcess:
@@ -269,9 +268,8 @@ class EngineCoreClient:
     CoreDead if the process goes away without being asked to.
     """
 
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
-        """Spawns the core; without `source` it finds the model itself, so that it starts before the frontend
-        has (the two read the model's config at the same time)."""
+    def __init__(self, config: EngineConfig) -> None:
+        """Spawns the core at once: it finds the model itself, so that it starts before the frontend has."""
         input_ours, input_theirs = socket.socketpair()
         output_ours, output_theirs = socket.socketpair()
         self.process = CoreProcess((input_theirs, output_theirs))
@@ -280,7 +278,7 @@ class EngineCoreClient:
         output_theirs.close()
         self._input_send = Connection(input_ours.detach())
         self._output_recv = Connection(output_ours.detach())
-        self._input_send.send_bytes(pickle.dumps((config, source)))
+        self._input_send.send_bytes(pickle.dumps(config))
         self._closing = False
         self.ready: CoreReady | None = None
         # Sends go through a writer thread: a full pipe (the core is mid-step) never blocks the event loop.

@@ -43,7 +43,6 @@ class DPCoreClient:
         self._lock = threading.Lock()
         self._owner: dict[str, int] = {}  # core request id -> its core
         self.in_flight = [0] * size
-        self.routed = [0] * size  # requests sent to each core, ever
         self._stats = [SchedulerStats() for _ in range(size)]
         self._utility_results: dict[int, list[UtilityResult]] = {}
 
@@ -90,7 +89,6 @@ class DPCoreClient:
             index = min(range(len(self.clients)), key=lambda i: (self.in_flight[i], self._stats[i].kv_cache_usage))
             self._owner[request.request_id] = index
             self.in_flight[index] += 1
-            self.routed[index] += 1
         self.clients[index].add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:

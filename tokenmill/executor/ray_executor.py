@@ -34,9 +34,6 @@ class RayWorker:
     def execute(self, method: str, *args: Any) -> Any:
         return getattr(self.worker, method)(*args)
 
-    def stop(self) -> None:
-        destroy_distributed()
-
 
 def _import_ray():
     try:
@@ -64,6 +61,7 @@ class RayExecutor(Executor):
         host = ray.util.get_node_ip_address()
         init_method = f"tcp://{host}:{_free_port(host)}"
         actor_class = ray.remote(RayWorker)
+
         def placed(rank: int) -> PlacementGroupSchedulingStrategy:
             return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
 

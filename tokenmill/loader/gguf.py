@@ -76,20 +76,16 @@ class GGUFLoader(CheckpointLoader):
         num_kv_heads = gguf_file.metadata.get(f"{architecture}.attention.head_count_kv", num_heads)
 
         def decode(info: GGUFTensorInfo) -> torch.Tensor | GGUFBlocks:
-            blocks = None
-            if self.keep_quantized and _LINEAR_WEIGHT.fullmatch(info.name):
-                raw = torch.from_numpy(gguf_file.raw(info).copy())
-                blocks = GGUFBlocks(info.ggml_type, raw.view(info.shape[0], -1), info.shape[1])
-                weight = blocks.data
+            kept = self.keep_quantized and _LINEAR_WEIGHT.fullmatch(info.name) is not None
+            if kept:  # rows of blocks
+                weight = torch.from_numpy(gguf_file.raw(info).copy()).view(info.shape[0], -1)
             else:
                 weight = torch.from_numpy(gguf_file.load(info))
             if architecture == "llama" and ".attn_q." in info.name:
                 weight = _unpermute_rope_rows(weight, num_heads)
             elif architecture == "llama" and ".attn_k." in info.name:
                 weight = _unpermute_rope_rows(weight, num_kv_heads)
-            if blocks is not None:
-                return GGUFBlocks(blocks.ggml_type, weight, blocks.cols).unpack()
-            return weight.to(dtype)
+            return GGUFBlocks(info.ggml_type, weight, info.shape[1]).unpack() if kept else weight.to(dtype)
 
         infos = [info for info in gguf_file.tensors.values() if info.name not in _CONFIG_ONLY_TENSORS]
         with ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="gguf-decode") as pool:

@@ -19,7 +19,8 @@ def backend_for(device_type: str) -> str:
     return "cpu" if device_type == "cpu" else "triton"
 
 
-GROUP_SIZES = (256, 128, 64, 32)  # both kernels take these; the larger, the fewer scales to read
+# the CPU kernel's, which the GPU's takes too; the larger first: the fewer scales to read
+GROUP_SIZES = tuple(sorted(int4_cpu.GROUP_SIZES, reverse=True))
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype

@@ -83,7 +83,7 @@ def base_record() -> dict:
             "command": "tokenmill " + shlex.join(sys.argv[1:])}
 
 
-def write_records(records: list[dict], path: str | None) -> None:
+def write_records(records: list[dict] | dict, path: str | None) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
