@@ -46,7 +46,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                              "local one)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--quantization", "-q",
-                        help="quantize a 16-bit checkpoint at load: fp8 (default: the checkpoint's own format)")
+                        help="default: the checkpoint's own format (awq, gptq, fp8, compressed-tensors, from its "
+                             "config; a GGUF file's kept 4-bit on the CPU); fp8 quantizes a 16-bit checkpoint at "
+                             "load; gguf keeps a GGUF file's 4-bit weights (on a GPU too)")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                         help="auto: the model's dtype (default); fp8 (= fp8_e4m3): e4m3, twice the tokens")
     parser.add_argument("--calculate-kv-scales", action="store_true", default=None,
