@@ -23,7 +23,6 @@ from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX, MIN_SCALE
 ROUND_E4M3 = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
 def scale_pointer(scale: torch.Tensor | float, kv_cache: torch.Tensor) -> torch.Tensor:
     """A KV-cache scale as the float32 tensor the kernels read: the layer's own parameter in the engine, so a
     CUDA graph replays with whatever it holds now; a number (tests, benchmarks) becomes a tensor. A cache in
@@ -35,6 +34,7 @@ def scale_pointer(scale: torch.Tensor | float, kv_cache: torch.Tensor) -> torch.
     return torch.tensor(float(scale), dtype=torch.float32, device=kv_cache.device)
 
 
+@triton.jit
 def round_e4m3(x):
     """x (float32, |x| <= 448) rounded to the nearest e4m3 value, ties to even: steps of 2^(e - 3) for
     normal numbers, 2^-9 below 2^-6."""
