@@ -35,15 +35,17 @@ def linear_module(name: str) -> str | None:
 def save_checkpoints(model: transformers.LlamaForCausalLM, state: dict, tensors: dict, quantization_config: dict,
                      path: str, reference: str, tokenizer) -> None:
     """The quantized checkpoint (`tensors` and the config naming `quantization_config`) at `path`, and the model
-    with `state` (its dequantized weights) as a float32 HF checkpoint at `reference`."""
+    with `state` (its dequantized weights) as a float32 HF checkpoint at `reference`; both with `tokenizer` if
+    one is given (the GPU machine has no embedded model to take it from)."""
     model.load_state_dict(state)
     model.save_pretrained(reference)
-    tokenizer.save_pretrained(reference)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump({**model.config.to_dict(), "quantization_config": quantization_config}, f)
-    tokenizer.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(reference)
+        tokenizer.save_pretrained(path)
 
 
 def logprob_differences(path: str, reference: str, check=None, prompts=PROMPTS) -> list[float]:

@@ -27,9 +27,9 @@ def test_int4_gemm_against_float64(dtype, m, n, k, group):
     weight = pack_int4_gpu(q, scale, zero, group, dtype)
     x = torch.randn(m, k, dtype=dtype)
     bias = torch.randn(n, dtype=dtype)
-    out = int4_gemm(x.to(DEVICE), _to(weight, DEVICE), bias.to(DEVICE)).cpu()
     s = weight.scales.double().t().repeat_interleave(group, 1)  # the scales as the kernel reads them
     z = weight.zeros.double().t().repeat_interleave(group, 1)
+    out = int4_gemm(x.to(DEVICE), _to(weight, DEVICE), bias.to(DEVICE)).cpu()
     reference = x.double() @ ((q.double() - 8) * s + z).t() + bias.double()
     assert out.dtype == dtype and out.shape == (m, n)
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
@@ -47,15 +47,15 @@ def test_layouts_the_kernel_cannot_take_are_refused():
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq-desc-act"])
-def test_awq_and_gptq_models_through_the_gpu_kernel(fmt, tmp_path, smol_tokenizer, monkeypatch):
+def test_awq_and_gptq_models_through_the_gpu_kernel(fmt, tmp_path, monkeypatch):
     """The formats' layers repacked for and run through int4_gemm (the GPU's path; here under the interpreter),
     against HF on the dequantized weights."""
     monkeypatch.setattr(int4, "backend_for", lambda device_type: "triton")
     path, reference = str(tmp_path / "quantized"), str(tmp_path / "reference")
     if fmt == "awq":
-        write_awq(path, reference, smol_tokenizer)
+        write_awq(path, reference, None)
     else:
-        write_gptq(path, reference, 4, False, True, smol_tokenizer)
+        write_gptq(path, reference, 4, False, True, None)
 
     def through_the_kernel(llm: LLM) -> None:
         assert first_layer(llm).mlp.down_proj.linear_method.kernel is int4_gemm

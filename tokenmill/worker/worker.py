@@ -52,7 +52,7 @@ class Worker:
         index = config.parallel.data_parallel_rank * world_size + rank if device_index is None else device_index
         self.device = torch.device(device_type.split(":")[0], index) if world_size * dp > 1 \
             and device_type != "cpu" else torch.device(device_type)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.device.index is not None:
             if device_index is None and world_size * dp > torch.cuda.device_count():
                 raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
                                  f"{world_size * dp} needs as many GPUs; this host has {torch.cuda.device_count()}")
@@ -105,8 +105,8 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepInfo:
         return self.runner.execute_model(scheduler_output)
 
-    def sample_tokens(self, grammar_bitmask: torch.Tensor | None = None) -> None:
-        self.runner.sample_tokens(grammar_bitmask)
+    def sample_tokens(self, grammar_bitmask: torch.Tensor | None = None) -> ModelRunnerOutput | None:
+        return self.runner.sample_tokens(grammar_bitmask)
 
     def finish_step(self) -> ModelRunnerOutput:
         return self.runner.finish_step()
