@@ -15,8 +15,8 @@ is the bar a paged kernel should come close to.
 With --fp8 the cache holds e4m3 with per-tensor k and v scales (the reference and the peer use the dequantized
 keys, so the peer reads twice the bytes), and a second table times the FP8 linear layers at Llama-3.1-8B's
 shapes (per-channel weights, as `--quantization fp8` makes them) against bf16 cuBLAS: batch 1 through the FP8
-GEMV (floor: weight bytes / bandwidth), larger batches through torch._scaled_mm with per-token activation
-quantization included (floor: FLOPs / twice the bf16 rate).
+GEMV, 2-64 rows through fp8_small_m (floor: weight bytes / bandwidth), larger batches through torch._scaled_mm
+with per-token activation quantization included (floor: FLOPs / twice the bf16 rate).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenmill.attention import triton_paged  # noqa: E402
 from tokenmill.attention.triton_paged import paged_attention  # noqa: E402
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX  # noqa: E402
-from tokenmill.layers.fp8_ops import quant_fp8  # noqa: E402
+from tokenmill.layers.fp8_ops import SMALL_M_16BIT_ROWS, quant_fp8  # noqa: E402
 from tokenmill.layers.quantization.fp8 import fp8_linear, quantize_per_channel  # noqa: E402
 
 PEAK_FLOPS = 7.9e14  # dense bf16 tensor cores, as a large GEMM measures it on an H100 or H200
@@ -133,13 +133,19 @@ class Case:
         return None
 
 
+GRAPH_REPEATS = 10
+
+
 def bench_graph(fn) -> float:
+    """fn's time inside a CUDA graph of GRAPH_REPEATS calls, per call: as in the engine's graphs, where kernels
+    follow one another, without the graph launch itself (some 10 us, more than a small kernel takes)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        for _ in range(GRAPH_REPEATS):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / GRAPH_REPEATS
 
 
 def measure_copy_bandwidth() -> float:
@@ -170,11 +176,11 @@ def fp8_gemm_rows(copy_bw: float) -> None:
     for name, n, k in LLAMA_8B_LINEARS:
         w16 = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(DTYPE)
         weight, scale = quantize_per_channel(w16)
-        for m in (1, 8, 64, 512, 4096):
+        for m in (1, 8, 16, 32, 64, 128, 512, 4096):
             x = torch.randn(m, k, device="cuda", generator=gen, dtype=DTYPE)
             got = fp8_linear(x, weight, scale, None, None)
-            if m == 1:  # the GEMV reads 16-bit activations
-                x_ref = x.double()
+            if m <= SMALL_M_16BIT_ROWS:  # the GEMV and fp8_small_m read 16-bit activations (as fp16)
+                x_ref = x.half().double()
             else:
                 q, x_scale = quant_fp8(x)
                 x_ref = q.double() * x_scale.double()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
-from tokenmill.layers.fp8_ops import block_fp8_matmul, fp8_gemv, quant_fp8
+from tokenmill.layers.fp8_ops import block_fp8_matmul, fp8_gemv, fp8_small_m, quant_fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -76,3 +76,31 @@ def test_fp8_gemv_matches_float64(n, k, block):
     bias = torch.randn(n, generator=gen).to(DEVICE)
     got = fp8_gemv(x, weight, scale, bias, block_size=block, block_n=8)
     assert got.shape == (1, n) and rel_err(got, x.double() @ ref_w.T + bias.double()) < 1e-5
+
+
+@pytest.mark.parametrize("m", [2, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_small_m_matches_float64(m, bias):
+    """Up to 16 rows the activations go to the tensor cores as fp16; above, quantized per token (quant_fp8's,
+    which the reference dequantizes). N = 200 leaves a partial tile; N = 6144 takes the wide one."""
+    gen = torch.Generator().manual_seed(m)
+    for n in (200, 6144) if DEVICE == "cuda" else (200,):
+        x = torch.randn(m, 512, generator=gen).to(DEVICE)
+        weight = (torch.randn(n, 512, generator=gen) * 100).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(DEVICE)
+        scale = (torch.rand(n, generator=gen) * 0.01 + 1e-3).to(DEVICE)
+        b = torch.randn(n, generator=gen).to(DEVICE) if bias else None
+        got = fp8_small_m(x, weight, scale, b)
+        if m > 16:
+            q, x_scale = quant_fp8(x)
+            x_ref = q.double() * x_scale.double()
+        else:
+            x_ref = x.half().double()
+        ref = x_ref @ (weight.double() * scale.double()[:, None]).T + (b.double() if bias else 0)
+        assert got.shape == (m, n) and got.dtype == x.dtype
+        assert rel_err(got, ref) < (2e-4 if DEVICE == "cuda" else 1e-5)
+
+
+def test_fp8_small_m_refuses_what_it_cannot_take():
+    weight = torch.zeros(8, 96, dtype=FP8_DTYPE)
+    with pytest.raises(ValueError, match="K a multiple of 512"):
+        fp8_small_m(torch.zeros(4, 96), weight, torch.ones(8))

@@ -68,10 +68,13 @@ def _scalar_param(layer: nn.Module, fill: float) -> nn.Parameter:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ (weight [N, K] e4m3 x weight_scale [N]).T (+ bias), on the GPU."""
-    from tokenmill.layers.fp8_ops import fp8_gemv, quant_fp8  # Triton: imported where a GPU runs it
+    from tokenmill.layers.fp8_ops import fp8_gemv, fp8_small_m, fp8_small_m_supported, quant_fp8  # Triton: on GPUs
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] == 1 and input_scale is None and x2.dtype in (torch.bfloat16, torch.float16):
+    dynamic_16bit = input_scale is None and x2.dtype in (torch.bfloat16, torch.float16)
+    if dynamic_16bit and x2.shape[0] == 1:
         out = fp8_gemv(x2, weight, weight_scale, bias)
+    elif dynamic_16bit and fp8_small_m_supported(*x2.shape):
+        out = fp8_small_m(x2, weight, weight_scale, bias)
     else:
         if input_scale is None:
             q, x_scale = quant_fp8(x2)
