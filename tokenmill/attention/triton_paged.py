@@ -371,7 +371,7 @@ def _paged_attention_kernel(
     )
     if DOT_IN_FP32:
         q = q.to(tl.float32)
-    elif FP8_CACHE:  # e4m3 widens to fp16 in one conversion (to bf16 it goes through fp32)
+    elif FP8_CACHE and q.dtype == tl.bfloat16:  # e4m3 widens to fp16 in one conversion (to bf16, through fp32)
         q = q.to(tl.float16)
 
     # Keys this query tile may see: [0, kv_end); the first num_full_tiles key tiles are visible to every row.
