@@ -54,7 +54,7 @@ def logprob_differences(path: str, reference: str, check=None, prompts=PROMPTS) 
     hf = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = [torch.log_softmax(hf(torch.tensor([p])).logits[0, -1].double(), -1) for p in prompts]
-    llm = LLM(path, max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
+    llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True)
     try:
         if check is not None:
             check(llm)

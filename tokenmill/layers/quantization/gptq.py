@@ -63,7 +63,7 @@ class GPTQLinearMethod(LinearMethod):
             """Matrices packed in one layer share their input, so GPTQ gave them one order (one g_idx)."""
             start, size = layer.input_shard()
             part = loaded.narrow(0, start, size).long()
-            if self.g_idx_loaded and not torch.equal(param.data, part):
+            if self.g_idx_loaded and not torch.equal(param.data, part.to(param.device)):
                 raise ValueError(f"{layer.prefix}: the packed matrices' g_idx differ (shard {shard_id!r}); "
                                  "tokenmill needs one input order for matrices that share an input")
             param.data.copy_(part)
