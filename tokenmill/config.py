@@ -109,6 +109,9 @@ class SchedulerConfig:
     # Schedule step N+1 while step N runs on the device, its sampled tokens fed to N+1 on the device.
     async_scheduling: bool = True
     max_model_len: int = 0  # the model config's, copied by EngineConfig.resolve
+    # Steps in flight at once, each of requests the others do not hold: a pipeline's micro-batches
+    # (pipeline_parallel_size, set by EngineConfig.resolve, which then turns async_scheduling off).
+    max_concurrent_batches: int = 1
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
@@ -260,7 +263,10 @@ class EngineConfig:
                                     dtype=resolve_dtype(self.model.dtype, checkpoint_dtype(hf_config), device),
                                     quantization=resolve_quantization(self.model, hf_config, device))
         budget = self.scheduler.max_num_batched_tokens or default_max_num_batched_tokens(self.usage_context, device)
-        scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget)
+        pp = self.parallel.pipeline_parallel_size
+        scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget,
+                                        max_concurrent_batches=pp,
+                                        async_scheduling=self.scheduler.async_scheduling and pp == 1)
         # A pipeline's stages hand activations over with send/recv between steps: no CUDA graphs there.
         return dataclasses.replace(self, model=model, scheduler=scheduler,
                                    device=device.type if self.device == "auto" else self.device,

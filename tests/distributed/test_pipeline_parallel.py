@@ -1,13 +1,14 @@
 """Pipeline parallelism on the CPU (gloo, the mp executor): the layers in stages, activations sent from stage to
-stage, the last stage's sampled tokens broadcast to every stage. Greedy tokens and logprobs must equal one rank's
-on the same float32 weights, alone and combined with tensor parallelism."""
+stage, as many micro-batches in flight as there are stages, the last stage's tokens returned to the engine and
+sent to the stages with the request's next step. Greedy tokens and logprobs must equal one rank's on the same
+float32 weights, alone and combined with tensor parallelism."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 from tokenmill.distributed import parallel_state
 
 KWARGS = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=256)
@@ -80,6 +81,48 @@ def test_embedded_gguf_model_in_three_stages():
         texts[pp] = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.llm_engine.shutdown()
     assert texts[3] == texts[1] and all(texts[1])
+
+
+def _generate_counting_micro_batches(path: str, pp: int, prompts: list[str], params: list[SamplingParams]
+                                     ) -> tuple[list[str], list[int], list[int]]:
+    """Texts, and at each wait for a step's tokens the steps then in flight, and each launched step's size."""
+    llm = LLM(path, pipeline_parallel_size=pp, dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20)
+    core = llm.llm_engine.core
+    in_flight, batch_sizes = [], []
+    next_output, launch = getattr(core.executor, "next_output", None), core._launch
+
+    def counted_next_output():
+        in_flight.append(len(core.in_flight) + 1)  # the oldest is already popped
+        return next_output()
+
+    def counted_launch():
+        step = launch()
+        batch_sizes.append(len(step.req_ids))
+        return step
+
+    core.executor.next_output, core._launch = counted_next_output, counted_launch
+    try:
+        texts = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+        core.scheduler.check_integrity()
+        return texts, in_flight, batch_sizes
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_micro_batches_fill_the_pipeline(tiny_model_dir):
+    """Six requests in two stages: two micro-batches in flight, each of three requests, and the tokens of one
+    rank, grammar-constrained requests (masks filled from tokens the last stage returned) included."""
+    path = tiny_model_dir("llama")
+    prompts = [f"Request number {i} says" for i in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) for _ in range(4)]
+    params += [SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(
+        choice=["alpha beta", "gamma delta epsilon"])) for _ in range(2)]
+    one, _, _ = _generate_counting_micro_batches(path, 1, prompts, params)
+    two, in_flight, batch_sizes = _generate_counting_micro_batches(path, 2, prompts, params)
+    assert two == one
+    assert set(one[4:]) <= {"alpha beta", "gamma delta epsilon"}
+    assert max(in_flight) == 2 and in_flight.count(2) > 10
+    assert max(batch_sizes) == 3
 
 
 @pytest.mark.parametrize("kwargs, message", [

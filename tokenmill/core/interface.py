@@ -40,6 +40,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Pipeline micro-batches: the tokens sampled since the runners last saw the request (the last stage
+    # samples, and the first embeds them); otherwise the runners record their own samples.
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -64,6 +64,8 @@ class Request:
         self.num_computed_tokens = 0
         # Async scheduling: tokens scheduled to be sampled whose values have not come back yet.
         self.num_output_placeholders = 0
+        # Pipeline micro-batches: output tokens already sent to the runners (CachedRequestData.new_token_ids).
+        self.num_output_tokens_sent = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

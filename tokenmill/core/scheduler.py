@@ -9,6 +9,10 @@ Order of a step:
      (blocks freed, state reset, back to the front of the waiting queue) until the allocation fits;
   2. if nothing was preempted, waiting requests in FCFS order, each after a prefix-cache lookup,
      while the budget, `max_num_seqs` and free blocks allow.
+
+Pipeline micro-batches (max_concurrent_batches > 1): several steps are in flight at once, so a step skips
+the requests of the steps still in flight (`busy` until their results are in), preempts none of them, and
+takes at most its share of the unfinished requests, so that the next step has some too.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class Scheduler:
         self.max_model_len = config.max_model_len
         self.enable_chunked_prefill = config.enable_chunked_prefill
         self.async_scheduling = config.async_scheduling
+        self.max_concurrent_batches = config.max_concurrent_batches
+        self.busy: set[str] = set()  # requests of the steps in flight (pipeline micro-batches only)
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -88,6 +94,11 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def has_work_for_a_step(self) -> bool:
+        """Pipeline micro-batches: whether a step now could schedule a request or has news for the runners."""
+        return (bool(self.waiting) or bool(self.finished_req_ids) or bool(self.unreported)
+                or len(self.busy) < len(self.running))
+
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -100,10 +111,15 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted_ids: set[str] = set()
+        pipelined = self.max_concurrent_batches > 1
+        max_reqs = -(-len(self.requests) // self.max_concurrent_batches)  # a micro-batch's share
 
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(num_scheduled) < max_reqs:
             request = self.running[index]
+            if request.request_id in self.busy:
+                index += 1
+                continue
             num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
             if request.num_output_placeholders and (
                     request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
@@ -116,8 +132,12 @@ class Scheduler:
                 new_blocks = self.kv.allocate_slots(request, num_new)
                 if new_blocks is not None:
                     break
-                # Running requests are visited oldest first, so the newest one is never scheduled yet.
-                victim = self.running.pop()
+                # Running requests are visited oldest first, so the newest one is never scheduled yet;
+                # one in flight is not preempted (its step is writing its blocks).
+                victim = next((r for r in reversed(self.running) if r.request_id not in self.busy), None)
+                if victim is None:
+                    break
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted_ids.add(victim.request_id)
                 if victim is request:
@@ -126,12 +146,17 @@ class Scheduler:
                 break
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            cached_reqs.append(CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
-                                                 request.num_computed_tokens))
+            cached = CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
+                                       request.num_computed_tokens)
+            if pipelined:
+                cached.new_token_ids = request.output_token_ids[request.num_output_tokens_sent:]
+                request.num_output_tokens_sent = request.num_output_tokens
+            cached_reqs.append(cached)
             index += 1
 
         compiling: list[Request] = []  # skipped for now, back to their place after the loop
-        while self.waiting and budget > 0 and not preempted_ids and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted_ids and len(self.running) < self.max_num_seqs
+               and len(num_scheduled) < max_reqs):
             request = self.waiting[0]
             if request.num_output_placeholders:
                 break  # preempted with a token in flight: admitted once its value is known
@@ -169,6 +194,7 @@ class Scheduler:
             new_reqs.append(NewRequestData(
                 request.request_id, request.prompt_token_ids, list(request.output_token_ids),
                 request.sampling_params, self.kv.block_ids(request.request_id), request.num_computed_tokens))
+            request.num_output_tokens_sent = request.num_output_tokens
 
         self.waiting.extendleft(reversed(compiling))
         for request_id, num_new in num_scheduled.items():
@@ -177,6 +203,8 @@ class Scheduler:
             if self.async_scheduling and request.num_computed_tokens >= request.num_tokens + \
                     request.num_output_placeholders:
                 request.num_output_placeholders += 1
+        if pipelined:
+            self.busy.update(num_scheduled)
         output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                                  preempted_ids, self.finished_req_ids, *self.kv.take_block_copies())
         self.finished_req_ids = set()
@@ -195,6 +223,7 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs, self.unreported = self.unreported, []
+        self.busy.difference_update(scheduler_output.num_scheduled_tokens)
         for i, request_id in enumerate(runner_output.req_ids):
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran

@@ -91,22 +91,6 @@ def pp_recv(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.dev
     return tensors
 
 
-def pp_broadcast_from_last(tensor: torch.Tensor) -> torch.Tensor:
-    """The last stage's `tensor`, on every stage (in place; the shape and dtype are the same on every rank)."""
-    if _PP_SIZE > 1:
-        dist.broadcast(tensor, _PP_RANKS[-1], group=_PP_GROUP)
-    return tensor
-
-
-def pp_broadcast_object_from_last(value: object) -> object:
-    """A picklable value of the last stage's, on every stage."""
-    if _PP_SIZE == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, _PP_RANKS[-1], group=_PP_GROUP)
-    return box[0]
-
-
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """The sum of x over the tensor-parallel ranks, in place."""
     if _TP_SIZE > 1:

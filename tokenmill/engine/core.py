@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from tokenmill.config import EngineConfig
-from tokenmill.core.interface import EngineCoreOutput, EngineCoreRequest, SchedulerOutput, SchedulerStats
+from tokenmill.core.interface import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    SchedulerStats,
+)
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
 from tokenmill.core.scheduler import Scheduler
@@ -46,6 +52,8 @@ class InFlightStep:
     finished, so at most two are in flight, oldest first. A step with constrained requests stays LAUNCHED
     until its grammar bitmask is filled: that fill starts (`bitmask`) once the previous step's tokens have
     advanced the grammars, and runs in the background while the update and the frontend do their work.
+    A pipeline keeps as many steps in flight as it has stages, each of other requests, each launched and
+    sampled at once (the last stage returns its tokens).
     """
 
     scheduler_output: SchedulerOutput
@@ -69,6 +77,7 @@ class EngineCore:
         if self.num_host_blocks:
             logger.info("KV host tier: %d blocks (%.2f GiB)", self.num_host_blocks, config.cache.kv_offload_size)
         self.async_scheduling = self.config.scheduler.async_scheduling
+        self.max_concurrent_batches = self.config.scheduler.max_concurrent_batches
         self.structured = StructuredOutputManager(lambda: load_tokenizer(source, config.model.tokenizer),
                                                   source.hf_config.vocab_size)
         self.in_flight: deque[InFlightStep] = deque()
@@ -132,6 +141,8 @@ class EngineCore:
         constrained requests is only launched at first; once the previous tokens are in and have advanced
         the grammars, its masks fill in the background while the update and the frontend run, and the
         next step() samples it and, right behind, launches the following one."""
+        if self.max_concurrent_batches > 1:
+            return self._pipelined_step()
         if not self.async_scheduling or self.scheduler.needs_sync_scheduling():
             outputs = self._finish_all()
             self._sample(self._launch())
@@ -149,6 +160,30 @@ class EngineCore:
             # Nothing was launched: finish it now (its update still reports the requests the scheduler
             # ended), or an idle engine would always hold a step in flight and step forever.
             outputs += self._finish_all()
+        return outputs
+
+    def _pipelined_step(self) -> list[EngineCoreOutput]:
+        """A pipeline's step: launches a micro-batch while fewer than one per stage are in flight, then, once
+        they all are (or nothing more could run), waits for the oldest's tokens. A request's next step is
+        scheduled only once its tokens are in, so its grammar mask is filled at once, and the scheduler sends
+        its tokens to the stages with it."""
+        outputs = []
+        launched = len(self.in_flight) < self.max_concurrent_batches and self.scheduler.has_work_for_a_step()
+        if launched:
+            step = self._launch()
+            if step.req_ids:
+                rows, grammars = self._constrained_rows(step)
+                bitmask = self.structured.fill(grammars, rows, len(step.req_ids)) if rows else None
+                self.executor.step_with_output("sample_tokens", bitmask)
+                step.phase = StepPhase.SAMPLED
+            else:  # nothing to run: it only told the runners of finished and preempted requests
+                self.executor.step("sample_tokens", None)
+                self.in_flight.pop()
+                launched = False
+                outputs += self.scheduler.update_from_output(step.scheduler_output, ModelRunnerOutput([], [], []))
+        if self.in_flight and (len(self.in_flight) == self.max_concurrent_batches or not launched):
+            step = self.in_flight.popleft()
+            outputs += self._update(step, self.executor.next_output())
         return outputs
 
     def _launch(self) -> InFlightStep:
@@ -191,7 +226,9 @@ class EngineCore:
         """Waits for the oldest step's tokens, advances the grammars by them, starts the next step's mask
         fill (the grammars are now where that step's tokens continue) and updates the requests."""
         step = self.in_flight.popleft()
-        runner_output = self.executor.step("finish_step")
+        return self._update(step, self.executor.step("finish_step"))
+
+    def _update(self, step: InFlightStep, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         with step_timer.phase("accept"):
             if self.scheduler.num_structured_requests:
                 grammars, tokens = grammar.tokens_to_accept(self.scheduler.requests, runner_output)

@@ -3,9 +3,13 @@ joined to the core by a socket pair (a multiprocessing Connection on each end).
 
 Each call is pickled once and written to every other rank's connection, then made on rank 0; a step's call does not
 wait for the other ranks (their collectives with rank 0 keep them in step), a start-up call collects every
-rank's result. A rank that raises reports its error on its connection and exits; rank 0's next collective then fails
-(gloo at once, NCCL at the process group's timeout) and the executor raises the rank's own error. A rank
+rank's result. A rank that raises reports its error on its connection and exits; rank 0's next collective then
+fails (gloo at once, NCCL at the process group's timeout) and the executor raises the rank's own error. A rank
 whose core goes away reads end-of-file and exits.
+
+In a pipeline rank 0 is the first stage, and a step's output comes from the last stage's first rank (the output
+rank): step_with_output() asks that rank alone for its result, and next_output() reads the results in order,
+so that several micro-batches can be in flight.
 """
 
 from __future__ import annotations
@@ -93,6 +97,8 @@ def _stop(conns: list[Connection], procs: list[subprocess.Popen]) -> None:
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         world_size = config.parallel.world_size
+        parallel = config.parallel
+        self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.conns: list[Connection] = []
         self.procs: list[subprocess.Popen] = []
@@ -124,14 +130,24 @@ class MultiprocExecutor(Executor):
         self._send(method, args, reply=False)
         return self._checked(getattr(self.driver, method), *args)
 
+    def step_with_output(self, method: str, *args: Any) -> None:
+        """A step's call whose result is the output rank's, read later by next_output()."""
+        self._send(method, args, reply=False, reply_rank=self.output_rank)
+        self._checked(getattr(self.driver, method), *args)
+
+    def next_output(self) -> Any:
+        """The output rank's result of the oldest step_with_output() call not yet read."""
+        return self._results([self.output_rank])[0]
+
     def shutdown(self) -> None:
         self._finalizer()
 
-    def _send(self, method: str, args: tuple, reply: bool) -> None:
-        payload = pickle.dumps((method, args, reply), protocol=pickle.HIGHEST_PROTOCOL)
-        for conn in self.conns:
+    def _send(self, method: str, args: tuple, reply: bool, reply_rank: int | None = None) -> None:
+        payloads = {flag: pickle.dumps((method, args, flag), protocol=pickle.HIGHEST_PROTOCOL)
+                    for flag in {reply, reply_rank is not None}}
+        for rank, conn in enumerate(self.conns, 1):
             try:
-                conn.send_bytes(payload)
+                conn.send_bytes(payloads[reply or rank == reply_rank])
             except OSError:
                 self._raise_rank_failure(wait_s=1.0)
                 raise
@@ -145,9 +161,11 @@ class MultiprocExecutor(Executor):
             self._raise_rank_failure(wait_s=2.0)
             raise
 
-    def _results(self) -> list[Any]:
+    def _results(self, ranks: list[int] | None = None) -> list[Any]:
+        """The results of every other rank, or of `ranks`, in rank order."""
         results = []
-        for rank, conn in enumerate(self.conns, 1):
+        for rank in ranks or range(1, len(self.conns) + 1):
+            conn = self.conns[rank - 1]
             try:
                 status, value = conn.recv()
             except (EOFError, OSError):

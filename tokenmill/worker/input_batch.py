@@ -122,14 +122,17 @@ def update_states(batch: InputBatch, states: dict[str, CachedRequestState], sche
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=device).manual_seed(params.seed)
-            state = CachedRequestState(new.req_id, new.prompt_token_ids, list(new.output_token_ids), params,
-                                       generator)
+            state = CachedRequestState(new.req_id, new.prompt_token_ids, [], params, generator)
             states[new.req_id] = state
+        # The scheduler's outputs of a resumed request are complete; a pipeline's stages may lack the last.
+        state.output_token_ids = list(new.output_token_ids)
         state.block_ids = list(new.block_ids)
         state.num_computed_tokens = new.num_computed_tokens
         batch.add(state)
     for cached in scheduler_output.scheduled_cached_reqs:
         row = batch.index[cached.req_id]
+        for token_id in cached.new_token_ids:
+            batch.append_token(row, token_id)
         batch.num_computed_tokens[row] = cached.num_computed_tokens
         if cached.new_block_ids:
             batch.states[row].block_ids.extend(cached.new_block_ids)

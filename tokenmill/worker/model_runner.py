@@ -20,6 +20,11 @@ A step, without waiting for the device until its end:
 
 With async scheduling the next step is executed before the previous one is finished: its tokens still
 in flight are fed to it on the device.
+
+Pipeline stages (micro-batches in flight, each of other requests): every stage executes each step, the
+hidden states passing from stage to stage; sample_tokens() on the last stage samples, waits for the tokens
+and returns the step's output at once (to the engine, which sends the tokens back in the scheduler's next
+output for the request); on the other stages it does nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from tokenmill.attention.backend import AttentionMetadata, default_backend_name,
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.core.kv_cache_manager import cdiv
-from tokenmill.distributed.parallel_state import get_pp_size, pp_broadcast_from_last, pp_broadcast_object_from_last
+from tokenmill.distributed.parallel_state import is_last_stage
 from tokenmill.forward_context import set_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
@@ -82,6 +87,7 @@ class ModelRunner:
         self.max_num_tokens = config.scheduler.max_num_batched_tokens
         self.vocab_size = source.hf_config.vocab_size
         self.async_scheduling = config.scheduler.async_scheduling
+        self.pipelined = config.parallel.pipeline_parallel_size > 1
         self.model = load_model(source, config.model, dtype, device)
         self.kv_cache = KVCache([m for m in self.model.modules() if isinstance(m, Attention)], self.block_size,
                                 kv_cache_dtype or dtype, device)
@@ -179,9 +185,6 @@ class ModelRunner:
                                                                   hidden_states, self.device)
                         hidden_states = hidden_states[logits_indices]
                     logits = self.model.compute_logits(hidden_states)
-                if get_pp_size() > 1 and any(batch.states[r].sampling_params.prompt_logprobs is not None
-                                             for r in rows.tolist()):
-                    prompt_logprobs = pp_broadcast_object_from_last(prompt_logprobs)  # every stage reports them
         samples = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
         self._unsampled = _Launched(StepInfo([batch.req_ids[r] for r in rows], samples), prompt_logprobs, logits,
                                     sampling_metadata)
@@ -202,21 +205,23 @@ class ModelRunner:
         return logits_indices, self.inputs.logits_metadata(metadata, order)
 
     @torch.inference_mode()
-    def sample_tokens(self, grammar_bitmask: torch.Tensor | None = None) -> None:
+    def sample_tokens(self, grammar_bitmask: torch.Tensor | None = None) -> ModelRunnerOutput | None:
         """Queues the sampling of the executed step and the copy of its tokens to the host. A grammar
         bitmask (host, int32, one row per request of the step, all ones for the unconstrained) limits each
-        row to its allowed tokens."""
+        row to its allowed tokens. A pipeline's last stage then finishes the step and returns its output; the
+        stages before it have nothing to sample."""
         launched, self._unsampled = self._unsampled, None
+        if self.pipelined and not is_last_stage():
+            return None
         self._sampled.append(launched)
-        if not launched.info.req_ids:
-            return
+        if launched.info.req_ids:
+            self._sample(launched, grammar_bitmask)
+        return self.finish_step() if self.pipelined else None
+
+    def _sample(self, launched: _Launched, grammar_bitmask: torch.Tensor | None) -> None:
         with step_timer.phase("sample"):
-            out = None
-            if launched.logits is not None:
-                bitmask = None if grammar_bitmask is None else grammar_bitmask.to(self.device, non_blocking=True)
-                out = self.sampler(launched.logits, launched.sampling_metadata, bitmask)
-            if get_pp_size() > 1:
-                out = self._from_last_stage(out, launched)
+            bitmask = None if grammar_bitmask is None else grammar_bitmask.to(self.device, non_blocking=True)
+            out = self.sampler(launched.logits, launched.sampling_metadata, bitmask)
             launched.logits = launched.sampling_metadata = None
             if self.async_scheduling:  # the next step may need these before the host has them
                 self.last_sampled = out.sampled_token_ids
@@ -231,19 +236,6 @@ class ModelRunner:
                 launched.event = torch.cuda.Event()
                 launched.event.record()
 
-    def _from_last_stage(self, out: SamplerOutput | None, launched: _Launched) -> SamplerOutput:
-        """The last pipeline stage's sampled tokens (and logprobs), on every stage: the first embeds them in
-        the next step, and every stage records them in its batch."""
-        num_reqs = len(launched.info.req_ids)
-        ids = out.sampled_token_ids if out is not None else torch.empty(num_reqs, dtype=torch.int64,
-                                                                         device=self.device)
-        pp_broadcast_from_last(ids)
-        if launched.sampling_metadata.max_num_logprobs is None:
-            return out or SamplerOutput(ids)
-        extra = None if out is None else [t.cpu() for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks)]
-        extra = pp_broadcast_object_from_last(extra)
-        return out or SamplerOutput(ids, *(t.to(self.device) for t in extra))
-
     def finish_step(self) -> ModelRunnerOutput:
         """Waits for the oldest sampled step's tokens and records them in the batch (rows may have moved
         since); requests whose prompt is not yet fully computed discard their sample."""
@@ -257,4 +249,4 @@ class ModelRunner:
         with step_timer.phase("collect"):
             logprob_lists = [t.tolist() for t in launched.host[1:]] if len(launched.host) > 1 else None
             return collect_sampled(self.batch, self.states, launched.info.req_ids, launched.info.samples, sampled,
-                                   logprob_lists, launched.prompt_logprobs)
+                                   logprob_lists, launched.prompt_logprobs, record=not self.pipelined)

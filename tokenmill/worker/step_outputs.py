@@ -39,9 +39,10 @@ def compute_prompt_logprobs(model: nn.Module, batch: InputBatch, rows: np.ndarra
 
 def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], req_ids: list[str],
                     samples: np.ndarray, sampled: list[int], logprob_lists: list[list] | None,
-                    prompt_logprobs: dict[str, list[TokenLogprobs]]) -> ModelRunnerOutput:
-    """Appends each request's sampled token to its state (through its batch row if it still has one) and
-    packs the step's output; a prompt chunk's sample, or that of a request finished meanwhile, is dropped.
+                    prompt_logprobs: dict[str, list[TokenLogprobs]], record: bool = True) -> ModelRunnerOutput:
+    """Appends each request's sampled token to its state (through its batch row if it still has one), unless
+    `record` is off (pipeline stages get the tokens from the scheduler), and packs the step's output; a prompt
+    chunk's sample, or that of a request finished meanwhile, is dropped.
     logprob_lists: (ids [num_reqs][1 + k], logprobs [num_reqs][1 + k], ranks [num_reqs]) when asked for."""
     sampled_ids, logprobs = [], []
     for i, req_id in enumerate(req_ids):
@@ -50,11 +51,12 @@ def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], re
             sampled_ids.append([])
             logprobs.append(None)
             continue
-        row = batch.index.get(req_id)
-        if row is not None:
-            batch.append_token(row, sampled[i])
-        else:  # preempted since the launch
-            state.output_token_ids.append(sampled[i])
+        if record:
+            row = batch.index.get(req_id)
+            if row is not None:
+                batch.append_token(row, sampled[i])
+            else:  # preempted since the launch
+                state.output_token_ids.append(sampled[i])
         sampled_ids.append([sampled[i]])
         k = state.sampling_params.logprobs
         if k is not None and logprob_lists is not None:
