@@ -82,9 +82,9 @@ def expand_metadata(meta: SamplingMetadata, layout: DraftLayout, draft_token_ids
     def expand(values: torch.Tensor | None) -> torch.Tensor | None:
         return None if values is None else values[rows]
 
-    starts = layout.target_start.tolist()
-    spans = [range(starts[i], starts[i] + layout.num_draft_tokens[i] + 1) for i in range(len(starts))] \
-        if meta.logit_bias or meta.min_tokens_masks else []
+    # Request i's target rows, from the host copies (no device sync).
+    spans = [range(start + i, start + i + count + 1) for i, (start, count)
+             in enumerate(zip(layout.draft_start_host, layout.num_draft_tokens))]
     if meta.min_tokens_masks and min_tokens_left is None:
         raise ValueError("requests with a min_tokens mask need min_tokens_left (min_tokens - outputs so far)")
     expanded = SamplingMetadata(
@@ -105,7 +105,7 @@ def expand_metadata(meta: SamplingMetadata, layout: DraftLayout, draft_token_ids
 
 def drafts_before(layout: DraftLayout, draft_token_ids: torch.Tensor, pad: int) -> torch.Tensor:
     """[R, max(n_i)]: row (i, j) holds request i's drafts 0..j-1, then `pad`."""
-    max_drafts = max(layout.num_draft_tokens)
+    max_drafts = max(layout.num_draft_tokens, default=0)
     if max_drafts == 0:
         return torch.empty(len(layout.request_of_row), 0, dtype=torch.int64, device=draft_token_ids.device)
     cols = torch.arange(max_drafts, device=draft_token_ids.device)
@@ -117,10 +117,11 @@ class RejectionSampler:
     def __call__(self, target_logits: torch.Tensor, draft_token_ids: torch.Tensor, num_draft_tokens: list[int],
                  draft_probs: torch.Tensor | None, meta: SamplingMetadata,
                  min_tokens_left: dict[int, int] | None = None) -> RejectionSamplerOutput:
-        """target_logits [R, V] (any float dtype), draft_token_ids [D] int64 and draft_probs [D, V] (None: the
-        draft is deterministic, as n-gram's) on one device; num_draft_tokens [B] on the host; meta: the B
-        requests' SamplingMetadata (logprobs are not computed here). min_tokens_left {request row: min_tokens
-        minus outputs so far} for each request in meta.min_tokens_masks."""
+        """target_logits [R, V] (any float dtype; float32 logits are changed in place, as by the Sampler),
+        draft_token_ids [D] int64 and draft_probs [D, V] (None: the draft is deterministic, as n-gram's), all
+        on one device; num_draft_tokens [B] on the host; meta: the B requests' SamplingMetadata (logprobs are
+        not computed here); min_tokens_left {request row: min_tokens minus outputs so far} for each request
+        in meta.min_tokens_masks."""
         device = target_logits.device
         layout = DraftLayout.build(num_draft_tokens, device)
         expanded = expand_metadata(meta, layout, draft_token_ids, min_tokens_left, target_logits.shape[-1])
