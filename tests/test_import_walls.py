@@ -38,7 +38,8 @@ def forbidden(loaded: list[str]) -> list[str]:
 def test_frontend_and_core_load_without_torch_or_engine_internals():
     modules = ["tokenmill", *modules_of(tokenmill.entrypoints), *FRONTEND_ENGINE, *modules_of(tokenmill.core),
                "tokenmill.config", "tokenmill.sampling_params", "tokenmill.outputs", "tokenmill.source",
-               "tokenmill.source.gguf_file", "tokenmill.structured.grammar"]
+               "tokenmill.source.gguf_file", "tokenmill.structured.grammar",
+               "tokenmill.spec_decode.config", "tokenmill.spec_decode.ngram", "tokenmill.spec_decode.metrics"]
     # the package's lazy names, and the CLI with every subcommand's parser built
     code = ("from tokenmill import LLM, SamplingParams, RequestOutput\n"
             "from tokenmill.entrypoints.cli import main\n"

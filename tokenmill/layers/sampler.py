@@ -15,6 +15,9 @@ On GPU, when no row uses top-k, top-p, min-p or a seed (the common case), steps 
 kernels that read the logits in their own dtype: greedy rows take the argmax, the others an inverse-CDF
 draw from softmax(logits / T) with one uniform per row (triton_ops.sample_from_logits).
 There is one device-to-host copy per step: the caller's `.tolist()` of the result.
+Steps 2-4, 6-7 and 8 are the functions apply_logits_processors, filtered_probs and sample_from_probs, which
+the rejection sampler (spec_decode/rejection_sampler.py) reuses so that speculation samples from the same
+distributions.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class Sampler:
             xgr.apply_token_bitmask_inplace(logits, bitmask)
             bitmask = None
         raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
-        logits = self._apply_logits_processors(logits, meta)
+        logits = apply_logits_processors(logits, meta)
         if fused:
             from tokenmill.layers.triton_ops import sample_from_logits
 
@@ -79,51 +82,59 @@ class Sampler:
         elif meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         elif meta.all_random:
-            sampled = self._sample(logits, meta)
+            sampled = sample_from_probs(filtered_probs(logits, meta), meta.generators)
         else:
             greedy = logits.argmax(dim=-1)
-            sampled = torch.where(meta.temperature == 0, greedy, self._sample(logits, meta))
+            sampled = torch.where(meta.temperature == 0, greedy,
+                                  sample_from_probs(filtered_probs(logits, meta), meta.generators))
         out = SamplerOutput(sampled)
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
                 raw_logprobs, sampled, meta.max_num_logprobs)
         return out
 
-    @staticmethod
-    def _apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        for row, token_ids, values in meta.logit_bias:
-            ids = torch.tensor(token_ids, device=logits.device)
-            logits[row, ids] += torch.tensor(values, device=logits.device)
-        for row, token_ids in meta.min_tokens_masks:
-            logits[row, torch.tensor(token_ids, device=logits.device)] = float("-inf")
-        if meta.output_token_ids is not None:
-            logits = apply_penalties(logits, meta)
-        return logits
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
-        logits = logits / temperature.unsqueeze(1)
-        if meta.min_p is not None:
-            probs = logits.softmax(dim=-1)
-            threshold = probs.amax(dim=-1, keepdim=True) * meta.min_p.unsqueeze(1)
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
-        if meta.top_k is not None or meta.top_p is not None:
-            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+def apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Steps 2-4 (logit_bias, min_tokens, penalties) on float32 logits; bias and masks are applied in place."""
+    for row, token_ids, values in meta.logit_bias:
+        ids = torch.tensor(token_ids, device=logits.device)
+        logits[row, ids] += torch.tensor(values, device=logits.device)
+    for row, token_ids in meta.min_tokens_masks:
+        logits[row, torch.tensor(token_ids, device=logits.device)] = float("-inf")
+    if meta.output_token_ids is not None:
+        logits = apply_penalties(logits, meta)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Steps 6-7: the distribution a random row samples from (greedy rows get temperature 1 here)."""
+    temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
+    logits = logits / temperature.unsqueeze(1)
+    if meta.min_p is not None:
         probs = logits.softmax(dim=-1)
-        if not probs.is_cuda:
-            # On CPU, inverse-CDF sampling draws one uniform per row instead of one per vocab entry.
-            u = 1.0 - torch.rand(probs.shape[0], 1)  # in (0, 1], so a zero-probability first token is never hit
-            for row, generator in meta.generators.items():
-                u[row] = 1.0 - torch.rand(1, generator=generator)
-            cdf = probs.cumsum(dim=-1)
-            return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
-        q = torch.empty_like(probs)
-        if len(meta.generators) < probs.shape[0]:
-            q.exponential_()
-        for row, generator in meta.generators.items():
-            q[row].exponential_(generator=generator)
-        return probs.div_(q).argmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * meta.min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if meta.top_k is not None or meta.top_p is not None:
+        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+    return logits.softmax(dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Step 8: one token per row, in proportion to `probs` (rows need not sum to 1; on GPU `probs` is
+    overwritten). Seeded rows draw from their own generator."""
+    if not probs.is_cuda:
+        # On CPU, inverse-CDF sampling draws one uniform per row instead of one per vocab entry.
+        u = 1.0 - torch.rand(probs.shape[0], 1)  # in (0, 1], so a zero-probability first token is never hit
+        for row, generator in generators.items():
+            u[row] = 1.0 - torch.rand(1, generator=generator)
+        cdf = probs.cumsum(dim=-1)
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, generator in generators.items():
+        q[row].exponential_(generator=generator)
+    return probs.div_(q).argmax(dim=-1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
