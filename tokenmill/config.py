@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from tokenmill.loader.registry import LOAD_FORMATS
+from tokenmill.spec_decode.config import SpeculativeConfig
 
 # Accepted dtype names -> the canonical one.
 DTYPE_NAMES = {
@@ -26,6 +27,7 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 # Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
 USAGE_CONTEXTS = ("llm", "serve")
+SPECULATIVE_METHODS = ("ngram", "draft_model")  # of spec_decode.config.METHODS, those the engine runs
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -112,6 +114,10 @@ class SchedulerConfig:
     # Steps in flight at once, each of requests the others do not hold: a pipeline's micro-batches
     # (pipeline_parallel_size, set by EngineConfig.resolve, which then turns async_scheduling off).
     max_concurrent_batches: int = 1
+    # Draft tokens a request may verify in a step (speculative decoding's k, set by EngineConfig.resolve), and
+    # KV slots reserved past a step's tokens for a draft model's guesses (k with a draft model).
+    num_speculative_tokens: int = 0
+    num_lookahead_slots: int = 0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
@@ -228,10 +234,20 @@ class EngineConfig:
     attention_backend: str | None = None  # None = chosen by device
     disable_log_stats: bool = True
     usage_context: str = "llm"  # "llm" (offline, LLM) or "serve" (the OpenAI server)
+    # vLLM's speculative_config: a dict or its JSON string (--speculative-config), made a SpeculativeConfig
+    speculative_config: SpeculativeConfig | dict | str | None = None
 
     def __post_init__(self) -> None:
         _require(self.usage_context in USAGE_CONTEXTS, "usage_context",
                  f"must be one of {USAGE_CONTEXTS}, got {self.usage_context!r}")
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        spec = self.speculative_config
+        if spec is not None:
+            _require(spec.method in SPECULATIVE_METHODS, "speculative_config",
+                     f"method {spec.method!r} is not supported yet; supported: {SPECULATIVE_METHODS}")
+            _require(self.parallel.pipeline_parallel_size == 1, "speculative_config",
+                     "does not work with pipeline_parallel_size > 1")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -264,9 +280,14 @@ class EngineConfig:
                                     quantization=resolve_quantization(self.model, hf_config, device))
         budget = self.scheduler.max_num_batched_tokens or default_max_num_batched_tokens(self.usage_context, device)
         pp = self.parallel.pipeline_parallel_size
+        spec = self.speculative_config
+        k = spec.num_speculative_tokens if spec is not None else 0
+        lookahead = k if spec is not None and spec.method != "ngram" else 0
+        # Speculation schedules a request's drafts from its last tokens, so its steps run one at a time.
         scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget,
-                                        max_concurrent_batches=pp,
-                                        async_scheduling=self.scheduler.async_scheduling and pp == 1)
+                                        max_concurrent_batches=pp, num_speculative_tokens=k,
+                                        num_lookahead_slots=lookahead,
+                                        async_scheduling=self.scheduler.async_scheduling and pp == 1 and k == 0)
         # A pipeline's stages hand activations over with send/recv between steps: no CUDA graphs there.
         return dataclasses.replace(self, model=model, scheduler=scheduler,
                                    device=device.type if self.device == "auto" else self.device,

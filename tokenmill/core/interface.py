@@ -57,6 +57,9 @@ class SchedulerOutput:
     # of blocks the pool evicted, then (host block, device block) copies in of prefix hits found there.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Speculative decoding: the draft tokens each request verifies after its next token (counted in
+    # num_scheduled_tokens, as 1 + len(drafts)).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def make_empty(cls) -> SchedulerOutput:
@@ -66,9 +69,12 @@ class SchedulerOutput:
 @dataclass
 class ModelRunnerOutput:
     req_ids: list[str]  # the scheduled requests, in batch order
-    sampled_token_ids: list[list[int]]  # [num_reqs][0 or 1]; empty while a prompt is still being chunked
+    # [num_reqs][0 ..]: empty while a prompt is still being chunked; one token, or with drafts the accepted
+    # ones and the token after them
+    sampled_token_ids: list[list[int]]
     logprobs: list[TokenLogprobs | None]  # [num_reqs], for requests that asked
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # new prompt positions
+    spec_token_ids: list[list[int]] | None = None  # [num_reqs]: drafts proposed for each request's next step
 
 
 @dataclass
@@ -95,3 +101,9 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # cumulative tokens
     prefix_cache_hits: int = 0  # cumulative tokens
     prefix_cache_host_hits: int = 0  # cumulative tokens, of the hits, copied back from the host tier
+    # Speculative decoding, cumulative: requests x steps that verified drafts, drafts verified, drafts accepted,
+    # and accepted drafts by position (one per speculative token)
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()

@@ -66,6 +66,7 @@ class Request:
         self.num_output_placeholders = 0
         # Pipeline micro-batches: output tokens already sent to the runners (CachedRequestData.new_token_ids).
         self.num_output_tokens_sent = 0
+        self.spec_token_ids: list[int] = []  # speculative decoding: drafts for its next step
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until then
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

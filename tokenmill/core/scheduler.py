@@ -10,6 +10,11 @@ Order of a step:
   2. if nothing was preempted, waiting requests in FCFS order, each after a prefix-cache lookup,
      while the budget, `max_num_seqs` and free blocks allow.
 
+Speculative decoding: a decoding request's drafts (proposed by the runner from its last step) are scheduled
+after its next token, within the budget, max_tokens and max_model_len; their slots are allocated like any
+others, and the rejected ones are rolled back from num_computed_tokens when the step's tokens come in (their
+blocks stay with the request; prefix caching hashes only tokens the request has, never drafts).
+
 Pipeline micro-batches (max_concurrent_batches > 1): several steps are in flight at once, so a step skips
 the requests of the steps still in flight (`busy` until their results are in), preempts none of them, and
 takes at most its share of the unfinished requests, so that the next step has some too.
@@ -31,6 +36,7 @@ from tokenmill.core.interface import (
 )
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
+from tokenmill.spec_decode.metrics import SpecDecodingStats
 
 
 class Scheduler:
@@ -42,6 +48,8 @@ class Scheduler:
         self.async_scheduling = config.async_scheduling
         self.max_concurrent_batches = config.max_concurrent_batches
         self.busy: set[str] = set()  # requests of the steps in flight (pipeline micro-batches only)
+        self.num_lookahead_slots = config.num_lookahead_slots
+        self.spec_stats = SpecDecodingStats(config.num_speculative_tokens) if config.num_speculative_tokens else None
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -111,6 +119,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted_ids: set[str] = set()
+        spec_tokens: dict[str, list[int]] = {}
         pipelined = self.max_concurrent_batches > 1
         max_reqs = -(-len(self.requests) // self.max_concurrent_batches)  # a micro-batch's share
 
@@ -128,8 +137,13 @@ class Scheduler:
             if num_new <= 0:
                 index += 1
                 continue
+            drafts, request.spec_token_ids = request.spec_token_ids, []
+            if drafts and num_new == 1:  # the drafts follow the next token, the last of the sequence
+                drafts = drafts[:max(0, min(budget, request.max_tokens - request.num_output_tokens,
+                                            self.max_model_len - request.num_tokens) - 1)]
+                num_new += len(drafts)
             while True:
-                new_blocks = self.kv.allocate_slots(request, num_new)
+                new_blocks = self.kv.allocate_slots(request, num_new + self._lookahead(request, num_new))
                 if new_blocks is not None:
                     break
                 # Running requests are visited oldest first, so the newest one is never scheduled yet;
@@ -145,6 +159,8 @@ class Scheduler:
             if new_blocks is None:
                 break
             num_scheduled[request.request_id] = num_new
+            if drafts and num_new > 1:
+                spec_tokens[request.request_id] = drafts
             budget -= num_new
             cached = CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
                                        request.num_computed_tokens)
@@ -178,7 +194,8 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            if self.kv.allocate_slots(request, num_new, computed_blocks, host_hit_ids) is None:
+            lookahead = self._lookahead(request, num_hit_tokens + num_new)
+            if self.kv.allocate_slots(request, num_new + lookahead, computed_blocks, host_hit_ids) is None:
                 break
             self.waiting.popleft()
             if request.num_computed_tokens == 0:
@@ -206,9 +223,14 @@ class Scheduler:
         if pipelined:
             self.busy.update(num_scheduled)
         output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                                 preempted_ids, self.finished_req_ids, *self.kv.take_block_copies())
+                                 preempted_ids, self.finished_req_ids, *self.kv.take_block_copies(), spec_tokens)
         self.finished_req_ids = set()
         return output
+
+    def _lookahead(self, request: Request, num_new: int) -> int:
+        """Slots past the step's `num_new` tokens for a draft model's guesses, within max_model_len."""
+        room = self.max_model_len - request.num_computed_tokens - num_new
+        return max(0, min(self.num_lookahead_slots, room))
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -224,11 +246,16 @@ class Scheduler:
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs, self.unreported = self.unreported, []
         self.busy.difference_update(scheduler_output.num_scheduled_tokens)
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+        if spec_tokens:
+            self._roll_back_rejected(spec_tokens, runner_output)
         for i, request_id in enumerate(runner_output.req_ids):
             request = self.requests.get(request_id)
             if request is None:  # aborted while the step ran
                 continue
             new_token_ids = runner_output.sampled_token_ids[i]
+            if runner_output.spec_token_ids is not None and request.structured is None:
+                request.spec_token_ids = runner_output.spec_token_ids[i]
             prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
             if not new_token_ids and prompt_logprobs is None:
                 continue  # a prompt chunk that produced nothing to report
@@ -250,6 +277,21 @@ class Scheduler:
                 self._free(request)
         return outputs
 
+    def _roll_back_rejected(self, spec_tokens: dict[str, list[int]], runner_output: ModelRunnerOutput) -> None:
+        """Rejected drafts were computed but are not the sequence's: num_computed_tokens steps back over them
+        (their KV slots are overwritten by the tokens that take their places)."""
+        num_drafts, num_accepted = [], []
+        for i, request_id in enumerate(runner_output.req_ids):
+            drafts = spec_tokens.get(request_id)
+            request = self.requests.get(request_id)
+            if drafts is None or request is None or not runner_output.sampled_token_ids[i]:
+                continue
+            accepted = len(runner_output.sampled_token_ids[i]) - 1
+            request.num_computed_tokens -= len(drafts) - accepted
+            num_drafts.append(len(drafts))
+            num_accepted.append(accepted)
+        self.spec_stats.observe(num_drafts, num_accepted)
+
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
         if request.structured is not None and request.structured.terminated:
@@ -266,9 +308,15 @@ class Scheduler:
         return self.num_sync_only_requests > 0
 
     def stats(self) -> SchedulerStats:
-        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,
-                              self.kv.prefix_stats.queries, self.kv.prefix_stats.hits,
-                              self.kv.prefix_stats.host_hits)
+        stats = SchedulerStats(len(self.running), len(self.waiting), self.kv.usage, self.num_preemptions,
+                               self.kv.prefix_stats.queries, self.kv.prefix_stats.hits,
+                               self.kv.prefix_stats.host_hits)
+        if self.spec_stats is not None:
+            spec = self.spec_stats
+            stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens = spec.num_drafts, spec.num_draft_tokens
+            stats.spec_decode_num_accepted_tokens = spec.num_accepted_tokens
+            stats.spec_decode_num_accepted_tokens_per_pos = tuple(spec.num_accepted_tokens_per_pos)
+        return stats
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

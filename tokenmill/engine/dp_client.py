@@ -22,9 +22,13 @@ from tokenmill.engine.core_client import CoreMessage, CoreOutputs, CoreReady, En
 
 
 def combined_stats(stats: list[SchedulerStats]) -> SchedulerStats:
-    """Counts summed, KV usage averaged (the cores' pools are the same size)."""
+    """Counts summed (per-position counts position by position), KV usage averaged (the cores' pools are the
+    same size)."""
+    def combined(values: list) -> object:
+        return tuple(map(sum, zip(*values))) if isinstance(values[0], tuple) else sum(values)
+
     fields = dataclasses.fields(SchedulerStats)
-    total = SchedulerStats(**{f.name: sum(getattr(s, f.name) for s in stats) for f in fields})
+    total = SchedulerStats(**{f.name: combined([getattr(s, f.name) for s in stats]) for f in fields})
     total.kv_cache_usage = sum(s.kv_cache_usage for s in stats) / len(stats)
     return total
 

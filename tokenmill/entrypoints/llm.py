@@ -122,4 +122,9 @@ class LLM:
                 "vllm:num_preemptions": stats.num_preemptions,
                 "vllm:prefix_cache_queries": stats.prefix_cache_queries,
                 "vllm:prefix_cache_hits": stats.prefix_cache_hits,
-                "vllm:external_prefix_cache_hits": stats.prefix_cache_host_hits}
+                "vllm:external_prefix_cache_hits": stats.prefix_cache_host_hits,
+                "vllm:spec_decode_num_drafts": stats.spec_decode_num_drafts,
+                "vllm:spec_decode_num_draft_tokens": stats.spec_decode_num_draft_tokens,
+                "vllm:spec_decode_num_accepted_tokens": stats.spec_decode_num_accepted_tokens,
+                **{f'vllm:spec_decode_num_accepted_tokens_per_pos{{position="{j}"}}': n
+                   for j, n in enumerate(stats.spec_decode_num_accepted_tokens_per_pos)}}

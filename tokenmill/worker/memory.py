@@ -82,7 +82,7 @@ def determine_num_blocks(runner: ModelRunner, cache: CacheConfig, initial_gpu_us
     started), the peak of a profiling forward pass at max_num_batched_tokens (weights included), minus the
     CUDA-graph reserve; and never more than is free now.
     """
-    per_block = runner.kv_cache.bytes_per_block()
+    per_block = runner.kv_bytes_per_block()
     if cache.kv_cache_memory_bytes is not None:
         budget = cache.kv_cache_memory_bytes
     elif runner.device.type != "cuda":

@@ -21,6 +21,10 @@ A step, without waiting for the device until its end:
 With async scheduling the next step is executed before the previous one is finished: its tokens still
 in flight are fed to it on the device.
 
+Speculative decoding (n-gram): finish_step() proposes each request's drafts from its tokens so far and returns
+them; the scheduler sends them back with the request's next step, whose logits cover the next token and every
+draft, and sample_tokens() verifies them with the rejection sampler (accepted drafts plus one token).
+
 Pipeline stages (micro-batches in flight, each of other requests): every stage executes each step, the
 hidden states passing from stage to stage; sample_tokens() on the last stage samples, waits for the tokens
 and returns the step's output at once (to the engine, which sends the tokens back in the scheduler's next
@@ -42,10 +46,13 @@ from tokenmill.core.kv_cache_manager import cdiv
 from tokenmill.distributed.parallel_state import is_last_stage
 from tokenmill.forward_context import set_forward_context
 from tokenmill.layers.attention import Attention
-from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata
+from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, gather_logprobs
 from tokenmill.loader.model_loader import load_model
 from tokenmill.metrics import step_timer
 from tokenmill.source import ModelSource
+from tokenmill.spec_decode.draft_model import DraftModelProposer
+from tokenmill.spec_decode.ngram import NgramProposer
+from tokenmill.spec_decode.rejection_sampler import RejectionSampler
 from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_num_reqs
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch, update_states
 from tokenmill.worker.kv_cache import KVCache
@@ -73,6 +80,9 @@ class _Launched:
     host: list[torch.Tensor] | None = None  # sampled ids (+ logprob ids, logprobs, ranks), copying to the host
     event: torch.cuda.Event | None = None  # recorded after those copies were queued
     sampler_output: SamplerOutput | None = None  # keeps the device tensors alive until the copies finish
+    num_drafts: np.ndarray | None = None  # [num_reqs] speculative drafts verified by this step, if any
+    draft_token_ids: torch.Tensor | None = None  # [sum(num_drafts)] on the device
+    num_emitted: torch.Tensor | None = None  # [num_reqs] tokens per row of the verified sampled_token_ids
 
 
 class ModelRunner:
@@ -93,6 +103,15 @@ class ModelRunner:
                                 kv_cache_dtype or dtype, device)
         self.backend = get_backend(config.attention_backend or default_backend_name(device))
         self.sampler = Sampler()
+        spec = config.speculative_config
+        self.proposer: NgramProposer | DraftModelProposer | None = None
+        if spec is not None and spec.method == "ngram":
+            self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens,
+                                          self.max_model_len)
+        elif spec is not None:
+            self.proposer = DraftModelProposer(config, self.vocab_size, device, dtype, self.kv_cache.dtype,
+                                               self.backend)
+        self.rejection_sampler = RejectionSampler()
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
         self.states: dict[str, CachedRequestState] = {}
@@ -113,6 +132,16 @@ class ModelRunner:
         # Set by calculate_kv_scales: the next step runs eagerly, its attention layers measuring the scales.
         self.kv_scales_pending = False
 
+    def kv_bytes_per_block(self) -> int:
+        """A block of the KV pool: the model's layers, and a draft model's."""
+        draft = self.proposer.kv_cache.bytes_per_block() if isinstance(self.proposer, DraftModelProposer) else 0
+        return self.kv_cache.bytes_per_block() + draft
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_cache.allocate(num_blocks)
+        if isinstance(self.proposer, DraftModelProposer):
+            self.proposer.kv_cache.allocate(num_blocks)
+
     def calculate_kv_scales(self) -> None:
         """The FP8 cache's scales from the next step's keys and values (after warm-up, so from real ones)."""
         for layer in self.kv_cache.attn_layers:
@@ -126,6 +155,13 @@ class ModelRunner:
         """Queues the step's forward pass and returns at once; sample_tokens() queues its sampling."""
         assert self._unsampled is None, "the previous step was not sampled"
         update_states(self.batch, self.states, scheduler_output, self.device)
+        if isinstance(self.proposer, DraftModelProposer):
+            for req_id in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
+                self.proposer.forget(req_id)
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+        for req_id, drafts in spec_tokens.items():  # after the last token, where the inputs are read from
+            row = self.batch.index[req_id]
+            self.batch.token_ids[row, self.batch.num_tokens[row]:self.batch.num_tokens[row] + len(drafts)] = drafts
         if scheduler_output.swap_out or scheduler_output.swap_in:
             self.kv_cache.copy_blocks(scheduler_output.swap_out, scheduler_output.swap_in)
         if scheduler_output.total_num_scheduled_tokens == 0:
@@ -139,6 +175,9 @@ class ModelRunner:
             order = np.argsort(num_scheduled > 1, kind="stable")
             rows, num_scheduled = rows[order], num_scheduled[order]
         num_reqs, num_tokens = len(rows), int(num_scheduled.sum())
+        num_drafts = None
+        if spec_tokens:
+            num_drafts = np.array([len(spec_tokens.get(batch.req_ids[r], ())) for r in rows], dtype=np.int64)
         # Graphs cover steps where every row computes one token that is not a prompt position whose
         # logprob is still to report.
         decode_only = num_tokens == num_reqs and bool(
@@ -159,7 +198,7 @@ class ModelRunner:
                                                 self.last_sampled, self.last_sampled_index)
             sampling_metadata = self.sampling_inputs.build(batch, rows)
             if graph_size is None:
-                logits_indices = self.inputs.stage_logits_indices(num_reqs)
+                logits_indices = self.inputs.stage_logits_indices(num_reqs, num_drafts)
             if self.device.type == "cuda":
                 self.inputs_copied = torch.cuda.Event()
                 self.inputs_copied.record()
@@ -173,7 +212,8 @@ class ModelRunner:
                 if mixed_size is not None:
                     hidden_states = self.mixed_graphs.replay(mixed_size)
                 else:
-                    logits_rows, logits_metadata = self._logits_only(rows, attn_metadata, logits_indices)
+                    logits_rows, logits_metadata = (None, None) if num_drafts is not None else \
+                        self._logits_only(rows, attn_metadata, logits_indices)
                     with set_forward_context(attn_metadata, self.backend, logits_rows, logits_metadata):
                         hidden_states = self.model(self.inputs.input_ids.gpu[:num_tokens],
                                                    self.inputs.positions.gpu[:num_tokens])
@@ -188,6 +228,11 @@ class ModelRunner:
         samples = batch.num_computed_tokens[rows] + num_scheduled >= batch.num_tokens[rows]
         self._unsampled = _Launched(StepInfo([batch.req_ids[r] for r in rows], samples), prompt_logprobs, logits,
                                     sampling_metadata)
+        if num_drafts is not None:
+            self._unsampled.num_drafts = num_drafts
+            draft_ids = [t for r in rows for t in spec_tokens.get(batch.req_ids[r], ())]
+            self._unsampled.draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64).to(self.device,
+                                                                                            non_blocking=True)
         return self._unsampled.info
 
     def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
@@ -221,13 +266,17 @@ class ModelRunner:
     def _sample(self, launched: _Launched, grammar_bitmask: torch.Tensor | None) -> None:
         with step_timer.phase("sample"):
             bitmask = None if grammar_bitmask is None else grammar_bitmask.to(self.device, non_blocking=True)
-            out = self.sampler(launched.logits, launched.sampling_metadata, bitmask)
+            if launched.num_drafts is not None:
+                out = self._verify_drafts(launched, bitmask)
+            else:
+                out = self.sampler(launched.logits, launched.sampling_metadata, bitmask)
             launched.logits = launched.sampling_metadata = None
             if self.async_scheduling:  # the next step may need these before the host has them
                 self.last_sampled = out.sampled_token_ids
                 req_ids = launched.info.req_ids
                 self.last_sampled_index = {req_ids[i]: i for i in np.nonzero(launched.info.samples)[0].tolist()}
-            host = [out.sampled_token_ids]
+            host = [out.sampled_token_ids] if launched.num_emitted is None else [out.sampled_token_ids,
+                                                                                launched.num_emitted]
             if out.logprobs is not None:
                 host += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
             launched.host = [t.to("cpu", non_blocking=True) for t in host]
@@ -236,17 +285,86 @@ class ModelRunner:
                 launched.event = torch.cuda.Event()
                 launched.event.record()
 
+    def _verify_drafts(self, launched: _Launched, bitmask: torch.Tensor | None) -> SamplerOutput:
+        """The rejection sampler over the step's logits rows (each request's next token and its drafts):
+        sampled_token_ids becomes [num_reqs, 1 + most drafts] (the accepted drafts, the token after them, then
+        -1; launched.num_emitted counts them). Requests asking for logprobs have no drafts: theirs come from
+        their one row."""
+        num_drafts, meta = launched.num_drafts, launched.sampling_metadata
+        logits = launched.logits.float()
+        if bitmask is not None:  # a grammar's rows (never drafting) onto their logits rows
+            import xgrammar as xgr
+
+            xgr.apply_token_bitmask_inplace(logits, bitmask[torch.from_numpy(np.repeat(
+                np.arange(len(num_drafts)), num_drafts + 1)).to(self.device)])
+        last_rows = torch.from_numpy(np.cumsum(num_drafts + 1) - 1).to(self.device)
+        raw_logprobs = torch.log_softmax(logits[last_rows], dim=-1) if meta.max_num_logprobs is not None else None
+        states = [self.states[req_id] for req_id in launched.info.req_ids]
+        min_tokens_left = {i: states[i].sampling_params.min_tokens - len(states[i].output_token_ids)
+                           for i, _ in meta.min_tokens_masks}
+        draft_probs = None
+        if isinstance(self.proposer, DraftModelProposer) and not meta.all_greedy:
+            # the draft's q of each verified draft (zeros for greedy requests, which do not read them)
+            parts = []
+            for req_id, n in zip(launched.info.req_ids, num_drafts.tolist()):
+                q = self.proposer.probs.pop(req_id, None)
+                parts.append(q[:n] if q is not None else logits.new_zeros(n, logits.shape[-1]))
+            draft_probs = torch.cat(parts)
+        result = self.rejection_sampler(logits, launched.draft_token_ids, num_drafts.tolist(), draft_probs, meta,
+                                        min_tokens_left)
+        out = SamplerOutput(result.token_ids)
+        if raw_logprobs is not None:
+            final = result.token_ids.gather(1, (result.num_tokens - 1)[:, None]).squeeze(1)
+            out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
+                raw_logprobs, final, meta.max_num_logprobs)
+        launched.num_emitted = result.num_tokens
+        return out
+
     def finish_step(self) -> ModelRunnerOutput:
         """Waits for the oldest sampled step's tokens and records them in the batch (rows may have moved
-        since); requests whose prompt is not yet fully computed discard their sample."""
+        since); requests whose prompt is not yet fully computed discard their sample. With speculative
+        decoding, then proposes each request's drafts for its next step."""
         launched = self._sampled.popleft()
         if not launched.info.req_ids:
             return ModelRunnerOutput([], [], [])
+        host = launched.host
         with step_timer.phase("wait"):
             if launched.event is not None:
                 launched.event.synchronize()
-            sampled = launched.host[0].tolist()
+            if launched.num_emitted is None:
+                sampled = [[token_id] for token_id in host[0].tolist()]
+            else:
+                sampled = [row[:n] for row, n in zip(host[0].tolist(), host[1].tolist())]
+                host = host[1:]
         with step_timer.phase("collect"):
-            logprob_lists = [t.tolist() for t in launched.host[1:]] if len(launched.host) > 1 else None
-            return collect_sampled(self.batch, self.states, launched.info.req_ids, launched.info.samples, sampled,
-                                   logprob_lists, launched.prompt_logprobs, record=not self.pipelined)
+            logprob_lists = [t.tolist() for t in host[1:]] if len(host) > 1 else None
+            output = collect_sampled(self.batch, self.states, launched.info.req_ids, launched.info.samples, sampled,
+                                     logprob_lists, launched.prompt_logprobs, record=not self.pipelined)
+        if self.proposer is not None:
+            with step_timer.phase("propose"):
+                output.spec_token_ids = self._propose(output)
+        return output
+
+    def _propose(self, output: ModelRunnerOutput) -> list[list[int]]:
+        """Drafts for the requests that just sampled, from their tokens so far (none for requests asking for
+        logprobs: their tokens are reported one by one)."""
+        batch = self.batch
+        rows, positions = [], []
+        for i, (req_id, tokens) in enumerate(zip(output.req_ids, output.sampled_token_ids)):
+            row = batch.index.get(req_id)
+            params = batch.states[row].sampling_params if row is not None else None
+            if tokens and params is not None and params.logprobs is None and params.prompt_logprobs is None:
+                rows.append(row)
+                positions.append(i)
+        proposals = [[] for _ in output.req_ids]
+        if not rows:
+            return proposals
+        if isinstance(self.proposer, DraftModelProposer):
+            found = self.proposer.propose(batch, rows, self.sampling_inputs.build(batch, np.array(rows)))
+        else:
+            drafts, counts = self.proposer.propose(batch.token_ids[:batch.num_reqs],
+                                                   batch.num_tokens[:batch.num_reqs])
+            found = [drafts[row, :counts[row]].tolist() for row in rows]
+        for i, drafts_of_row in zip(positions, found):
+            proposals[i] = drafts_of_row
+        return proposals

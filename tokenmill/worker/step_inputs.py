@@ -34,7 +34,7 @@ class StepInputs:
         self.seq_lens = StagedBuffer(max_num_reqs, torch.int32, device)
         self.query_start_loc = StagedBuffer(max_num_reqs + 1, torch.int32, device)
         self.block_table = StagedBuffer((max_num_reqs, max_blocks_per_req), torch.int32, device)
-        self.logits_indices = StagedBuffer(max_num_reqs, torch.int64, device)
+        self.logits_indices = StagedBuffer(num_rows, torch.int64, device)  # drafts: several rows a request
         self.decode_order = StagedBuffer(max_num_reqs, torch.int32, device)
         self.logits_order = StagedBuffer(max_num_reqs, torch.int32, device)  # the logits rows' own
         self.in_flight_dst = StagedBuffer(max_num_reqs, torch.int64, device)
@@ -75,7 +75,8 @@ class StepInputs:
         seq_lens[num_reqs:padded_reqs] = 0
         query_start_loc[num_reqs + 1:padded_reqs + 1] = num_tokens
         input_ids = self.input_ids.to_device(padded_tokens)
-        in_flight = np.nonzero(positions[:num_tokens] >= batch.num_tokens[req_index])[0]
+        in_flight = np.nonzero(positions[:num_tokens] >= batch.num_tokens[req_index])[0] \
+            if last_sampled is not None else ()  # (without async scheduling, tokens past the last are drafts)
         if len(in_flight):
             sources = [last_sampled_index[batch.req_ids[r]] for r in req_index[in_flight].tolist()]
             self.in_flight_dst.np[:len(in_flight)] = in_flight
@@ -100,10 +101,18 @@ class StepInputs:
             query_start_loc_cpu=self.query_start_loc.cpu[:padded_reqs + 1],
             seq_lens_cpu=self.seq_lens.cpu[:padded_reqs], num_decodes=num_decodes, decode_order=decode_order)
 
-    def stage_logits_indices(self, num_reqs: int) -> torch.Tensor:
-        """[num_reqs] int64 on the device: each request's last row (staged query_start_loc - 1)."""
-        self.logits_indices.np[:num_reqs] = self.query_start_loc.np[1:num_reqs + 1] - 1
-        return self.logits_indices.to_device(num_reqs)
+    def stage_logits_indices(self, num_reqs: int, num_drafts: np.ndarray | None = None) -> torch.Tensor:
+        """int64 on the device: each request's last row (staged query_start_loc - 1), or with drafts
+        (num_drafts [num_reqs]) its last 1 + num_drafts rows, request after request."""
+        ends = self.query_start_loc.np[1:num_reqs + 1].astype(np.int64)
+        if num_drafts is None:
+            self.logits_indices.np[:num_reqs] = ends - 1
+            return self.logits_indices.to_device(num_reqs)
+        counts = num_drafts + 1
+        total = int(counts.sum())
+        offsets = self.arange[:total] - np.repeat(np.cumsum(counts) - counts, counts)
+        self.logits_indices.np[:total] = np.repeat(ends - counts, counts) + offsets
+        return self.logits_indices.to_device(total)
 
     def logits_metadata(self, metadata: AttentionMetadata, decode_order: torch.Tensor) -> AttentionMetadata:
         """The last layer's attention metadata when only the logits rows attend: one query row per request

@@ -38,12 +38,13 @@ def compute_prompt_logprobs(model: nn.Module, batch: InputBatch, rows: np.ndarra
 
 
 def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], req_ids: list[str],
-                    samples: np.ndarray, sampled: list[int], logprob_lists: list[list] | None,
+                    samples: np.ndarray, sampled: list[list[int]], logprob_lists: list[list] | None,
                     prompt_logprobs: dict[str, list[TokenLogprobs]], record: bool = True) -> ModelRunnerOutput:
-    """Appends each request's sampled token to its state (through its batch row if it still has one), unless
-    `record` is off (pipeline stages get the tokens from the scheduler), and packs the step's output; a prompt
-    chunk's sample, or that of a request finished meanwhile, is dropped.
-    logprob_lists: (ids [num_reqs][1 + k], logprobs [num_reqs][1 + k], ranks [num_reqs]) when asked for."""
+    """Appends each request's sampled tokens (one, or with drafts the accepted ones and the next) to its state
+    (through its batch row if it still has one), unless `record` is off (pipeline stages get the tokens from
+    the scheduler), and packs the step's output; a prompt chunk's sample, or that of a request finished
+    meanwhile, is dropped. logprob_lists: (ids [num_reqs][1 + k], logprobs [num_reqs][1 + k], ranks
+    [num_reqs]) of each request's last token, when asked for."""
     sampled_ids, logprobs = [], []
     for i, req_id in enumerate(req_ids):
         state = states.get(req_id)
@@ -51,13 +52,15 @@ def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], re
             sampled_ids.append([])
             logprobs.append(None)
             continue
+        tokens = sampled[i]
         if record:
             row = batch.index.get(req_id)
-            if row is not None:
-                batch.append_token(row, sampled[i])
-            else:  # preempted since the launch
-                state.output_token_ids.append(sampled[i])
-        sampled_ids.append([sampled[i]])
+            for token_id in tokens:
+                if row is not None:
+                    batch.append_token(row, token_id)
+                else:  # preempted since the launch
+                    state.output_token_ids.append(token_id)
+        sampled_ids.append(tokens)
         k = state.sampling_params.logprobs
         if k is not None and logprob_lists is not None:
             ids, values, ranks = logprob_lists

@@ -80,7 +80,7 @@ class Worker:
         self.runner = ModelRunner(config, self.source, self.device, TORCH_DTYPES[config.model.dtype], kv_cache_dtype)
 
     def kv_bytes_per_block(self) -> int:
-        return self.runner.kv_cache.bytes_per_block()
+        return self.runner.kv_bytes_per_block()
 
     def kv_cache_dtype(self) -> str:
         return str(self.runner.kv_cache.dtype).removeprefix("torch.")
@@ -91,7 +91,7 @@ class Worker:
         return determine_num_blocks(self.runner, self.config.cache, self.initial_gpu_used, graph_reserve)
 
     def initialize_cache(self, num_blocks: int, num_host_blocks: int = 0) -> None:
-        self.runner.kv_cache.allocate(num_blocks)
+        self.runner.allocate_kv_cache(num_blocks)
         if num_host_blocks:
             self.runner.kv_cache.allocate_host_tier(num_host_blocks)
 

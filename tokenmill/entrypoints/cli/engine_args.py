@@ -53,6 +53,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="auto: the model's dtype (default); fp8 (= fp8_e4m3): e4m3, twice the tokens")
     parser.add_argument("--calculate-kv-scales", action="store_true", default=None,
                         help="an FP8 cache's k and v scales from the first batch (default: the checkpoint's, else 1.0)")
+    parser.add_argument("--speculative-config",
+                        help='speculative decoding, as JSON: e.g. \'{"method": "ngram", "num_speculative_tokens": 3, '
+                             '"prompt_lookup_max": 4}\' (vLLM\'s keys; ngram is the method run so far)')
     parser.add_argument("--generation-config",
                         help="sampling defaults: 'auto' (the model's generation_config.json; the default), 'vllm' "
                              "(none: SamplingParams' own), or a folder holding a generation_config.json")
@@ -66,7 +69,7 @@ ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seq
                     "async_scheduling", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
                     "distributed_executor_backend", "device",
                     "generation_config", "override_generation_config", "quantization", "kv_cache_dtype",
-                    "calculate_kv_scales")
+                    "calculate_kv_scales", "speculative_config")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

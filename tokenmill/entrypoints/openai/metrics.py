@@ -47,6 +47,13 @@ class PrometheusStatLogger:
                                 "Prefix cache hits, in terms of number of cached tokens.")
         self.host_hits = make(Counter, "vllm:external_prefix_cache_hits",
                               "Prefix cache hits copied back from the host KV tier, in tokens.")
+        self.spec_drafts = make(Counter, "vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_draft_tokens = make(Counter, "vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_accepted = make(Counter, "vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.")
+        self.spec_accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                             "Accepted tokens per draft position.", ["model_name", "position"],
+                                             registry=self.registry)
+        self.model_name = model_name
         self.ttft = make(Histogram, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                          buckets=_TTFT_BUCKETS)
         self.tpot = make(Histogram, "vllm:time_per_output_token_seconds",
@@ -63,9 +70,20 @@ class PrometheusStatLogger:
                                      (self.prefix_queries, stats.prefix_cache_queries, self._last.prefix_cache_queries),
                                      (self.prefix_hits, stats.prefix_cache_hits, self._last.prefix_cache_hits),
                                      (self.host_hits, stats.prefix_cache_host_hits,
-                                      self._last.prefix_cache_host_hits)):
+                                      self._last.prefix_cache_host_hits),
+                                     (self.spec_drafts, stats.spec_decode_num_drafts,
+                                      self._last.spec_decode_num_drafts),
+                                     (self.spec_draft_tokens, stats.spec_decode_num_draft_tokens,
+                                      self._last.spec_decode_num_draft_tokens),
+                                     (self.spec_accepted, stats.spec_decode_num_accepted_tokens,
+                                      self._last.spec_decode_num_accepted_tokens)):
             if now > before:
                 counter.inc(now - before)
+        before_per_pos = self._last.spec_decode_num_accepted_tokens_per_pos
+        for position, now in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            before = before_per_pos[position] if position < len(before_per_pos) else 0
+            if now > before:
+                self.spec_accepted_per_pos.labels(self.model_name, str(position)).inc(now - before)
         self._last = stats
         if iteration.num_prompt_tokens:
             self.prompt_tokens.inc(iteration.num_prompt_tokens)

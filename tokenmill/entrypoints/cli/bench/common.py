@@ -83,6 +83,21 @@ def base_record() -> dict:
             "command": "tokenmill " + shlex.join(sys.argv[1:])}
 
 
+def spec_decode_record(llm) -> dict:
+    """With speculative decoding: the run's acceptance rate (accepted / verified drafts) and mean accepted length
+    (tokens a drafting request emits per step: accepted drafts + 1), from the engine's vLLM counters."""
+    metrics = llm.get_metrics()
+    drafts, draft_tokens = metrics["vllm:spec_decode_num_drafts"], metrics["vllm:spec_decode_num_draft_tokens"]
+    if not drafts:
+        return {}
+    accepted = metrics["vllm:spec_decode_num_accepted_tokens"]
+    return {"spec_acceptance_rate": accepted / draft_tokens, "spec_mean_acceptance_length": 1 + accepted / drafts}
+
+
+def spec_columns(record: dict) -> list[str]:
+    return [c for c in ("spec_acceptance_rate", "spec_mean_acceptance_length") if c in record]
+
+
 def write_records(records: list[dict] | dict, path: str | None) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -7,7 +7,14 @@ import statistics
 import sys
 import time
 
-from tokenmill.entrypoints.cli.bench.common import base_record, phase, print_table, write_records
+from tokenmill.entrypoints.cli.bench.common import (
+    base_record,
+    phase,
+    print_table,
+    spec_columns,
+    spec_decode_record,
+    write_records,
+)
 from tokenmill.entrypoints.cli.bench.presets import model_path
 from tokenmill.entrypoints.cli.engine_args import add_engine_args, engine_kwargs
 
@@ -57,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     record = {"workload": f"latency-{args.input_len}-{args.output_len}", "model": model_name, "backend": "tokenmill",
               "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms": statistics.median(ttfts) * 1e3, "decode_tokens_per_s": statistics.median(decode_rates),
-              "startup_to_first_token_s": startup, **base_record()}
+              "startup_to_first_token_s": startup, **spec_decode_record(llm), **base_record()}
     print_table([record], ["model", "input_len", "output_len", "ttft_ms", "decode_tokens_per_s",
-                           "startup_to_first_token_s", "device"])
+                           "startup_to_first_token_s", *spec_columns(record), "device"])
     write_records([record], args.output_json)
     return 0

@@ -12,6 +12,8 @@ from tokenmill.entrypoints.cli.bench.common import (
     make_workload,
     phase,
     print_table,
+    spec_columns,
+    spec_decode_record,
     write_records,
 )
 from tokenmill.entrypoints.cli.bench.presets import model_path
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     structured_columns = (["unconstrained_output_tokens_per_s", "structured_ratio"] if "structured_ratio" in record
                           else [])
     print_table([record], ["workload", "model", "backend", "num_requests", "seconds", "output_tokens_per_s",
-                           *structured_columns, "total_tokens_per_s", "device"])
+                           *structured_columns, "total_tokens_per_s", *spec_columns(record), "device"])
     write_records([record], args.output_json)
     return 0
 
@@ -93,6 +95,7 @@ def run_tokenmill(args: argparse.Namespace, workload: Workload, extra: dict) -> 
         llm.generate(prompts[:2], warm_up, use_tqdm=False)
     with phase(f"timed run: {len(prompts)} requests"):
         seconds, lengths = _timed_generate(llm, prompts, params)
+        extra.update(spec_decode_record(llm))
     produced = sum(lengths)
     if structured:
         # A grammar may end a request early, and fewer requests per step means fewer tokens per second
