@@ -50,25 +50,24 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """The experts on the CPU: x [T, H] -> [T, H], one pair of matmuls per expert that has tokens, its
-    weighted outputs added to its tokens' rows (experts in id order, as HF transformers adds them)."""
-    top_k = topk_ids.shape[1]
+    """The experts on the CPU: x [T, H] -> [T, H], one pair of matmuls per expert that has tokens. Each
+    (token, slot) pair's weighted output gets its own row, and a token's k rows are summed last (not
+    index_add_, which costs milliseconds per call on the CPU)."""
+    num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.flatten()
-    pairs_by_expert = flat_ids.argsort(stable=True)  # (token, slot) pairs as token * top_k + slot
+    pairs_by_expert = flat_ids.argsort(stable=True)  # pair = token * top_k + slot
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
     flat_weights = topk_weights.flatten()
-    out = torch.zeros_like(x)
+    pair_out = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype)
     start = 0
     for expert_id, count in enumerate(counts):
         if count == 0:
             continue
         pairs = pairs_by_expert[start:start + count]
         start += count
-        tokens = pairs // top_k
-        gate, up = F.linear(x[tokens], w13[expert_id]).chunk(2, dim=-1)
-        expert_out = F.linear(F.silu(gate) * up, w2[expert_id]) * flat_weights[pairs, None]
-        out.index_add_(0, tokens, expert_out.to(x.dtype))
-    return out
+        gate, up = F.linear(x[pairs // top_k], w13[expert_id]).chunk(2, dim=-1)
+        pair_out[pairs] = (F.linear(F.silu(gate) * up, w2[expert_id]) * flat_weights[pairs, None]).to(x.dtype)
+    return pair_out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class FusedMoE(nn.Module):
