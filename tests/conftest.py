@@ -37,7 +37,7 @@ def smol_tokenizer():
     return load_gguf_tokenizer(default_model_path())
 
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 def _tiny_config(arch: str):
@@ -52,6 +52,12 @@ def _tiny_config(arch: str):
                                                                 "original_max_position_embeddings": 128})
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "qwen3_moe":  # layer 0 sparse, layer 1 dense; top-2 of 8 experts, weights not renormalized
+        return transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                           moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1],
+                                           norm_topk_prob=False)
+    if arch == "mixtral":  # top-2 of 4 experts, renormalized
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     return transformers.Qwen3Config(**common, head_dim=32)
 
 

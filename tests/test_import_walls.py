@@ -56,6 +56,7 @@ def test_the_check_sees_a_breach():
 def test_a_cpu_engine_does_not_import_triton():
     """Triton is the GPU's: importing it costs a CPU start-up a sixth of a second (and prints nanobind's leak
     report at exit)."""
-    loaded = loaded_after_importing(["tokenmill.worker.worker", "tokenmill.models.llama", "tokenmill.loader.gguf",
+    loaded = loaded_after_importing(["tokenmill.worker.worker", "tokenmill.models.llama", "tokenmill.models.qwen3_moe",
+                                     "tokenmill.models.mixtral", "tokenmill.loader.gguf",
                                      "tokenmill.loader.safetensors", "tokenmill.layers.quantization"])
     assert "triton" not in loaded

@@ -214,8 +214,11 @@ class ParallelConfig:
         tp = self.tensor_parallel_size
         heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-        for name, size in (("num_attention_heads", heads), ("intermediate_size", hf_config.intermediate_size)):
-            _require(size % tp == 0, "tensor_parallel_size", f"must divide the model's {name} ({size}), got {tp}")
+        sizes = [("num_attention_heads", heads), ("intermediate_size", hf_config.intermediate_size),
+                 ("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None))]  # Qwen3-MoE's experts
+        for name, size in sizes:
+            _require(size is None or size % tp == 0, "tensor_parallel_size",
+                     f"must divide the model's {name} ({size}), got {tp}")
         _require(kv_heads % tp == 0 or tp % kv_heads == 0, "tensor_parallel_size",
                  f"must divide or be a multiple of the model's num_key_value_heads ({kv_heads}), got {tp}")
         layers = hf_config.num_hidden_layers

@@ -9,6 +9,7 @@ import sys
 KERNEL_MODULES = [
     "tokenmill.attention.triton_paged",
     "tokenmill.layers.fp8_ops",
+    "tokenmill.layers.fused_moe_triton",
     "tokenmill.layers.quantization.int4_gpu",
     "tokenmill.layers.triton_ops",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import transformers
@@ -35,7 +38,7 @@ def run(llm: LLM, prompts: list[list[int]], one_at_a_time: bool = False) -> list
     return [out.outputs[0].token_ids for out in llm.generate(requests, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
 def test_tiny_models_match_hf_under_every_batching(arch, tiny_model_dir, assert_pool_free):
     path = tiny_model_dir(arch)
     prompts = make_prompts(seed=len(arch))
@@ -97,3 +100,14 @@ def test_logits_rows_only_last_layer_matches_every_row(tiny_model_dir):
         for a, b in zip(pruned.logprobs, full.logprobs):
             assert a.keys() == b.keys()
             torch.testing.assert_close([a[t].logprob for t in a], [b[t].logprob for t in a], rtol=0, atol=1e-5)
+
+
+def test_sliding_window_longer_than_the_model_len_is_refused(tiny_model_dir, tmp_path):
+    """tokenmill's attention has no sliding window: a Mixtral config with one is served only up to its width."""
+    shutil.copytree(tiny_model_dir("mixtral"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    with pytest.raises(ValueError, match=r"sliding window of 64 tokens.*max_model_len <= 64 \(got 128\)"):
+        LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=4 << 20, max_model_len=128)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=4 << 20, max_model_len=64)
+    assert len(run(llm, [[5, 6, 7]])[0]) == NUM_NEW

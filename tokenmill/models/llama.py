@@ -24,6 +24,7 @@ from tokenmill.distributed.parallel_state import (
 from tokenmill.forward_context import get_forward_context
 from tokenmill.layers.activation import SiluAndMul
 from tokenmill.layers.attention import Attention
+from tokenmill.layers.fused_moe import expert_weight_target
 from tokenmill.layers.layernorm import RMSNorm
 from tokenmill.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tokenmill.layers.quantization import QuantizationConfig
@@ -104,9 +105,13 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.is_last_layer = is_last_layer
         self.self_attn = self.attention_cls(config, max_position, quant_config, f"{prefix}.self_attn", is_last_layer)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
+        self.mlp = self.make_mlp(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config: Any, quant_config: QuantizationConfig | None, prefix: str) -> nn.Module:
+        """The layer's MLP (MoE models choose per layer: `prefix` ends in the layer's index and ".mlp")."""
+        return LlamaMLP(config, quant_config, prefix)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +137,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
         super().__init__()
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < max_position:
+            raise ValueError(f"the model attends through a sliding window of {window} tokens, which tokenmill's "
+                             f"attention does not support; pass max_model_len <= {window} (got {max_position})")
         num_layers = config.num_hidden_layers
         self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
         self.start_layer, self.end_layer = pp_layer_range(num_layers)
@@ -173,6 +182,8 @@ class LlamaForCausalLM(nn.Module):
         ".gate_proj.": (".gate_up_proj.", 0),
         ".up_proj.": (".gate_up_proj.", 1),
     }
+    # MoE models: an expert's projection in the checkpoint -> FusedMoE's shard ("w1" gate, "w3" up, "w2" down)
+    expert_shards: dict[str, str] = {}
     # KV-cache scales of FP8 checkpoints (llm-compressor's names, old and new) -> the attention layer's
     renamed = {
         ".self_attn.k_scale": ".self_attn.attn.k_scale",
@@ -217,25 +228,33 @@ class LlamaForCausalLM(nn.Module):
                 if not (name == "model.embed_tokens.weight" and self.tie_word_embeddings and self.lm_head is not None):
                     continue
                 name = "lm_head.weight"
-            for piece, (packed, shard_id) in self.packed_modules.items():
-                if piece in name:
-                    target = name.replace(piece, packed)
-                    self._param(params, target, name).weight_loader(params[target], tensor, shard_id)
-                    break
-            else:
-                target = name
-                param = self._param(params, target, name)
-                loader = getattr(param, "weight_loader", None)
-                if loader is None:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"shape mismatch for {name}: {tuple(param.shape)} vs {tuple(tensor.shape)}")
-                    param.data.copy_(tensor)
-                else:
-                    loader(param, tensor)
-            loaded.add(target)
+            loaded.add(self._load_tensor(params, name, tensor))
         if self.shares_embedding:
             loaded.add("lm_head.weight")
         return loaded
+
+    def _load_tensor(self, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str:
+        """Copies checkpoint tensor `name` into its parameter (or its shard of a packed or expert parameter);
+        returns the parameter's name."""
+        expert = expert_weight_target(name, self.expert_shards)
+        if expert is not None:
+            target, shard_id, expert_id = expert
+            self._param(params, target, name).weight_loader(params[target], tensor, shard_id, expert_id)
+            return target
+        for piece, (packed, shard_id) in self.packed_modules.items():
+            if piece in name:
+                target = name.replace(piece, packed)
+                self._param(params, target, name).weight_loader(params[target], tensor, shard_id)
+                return target
+        param = self._param(params, name, name)
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"shape mismatch for {name}: {tuple(param.shape)} vs {tuple(tensor.shape)}")
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor)
+        return name
 
     def _on_this_stage(self, name: str) -> bool:
         """Whether this pipeline stage holds the parameter of checkpoint tensor `name`."""

@@ -1,0 +1,118 @@
+"""The experts of a MoE layer on the GPU: one grouped-GEMM launch per projection over all experts.
+
+The T * k (token, expert) pairs, numbered pair = token * k + slot, are sorted by expert and each expert's run
+is padded to a whole number of BLOCK_M rows (moe_align_block_size), so every block of rows belongs to one
+expert; a padding row holds the id T * k and is neither read nor written:
+
+    sorted_pair_ids  [ e0 e0 e0 -- | e1 -- -- -- | e3 e3 e3 e3 | e3 -- -- -- | -- (unused blocks) ]
+    block_expert_ids [     0       |      1      |      3      |      3      |  ... ]
+
+The GEMM kernel's program (row block, column block) multiplies its rows of A, gathered through the pair ids,
+by its expert's matrix and writes rows of C indexed by pair id. Gate/up reads A = x (row pair // k) into
+[T * k, 2I]; SiLU * up gives [T * k, I]; down reads those rows (row pair) and scales them by the router's
+weight; the k rows of a token are summed last. Sizes are bounded without reading the device (T * k +
+E * (BLOCK_M - 1) rows at most), so nothing waits on the GPU and the launch suits CUDA graphs: blocks past
+the padded total return at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tokenmill.layers.triton_ops import silu_and_mul
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] -> (sorted_pair_ids [max_rows] int32, padding rows = T * k; block_expert_ids
+    [max_rows / block_m] int32; num_rows_padded [1], the rows in use), max_rows = T * k + E * (block_m - 1)
+    rounded up to block_m. Pairs keep their order within an expert."""
+    flat_ids = topk_ids.flatten()
+    num_pairs = flat_ids.numel()
+    device = flat_ids.device
+    max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).index_add_(
+        0, flat_ids, torch.ones_like(flat_ids))  # not bincount: that reads the maximum back to the host
+    padded_ends = ((counts + block_m - 1) // block_m * block_m).cumsum(0)
+    padded_starts = padded_ends - (counts + block_m - 1) // block_m * block_m
+    pairs_by_expert = flat_ids.argsort(stable=True)
+    experts_sorted = flat_ids[pairs_by_expert]
+    rank_in_expert = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[experts_sorted]
+    sorted_pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pair_ids[padded_starts[experts_sorted] + rank_in_expert] = pairs_by_expert.to(torch.int32)
+    block_starts = torch.arange(0, max_rows, block_m, device=device)
+    # Blocks past the padded total get a valid id; the kernel returns before using it.
+    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).clamp_max(num_experts - 1)
+    return sorted_pair_ids, block_expert_ids.to(torch.int32), padded_ends[-1:]
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
+                         num_rows_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm,
+                         PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # C[pair, n] = sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (x weights[pair] if MUL_WEIGHT)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_rows_padded_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    pair_ids = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    is_pair = pair_ids < num_pairs
+    a_rows = (pair_ids // PAIRS_PER_A_ROW).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # [K, N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k0
+        a = tl.load(a_ptrs + k0, mask=is_pair[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if MUL_WEIGHT:
+        acc = acc * tl.load(weights_ptr + pair_ids, mask=is_pair, other=0.0).to(tl.float32)[:, None]
+    c_ptrs = c_ptr + pair_ids[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=is_pair[:, None] & n_mask[None, :])
+
+
+def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
+                 block_expert_ids: torch.Tensor, num_rows_padded: torch.Tensor, pairs_per_a_row: int, block_m: int,
+                 pair_weights: torch.Tensor | None = None) -> None:
+    """out[pair] = a[pair // pairs_per_a_row] @ weight[expert of pair].T (x pair_weights[pair]), for the pairs
+    of moe_align_block_size (its block_m). a [rows, K], weight [E, N, K], out [num_pairs, N]; last dims
+    contiguous."""
+    num_pairs, n = out.shape
+    k = a.shape[1]
+    if weight.shape[1:] != (n, k) or a.stride(1) != 1 or weight.stride(2) != 1 or out.stride(1) != 1:
+        raise ValueError(f"grouped_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)} and out "
+                         f"{tuple(out.shape)} do not fit, or a last dim is strided")
+    block_n, block_k = 64, 64
+    grid = (sorted_pair_ids.numel() // block_m, triton.cdiv(n, block_n))
+    _grouped_gemm_kernel[grid](a, weight, out, pair_weights if pair_weights is not None else out, sorted_pair_ids,
+                               block_expert_ids, num_rows_padded, n, k, num_pairs, a.stride(0), weight.stride(0),
+                               weight.stride(1), out.stride(0), PAIRS_PER_A_ROW=pairs_per_a_row,
+                               MUL_WEIGHT=pair_weights is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                               BLOCK_K=block_k, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                               num_warps=4, num_stages=3)
+
+
+def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] ->
+    [T, H] in x's dtype. block_m: rows per block (16 while tokens are few, so experts pad little; else 64)."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    if block_m is None:
+        block_m = 16 if num_tokens <= num_experts else 64
+    sorted_pair_ids, block_expert_ids, num_rows_padded = moe_align_block_size(topk_ids, block_m, num_experts)
+    routing = (sorted_pair_ids, block_expert_ids, num_rows_padded)
+    gate_up = torch.empty(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
+    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m)
+    down = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
+    grouped_gemm(silu_and_mul(gate_up), w2, down, *routing, pairs_per_a_row=1, block_m=block_m,
+                 pair_weights=topk_weights.flatten())
+    return down.view(num_tokens, top_k, -1).sum(dim=1)
