@@ -137,7 +137,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
         super().__init__()
-        window = getattr(config, "sliding_window", None)
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if window is not None and window < max_position:
             raise ValueError(f"the model attends through a sliding window of {window} tokens, which tokenmill's "
                              f"attention does not support; pass max_model_len <= {window} (got {max_position})")
