@@ -126,3 +126,25 @@ def test_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path):
 def test_bad_speculative_config_is_refused_naming_the_key(spec, message, tiny_model_dir):
     with pytest.raises(ValueError, match=message):
         LLM(tiny_model_dir("llama"), dtype="float32", kv_cache_memory_bytes=8 << 20, speculative_config=spec)
+
+
+def test_prometheus_counters_follow_the_cumulative_totals():
+    """The server's /metrics: the core's cumulative totals become counter increments, per position too."""
+    from prometheus_client import generate_latest
+
+    from tokenmill.core.interface import SchedulerStats
+    from tokenmill.engine.async_llm import IterationStats
+    from tokenmill.entrypoints.openai.metrics import PrometheusStatLogger
+
+    logger = PrometheusStatLogger("m")
+    for drafts, accepted, per_pos in ((2, 3, (2, 1)), (5, 7, (4, 3))):
+        logger.record(SchedulerStats(spec_decode_num_drafts=drafts, spec_decode_num_draft_tokens=2 * drafts,
+                                     spec_decode_num_accepted_tokens=accepted,
+                                     spec_decode_num_accepted_tokens_per_pos=per_pos), IterationStats())
+    text = generate_latest(logger.registry).decode()
+    for line in ('vllm:spec_decode_num_drafts_total{model_name="m"} 5.0',
+                 'vllm:spec_decode_num_draft_tokens_total{model_name="m"} 10.0',
+                 'vllm:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0',
+                 'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"} 4.0',
+                 'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"} 3.0'):
+        assert line in text
