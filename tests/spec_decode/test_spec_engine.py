@@ -46,13 +46,17 @@ def test_greedy_tokens_equal_without_speculation(k, tiny_model_dir):
 
 def test_embedded_model_mixed_batch_preempted_with_prefix_hits_and_stops():
     """The embedded model in float32: greedy requests (two share a prompt, so the second hits the first's blocks;
-    one stops at a string, one at a max_tokens of 7) beside seeded sampled ones, in a pool so small that
-    requests are preempted. The greedy ones equal the run without speculation, token for token."""
-    prompts = REPETITIVE + REPETITIVE[:2] + ["Count: one two three one two three one"]
+    one stops at a string, one at a max_tokens of 7, one at a stop token inside an accepted run) beside seeded
+    sampled ones, in a pool so small that requests are preempted. The greedy ones equal the run without
+    speculation, token for token."""
+    prompts = REPETITIVE + REPETITIVE[:2] + ["Count: one two three one two three one"] + REPETITIVE[:1]
     greedy = SamplingParams(temperature=0, max_tokens=40)
+    first, _ = generate(None, None, REPETITIVE[:1], greedy)
+    stop_token = first[0].outputs[0].token_ids[8]  # a token of the counting's second round: drafted by then
     params = [greedy, SamplingParams(temperature=0, max_tokens=40, stop=["France is not"]), greedy,
               SamplingParams(temperature=0, max_tokens=7), greedy, greedy,
-              SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True)]
+              SamplingParams(temperature=0.8, seed=3, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop_token])]
     plain, plain_metrics = generate(None, None, prompts, params)
     spec, metrics = generate(None, ngram(4), prompts, params, max_model_len=128, kv_cache_memory_bytes=9 << 20)
     for a, b, p in zip(spec, plain, params):
@@ -60,7 +64,8 @@ def test_embedded_model_mixed_batch_preempted_with_prefix_hits_and_stops():
             assert a.outputs[0].token_ids == b.outputs[0].token_ids, a.prompt
             assert a.outputs[0].text == b.outputs[0].text and a.outputs[0].finish_reason == b.outputs[0].finish_reason
     assert len(spec[3].outputs[0].token_ids) == 7 and spec[1].outputs[0].finish_reason == "stop"
-    assert len(spec[-1].outputs[0].token_ids) == 30
+    assert len(spec[-2].outputs[0].token_ids) == 30
+    assert spec[-1].outputs[0].token_ids[-1] == stop_token and len(spec[-1].outputs[0].token_ids) < 40
     assert metrics["vllm:num_preemptions"] > 0 and metrics["vllm:prefix_cache_hits"] > 0
     drafts, accepted = metrics["vllm:spec_decode_num_draft_tokens"], metrics["vllm:spec_decode_num_accepted_tokens"]
     per_pos = [metrics[f'vllm:spec_decode_num_accepted_tokens_per_pos{{position="{j}"}}'] for j in range(4)]

@@ -260,10 +260,11 @@ class Scheduler:
             if not new_token_ids and prompt_logprobs is None:
                 continue  # a prompt chunk that produced nothing to report
             queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
-            for token_id in new_token_ids:
+            for num_kept, token_id in enumerate(new_token_ids, 1):
                 request.append_output_token(token_id)
                 request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
                 if self._check_stop(request, token_id):
+                    new_token_ids = new_token_ids[:num_kept]  # accepted drafts after a stop are not the output's
                     break
             logprobs = runner_output.logprobs[i]
             outputs.append(EngineCoreOutput(
