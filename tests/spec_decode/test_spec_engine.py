@@ -73,6 +73,24 @@ def test_embedded_model_mixed_batch_preempted_with_prefix_hits_and_stops():
     assert plain_metrics["vllm:spec_decode_num_drafts"] == 0
 
 
+def test_logprobs_of_every_accepted_token():
+    """Requests asking for logprobs speculate too: each emitted token (accepted drafts and the one after them)
+    reports its own logprobs, as without speculation."""
+    params = SamplingParams(temperature=0, max_tokens=30, logprobs=2, ignore_eos=True)
+    prompts = REPETITIVE[:1] + REPETITIVE[3:]
+    plain, _ = generate(None, None, prompts, params)
+    spec, metrics = generate(None, ngram(3), prompts, params)
+    assert metrics["vllm:spec_decode_num_accepted_tokens"] > 10
+    for a, b in zip(spec, plain):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert len(a.outputs[0].logprobs) == 30
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert list(step_a) == list(step_b)
+            assert all(abs(step_a[t].logprob - step_b[t].logprob) < 1e-4 and step_a[t].rank == step_b[t].rank
+                       for t in step_a)
+        assert abs(a.outputs[0].cumulative_logprob - b.outputs[0].cumulative_logprob) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def one_layer_draft(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
     """(target, draft): the tiny Llama and its first layer alone (same embeddings and head), as the issue's

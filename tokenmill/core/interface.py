@@ -72,7 +72,7 @@ class ModelRunnerOutput:
     # [num_reqs][0 ..]: empty while a prompt is still being chunked; one token, or with drafts the accepted
     # ones and the token after them
     sampled_token_ids: list[list[int]]
-    logprobs: list[TokenLogprobs | None]  # [num_reqs], for requests that asked
+    logprobs: list[list[TokenLogprobs] | None]  # [num_reqs], for requests that asked: one per sampled token
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # new prompt positions
     spec_token_ids: list[list[int]] | None = None  # [num_reqs]: drafts proposed for each request's next step
 

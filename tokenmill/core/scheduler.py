@@ -267,9 +267,11 @@ class Scheduler:
                     new_token_ids = new_token_ids[:num_kept]  # accepted drafts after a stop are not the output's
                     break
             logprobs = runner_output.logprobs[i]
+            if logprobs is not None:
+                logprobs = logprobs[:len(new_token_ids)]
             outputs.append(EngineCoreOutput(
                 request_id, new_token_ids,
-                new_logprobs=[logprobs] if logprobs is not None and new_token_ids else None,
+                new_logprobs=logprobs if logprobs is not None and new_token_ids else None,
                 new_prompt_logprobs=prompt_logprobs,
                 finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
                 num_cached_tokens=max(request.num_cached_tokens, 0)))

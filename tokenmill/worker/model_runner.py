@@ -288,8 +288,7 @@ class ModelRunner:
     def _verify_drafts(self, launched: _Launched, bitmask: torch.Tensor | None) -> SamplerOutput:
         """The rejection sampler over the step's logits rows (each request's next token and its drafts):
         sampled_token_ids becomes [num_reqs, 1 + most drafts] (the accepted drafts, the token after them, then
-        -1; launched.num_emitted counts them). Requests asking for logprobs have no drafts: theirs come from
-        their one row."""
+        -1; launched.num_emitted counts them), and with logprobs those of every row's emitted token."""
         num_drafts, meta = launched.num_drafts, launched.sampling_metadata
         logits = launched.logits.float()
         if bitmask is not None:  # a grammar's rows (never drafting) onto their logits rows
@@ -297,8 +296,7 @@ class ModelRunner:
 
             xgr.apply_token_bitmask_inplace(logits, bitmask[torch.from_numpy(np.repeat(
                 np.arange(len(num_drafts)), num_drafts + 1)).to(self.device)])
-        last_rows = torch.from_numpy(np.cumsum(num_drafts + 1) - 1).to(self.device)
-        raw_logprobs = torch.log_softmax(logits[last_rows], dim=-1) if meta.max_num_logprobs is not None else None
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if meta.max_num_logprobs is not None else None
         states = [self.states[req_id] for req_id in launched.info.req_ids]
         min_tokens_left = {i: states[i].sampling_params.min_tokens - len(states[i].output_token_ids)
                            for i, _ in meta.min_tokens_masks}
@@ -313,10 +311,14 @@ class ModelRunner:
         result = self.rejection_sampler(logits, launched.draft_token_ids, num_drafts.tolist(), draft_probs, meta,
                                         min_tokens_left)
         out = SamplerOutput(result.token_ids)
-        if raw_logprobs is not None:
-            final = result.token_ids.gather(1, (result.num_tokens - 1)[:, None]).squeeze(1)
+        if raw_logprobs is not None:  # row j of request i: the token emitted j-th (any past the last)
+            counts = num_drafts + 1
+            request_of_row = np.repeat(np.arange(len(counts)), counts)
+            position = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+            emitted = result.token_ids[torch.from_numpy(request_of_row).to(self.device),
+                                       torch.from_numpy(position).to(self.device)].clamp(min=0)
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
-                raw_logprobs, final, meta.max_num_logprobs)
+                raw_logprobs, emitted, meta.max_num_logprobs)
         launched.num_emitted = result.num_tokens
         return out
 
@@ -338,22 +340,25 @@ class ModelRunner:
                 host = host[1:]
         with step_timer.phase("collect"):
             logprob_lists = [t.tolist() for t in host[1:]] if len(host) > 1 else None
+            starts = None if launched.num_drafts is None else \
+                (np.cumsum(launched.num_drafts + 1) - launched.num_drafts - 1).tolist()
             output = collect_sampled(self.batch, self.states, launched.info.req_ids, launched.info.samples, sampled,
-                                     logprob_lists, launched.prompt_logprobs, record=not self.pipelined)
+                                     logprob_lists, launched.prompt_logprobs, record=not self.pipelined,
+                                     logprob_starts=starts)
         if self.proposer is not None:
             with step_timer.phase("propose"):
                 output.spec_token_ids = self._propose(output)
         return output
 
     def _propose(self, output: ModelRunnerOutput) -> list[list[int]]:
-        """Drafts for the requests that just sampled, from their tokens so far (none for requests asking for
-        logprobs: their tokens are reported one by one)."""
+        """Drafts for the requests that just sampled, from their tokens so far (none while a request still
+        reports prompt logprobs)."""
         batch = self.batch
         rows, positions = [], []
         for i, (req_id, tokens) in enumerate(zip(output.req_ids, output.sampled_token_ids)):
             row = batch.index.get(req_id)
             params = batch.states[row].sampling_params if row is not None else None
-            if tokens and params is not None and params.logprobs is None and params.prompt_logprobs is None:
+            if tokens and params is not None and params.prompt_logprobs is None:
                 rows.append(row)
                 positions.append(i)
         proposals = [[] for _ in output.req_ids]

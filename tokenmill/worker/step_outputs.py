@@ -39,12 +39,13 @@ def compute_prompt_logprobs(model: nn.Module, batch: InputBatch, rows: np.ndarra
 
 def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], req_ids: list[str],
                     samples: np.ndarray, sampled: list[list[int]], logprob_lists: list[list] | None,
-                    prompt_logprobs: dict[str, list[TokenLogprobs]], record: bool = True) -> ModelRunnerOutput:
+                    prompt_logprobs: dict[str, list[TokenLogprobs]], record: bool = True,
+                    logprob_starts: list[int] | None = None) -> ModelRunnerOutput:
     """Appends each request's sampled tokens (one, or with drafts the accepted ones and the next) to its state
     (through its batch row if it still has one), unless `record` is off (pipeline stages get the tokens from
     the scheduler), and packs the step's output; a prompt chunk's sample, or that of a request finished
-    meanwhile, is dropped. logprob_lists: (ids [num_reqs][1 + k], logprobs [num_reqs][1 + k], ranks
-    [num_reqs]) of each request's last token, when asked for."""
+    meanwhile, is dropped. logprob_lists: (ids [rows][1 + k], logprobs [rows][1 + k], ranks [rows]) when asked
+    for, a row per sampled token: request i's from row logprob_starts[i] (default: row i, one token each)."""
     sampled_ids, logprobs = [], []
     for i, req_id in enumerate(req_ids):
         state = states.get(req_id)
@@ -64,7 +65,8 @@ def collect_sampled(batch: InputBatch, states: dict[str, CachedRequestState], re
         k = state.sampling_params.logprobs
         if k is not None and logprob_lists is not None:
             ids, values, ranks = logprob_lists
-            logprobs.append((ids[i][:1 + k], values[i][:1 + k], ranks[i]))
+            start = i if logprob_starts is None else logprob_starts[i]
+            logprobs.append([(ids[r][:1 + k], values[r][:1 + k], ranks[r]) for r in range(start, start + len(tokens))])
         else:
             logprobs.append(None)
     return ModelRunnerOutput(req_ids, sampled_ids, logprobs, prompt_logprobs)
