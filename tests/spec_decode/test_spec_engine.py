@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 
 REPETITIVE = [
     "1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2,",
@@ -89,6 +89,20 @@ def test_logprobs_of_every_accepted_token():
             assert all(abs(step_a[t].logprob - step_b[t].logprob) < 1e-4 and step_a[t].rank == step_b[t].rank
                        for t in step_a)
         assert abs(a.outputs[0].cumulative_logprob - b.outputs[0].cumulative_logprob) < 1e-3
+
+
+def test_grammar_constrained_requests_do_not_draft(tiny_model_dir):
+    """A grammar's mask is for one token a step: such requests run unspeculated beside drafting ones."""
+    path = tiny_model_dir("llama")
+    choice = SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(
+        choice=["alpha beta gamma", "delta epsilon"]))
+    params = [choice, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)]
+    prompts = REPETITIVE[:2]
+    plain, _ = generate(path, None, prompts, params)
+    spec, metrics = generate(path, ngram(3), prompts, params)
+    assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
+    assert spec[0].outputs[0].text in ("alpha beta gamma", "delta epsilon")
+    assert metrics["vllm:spec_decode_num_drafts"] > 0
 
 
 @pytest.fixture(scope="module")

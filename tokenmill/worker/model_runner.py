@@ -351,14 +351,14 @@ class ModelRunner:
         return output
 
     def _propose(self, output: ModelRunnerOutput) -> list[list[int]]:
-        """Drafts for the requests that just sampled, from their tokens so far (none while a request still
-        reports prompt logprobs)."""
+        """Drafts for the requests that just sampled, from their tokens so far (none for a grammar-constrained
+        request, whose drafts the scheduler would drop, nor while a request still reports prompt logprobs)."""
         batch = self.batch
         rows, positions = [], []
         for i, (req_id, tokens) in enumerate(zip(output.req_ids, output.sampled_token_ids)):
             row = batch.index.get(req_id)
             params = batch.states[row].sampling_params if row is not None else None
-            if tokens and params is not None and params.prompt_logprobs is None:
+            if tokens and params is not None and params.prompt_logprobs is None and params.structured_outputs is None:
                 rows.append(row)
                 positions.append(i)
         proposals = [[] for _ in output.req_ids]
