@@ -172,10 +172,7 @@ class EngineCore:
         if launched:
             step = self._launch()
             if step.req_ids:
-                rows, grammars = self._constrained_rows(step)
-                bitmask = self.structured.fill(grammars, rows, len(step.req_ids)) if rows else None
-                self.executor.step_with_output("sample_tokens", bitmask)
-                step.phase = StepPhase.SAMPLED
+                self._sample(step, from_output_rank=True)
             else:  # nothing to run: it only told the runners of finished and preempted requests
                 self.executor.step("sample_tokens", None)
                 self.in_flight.pop()
@@ -194,17 +191,18 @@ class EngineCore:
         self.in_flight.append(step)
         return step
 
-    def _sample(self, step: InFlightStep) -> None:
+    def _sample(self, step: InFlightStep, from_output_rank: bool = False) -> None:
         """Queues a launched step's sampling, the rows of constrained requests masked by their grammars'
         next-token bitmasks: filled in the background since the previous step's tokens came in (async
-        scheduling), else now."""
+        scheduling), else now. `from_output_rank`: a pipeline's, whose last stage returns the step's output."""
         with step_timer.phase("grammar"):
             if step.bitmask is not None:
                 bitmask = step.bitmask.result()
             else:
                 rows, grammars = self._constrained_rows(step)
                 bitmask = self.structured.fill(grammars, rows, len(step.req_ids)) if rows else None
-        self.executor.step("sample_tokens", bitmask)
+        send = self.executor.step_with_output if from_output_rank else self.executor.step
+        send("sample_tokens", bitmask)
         step.phase = StepPhase.SAMPLED
 
     def _constrained_rows(self, step: InFlightStep) -> tuple[list[int], list]:

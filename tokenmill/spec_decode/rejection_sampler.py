@@ -43,6 +43,7 @@ class RejectionSamplerOutput:
     token_ids: torch.Tensor  # [B, max(n_i) + 1] int64: accepted drafts, then the final token, then PAD
     num_tokens: torch.Tensor  # [B] int64: emitted tokens, num_accepted + 1
     num_accepted: torch.Tensor  # [B] int64: accepted drafts (for the acceptance metrics)
+    layout: DraftLayout  # the target rows' requests and positions, for values a caller gathers per row
 
 
 @dataclass
@@ -141,7 +142,7 @@ class RejectionSampler:
         cols = torch.arange(width, device=device)[None, :]
         token_ids = torch.where(cols < num_accepted[:, None], drafts,
                                 torch.where(cols == num_accepted[:, None], final[:, None], PAD))
-        return RejectionSamplerOutput(token_ids, num_accepted + 1, num_accepted)
+        return RejectionSamplerOutput(token_ids, num_accepted + 1, num_accepted, layout)
 
     @staticmethod
     def _accept(layout: DraftLayout, draft_token_ids: torch.Tensor, draft_probs: torch.Tensor | None,

@@ -82,7 +82,7 @@ class _Launched:
     sampler_output: SamplerOutput | None = None  # keeps the device tensors alive until the copies finish
     num_drafts: np.ndarray | None = None  # [num_reqs] speculative drafts verified by this step, if any
     draft_token_ids: torch.Tensor | None = None  # [sum(num_drafts)] on the device
-    num_emitted: torch.Tensor | None = None  # [num_reqs] tokens per row of the verified sampled_token_ids
+    num_emitted: torch.Tensor | None = None  # [num_reqs] tokens per row of the verified sampled_token_ids (host)
 
 
 class ModelRunner:
@@ -275,8 +275,9 @@ class ModelRunner:
                 self.last_sampled = out.sampled_token_ids
                 req_ids = launched.info.req_ids
                 self.last_sampled_index = {req_ids[i]: i for i in np.nonzero(launched.info.samples)[0].tolist()}
-            host = [out.sampled_token_ids] if launched.num_emitted is None else [out.sampled_token_ids,
-                                                                                launched.num_emitted]
+            host = [out.sampled_token_ids]
+            if launched.num_emitted is not None:
+                launched.num_emitted = launched.num_emitted.to("cpu", non_blocking=True)
             if out.logprobs is not None:
                 host += [out.logprob_token_ids, out.logprobs, out.sampled_ranks]
             launched.host = [t.to("cpu", non_blocking=True) for t in host]
@@ -312,11 +313,7 @@ class ModelRunner:
                                         min_tokens_left)
         out = SamplerOutput(result.token_ids)
         if raw_logprobs is not None:  # row j of request i: the token emitted j-th (any past the last)
-            counts = num_drafts + 1
-            request_of_row = np.repeat(np.arange(len(counts)), counts)
-            position = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-            emitted = result.token_ids[torch.from_numpy(request_of_row).to(self.device),
-                                       torch.from_numpy(position).to(self.device)].clamp(min=0)
+            emitted = result.token_ids[result.layout.request_of_row, result.layout.position_of_row].clamp(min=0)
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
                 raw_logprobs, emitted, meta.max_num_logprobs)
         launched.num_emitted = result.num_tokens
@@ -336,8 +333,7 @@ class ModelRunner:
             if launched.num_emitted is None:
                 sampled = [[token_id] for token_id in host[0].tolist()]
             else:
-                sampled = [row[:n] for row, n in zip(host[0].tolist(), host[1].tolist())]
-                host = host[1:]
+                sampled = [row[:n] for row, n in zip(host[0].tolist(), launched.num_emitted.tolist())]
         with step_timer.phase("collect"):
             logprob_lists = [t.tolist() for t in host[1:]] if len(host) > 1 else None
             starts = None if launched.num_drafts is None else \
