@@ -37,7 +37,7 @@ def smol_tokenizer():
     return load_gguf_tokenizer(default_model_path())
 
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral_window", "qwen2_window")
 
 
 def _tiny_config(arch: str):
@@ -52,6 +52,10 @@ def _tiny_config(arch: str):
                                                                 "original_max_position_embeddings": 128})
     if arch == "qwen2":
         return transformers.Qwen2Config(**common)
+    if arch == "mistral_window":  # every layer sees the last 6 keys
+        return transformers.MistralConfig(**common, sliding_window=6)
+    if arch == "qwen2_window":  # layer 0 full, layer 1 sees the last 9 keys
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=9, max_window_layers=1)
     if arch == "qwen3_moe":  # layer 0 sparse, layer 1 dense; top-2 of 8 experts, weights not renormalized
         return transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=8, num_experts_per_tok=2,
                                            moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1],

@@ -95,8 +95,9 @@ class PagedBatch:
                          if max(self.q_lens_list) > 1 else 0),
         )
 
-    def reference(self) -> torch.Tensor:
-        """float64 causal attention, one request at a time, keys gathered through the block table."""
+    def reference(self, sliding_window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """float64 causal attention, one request at a time, keys gathered through the block table; a window
+        masks keys more than sliding_window - 1 positions back, sinks join each head's softmax as a column."""
         q_all = self.query.cpu().double()
         kv = self.kv_cache.cpu().double()
         table = self.block_table.cpu()
@@ -114,16 +115,23 @@ class PagedBatch:
             scores = torch.einsum("qhd,khd->hqk", q, k) * self.scale
             query_pos = s - q_len + torch.arange(q_len)
             scores = scores.masked_fill(positions[None, :] > query_pos[:, None], float("-inf"))
-            out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+            if sliding_window is not None:
+                scores = scores.masked_fill(positions[None, :] <= query_pos[:, None] - sliding_window, float("-inf"))
+            if sinks is not None:
+                sink_column = sinks.cpu().double()[:, None, None].expand(num_heads, q_len, 1)
+                probs = torch.cat([scores, sink_column], dim=-1).softmax(-1)[..., :-1]
+            else:
+                probs = scores.softmax(-1)
+            out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v)
             start += q_len
         return out
 
 
-def check(out: torch.Tensor, batch: PagedBatch, dtype: torch.dtype) -> None:
+def check(out: torch.Tensor, batch: PagedBatch, dtype: torch.dtype, **reference_options) -> None:
     num_actual = sum(batch.q_lens_list)
     real = out[:num_actual].cpu()
     assert not real.isnan().any(), f"{int(real.isnan().any(-1).any(-1).sum())} real rows left unwritten"
-    err = rel_err(real, batch.reference())
+    err = rel_err(real, batch.reference(**reference_options))
     assert err <= TOLERANCE[dtype], f"rel err {err:.2e} > {TOLERANCE[dtype]:.0e}"
 
 
@@ -452,3 +460,76 @@ def test_attention_over_an_fp8_cache(q_lens: list[int], num_splits: int | None) 
     paged_attention(batch.query, fp8.to(DEVICE), batch.query_start_loc, batch.seq_lens, batch.block_table,
                     batch.scale, max(q_lens), out=out, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits)
     check(out, batch, torch.float32)
+
+
+# ------------------------------------------------------------------------------------ sliding window, sinks
+
+
+def random_sinks(num_heads: int, seed: int) -> torch.Tensor:
+    """Logits of the size of the scores (about 0 to 4): the sink takes a real share of each softmax."""
+    return (torch.randn(num_heads, generator=torch.Generator().manual_seed(seed)) * 2 + 1).to(DEVICE)
+
+
+WINDOW_CASES = [(5, False), (16, False), (7, True), (None, True)]  # (window, sinks): a few keys, a key tile
+
+
+@pytest.mark.parametrize("window, with_sinks", WINDOW_CASES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_prefill_and_mixed_steps_with_a_window_and_sinks(backend: str, window: int | None, with_sinks: bool) -> None:
+    """Decodes and chunks over cached prefixes longer than the window (chunks crossing it, and shorter than
+    it), through the backend: the window's edge falls at every offset within a key tile across the rows."""
+    s = sizes(cpu=dict(seq_lens=[40, 3, 30, 9, 45], q_lens=[1, 1, 12, 9, 20], block_size=4),
+              gpu=dict(seq_lens=[1500, 3, 700, 64, 333], q_lens=[1, 1, 150, 64, 200], block_size=16))
+    dtype = torch.float32
+    batch = PagedBatch(s["seq_lens"], s["q_lens"], num_heads=8, num_kv_heads=2, head_dim=32,
+                       block_size=s["block_size"], dtype=dtype, num_padding_tokens=2, seed=20).to(DEVICE)
+    if backend == "torch":  # it pads the one-token requests' keys to the longest and masks them: 0 x NaN is NaN
+        batch.kv_cache = batch.kv_cache.nan_to_num(nan=1e4)
+    sinks = random_sinks(8, seed=1) if with_sinks else None
+    for num_decodes in (0, 2):  # the one-token requests with the others, or in a launch of their own
+        metadata = batch.metadata()
+        metadata.num_decodes = num_decodes
+        out = get_backend(backend).forward(batch.query, batch.kv_cache, metadata, batch.scale,
+                                           sliding_window=window, sinks=sinks)
+        check(out, batch, dtype, sliding_window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("window, with_sinks", WINDOW_CASES)
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+def test_paged_decode_with_a_window_and_sinks(num_splits: int, window: int | None, with_sinks: bool) -> None:
+    """Split-KV decode: splits wholly before the window get no keys, the sink is counted once."""
+    batch = PagedBatch([70, 1, 9, 33, 16, 17], [1] * 6, num_heads=4, num_kv_heads=1, head_dim=32, block_size=4,
+                       dtype=torch.float32, num_padding_tokens=1, seed=21).to(DEVICE)  # fmt: skip
+    sinks = random_sinks(4, seed=2) if with_sinks else None
+    out = run_attention(batch, max_query_len=1, num_splits=num_splits, sliding_window=window, sinks=sinks)
+    check(out, batch, torch.float32, sliding_window=window, sinks=sinks)
+    batch.kv_cache = batch.kv_cache.nan_to_num(nan=1e4)  # see test_prefill_and_mixed_steps_with_a_window_and_sinks
+    torch_out = get_backend("torch").forward(batch.query, batch.kv_cache, batch.metadata(), batch.scale,
+                                             sliding_window=window, sinks=sinks)
+    check(torch_out, batch, torch.float32, sliding_window=window, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_and_sinks_in_half_precision(dtype: torch.dtype) -> None:
+    batch = PagedBatch([40, 1, 21], [1, 1, 17], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4, dtype=dtype,
+                       seed=22).to(DEVICE)  # fmt: skip
+    sinks = random_sinks(4, seed=3).to(dtype)
+    out = get_backend("triton").forward(batch.query, batch.kv_cache, batch.metadata(), batch.scale,
+                                        sliding_window=6, sinks=sinks)
+    check(out, batch, dtype, sliding_window=6, sinks=sinks)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_key_tiles_before_the_window_are_not_read(num_splits: int) -> None:
+    """Keys in whole key tiles before a query's window hold NaN: a kernel that read them would return NaN."""
+    window = 5
+    batch = PagedBatch([300, 170, 70], [1, 1, 1], num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
+                       dtype=torch.float32, seed=23)  # fmt: skip
+    block_n = triton_paged._launch_config(torch.float32, 32, 2, 1, 3, 2, torch.device(DEVICE))["BLOCK_N"]
+    reference = batch.reference(sliding_window=window)
+    for i, s in enumerate(batch.seq_lens_list):
+        unread = torch.arange((s - window) // block_n * block_n)
+        assert len(unread) >= block_n
+        batch.kv_cache[:, batch.block_table[i, unread // 4].long(), unread % 4] = float("nan")
+    out = run_attention(batch.to(DEVICE), max_query_len=1, num_splits=num_splits, sliding_window=window)
+    assert rel_err(out.cpu(), reference) <= TOLERANCE[torch.float32]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -102,12 +101,19 @@ def test_logits_rows_only_last_layer_matches_every_row(tiny_model_dir):
             torch.testing.assert_close([a[t].logprob for t in a], [b[t].logprob for t in a], rtol=0, atol=1e-5)
 
 
-def test_sliding_window_longer_than_the_model_len_is_refused(tiny_model_dir, tmp_path):
-    """tokenmill's attention has no sliding window: a Mixtral config with one is served only up to its width."""
-    shutil.copytree(tiny_model_dir("mixtral"), tmp_path, dirs_exist_ok=True)
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
-    with pytest.raises(ValueError, match=r"sliding window of 64 tokens.*max_model_len <= 64 \(got 128\)"):
-        LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=4 << 20, max_model_len=128)
-    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory_bytes=4 << 20, max_model_len=64)
-    assert len(run(llm, [[5, 6, 7]])[0]) == NUM_NEW
+@pytest.mark.parametrize("arch", ["mistral_window", "qwen2_window"])
+def test_sliding_windows_shorter_than_the_prompts_match_hf(arch, tiny_model_dir, assert_pool_free):
+    """Mistral's window on every layer, Qwen2's from max_window_layers on; most prompts are longer than it, and
+    chunks of 8 tokens cross its edge."""
+    path = tiny_model_dir(arch)
+    config = json.loads(open(f"{path}/config.json").read())
+    assert config["sliding_window"] < 10 and config.get("layer_types", ["sliding_attention"])[-1] == "sliding_attention"
+    prompts = make_prompts(seed=len(arch))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = hf_greedy(hf_model, prompts, NUM_NEW)
+    llm = LLM(path, dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=512)
+    assert run(llm, prompts) == expected
+    chunked = LLM(path, dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=512,
+                  max_num_batched_tokens=8, enable_prefix_caching=False)
+    assert run(chunked, prompts) == expected
+    assert_pool_free(chunked)

@@ -21,7 +21,10 @@ Tokens of one step are packed request after request ("varlen"):
     block_table:     [num_reqs, max_blocks_per_seq]
     slot_mapping:    [num_tokens]     where each new key/value goes; -1 means "padding, write nothing"
 
-Attention is causal: a query at position p sees keys at positions 0..p of its own request.
+Attention is causal: a query at position p sees keys at positions 0..p of its own request; a layer with a
+sliding window of W sees only the last W of them, positions p - W + 1..p (HF's sliding mask). A layer with
+sinks (GPT-OSS) has one learned logit per query head that joins the softmax's denominator as a key with no
+value: softmax over [scores, sink], the sink's share dropped.
 """
 
 from __future__ import annotations
@@ -77,13 +80,15 @@ class AttentionBackend(ABC):
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
         *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
         k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
+        sliding_window: int | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over the paged cache.
 
         Keys of this step must already be written; `key`/`value` are those same new keys and values
         [num_tokens, num_kv_heads, head_dim], which a backend may attend over directly where a request
-        has no cached ones. Returns [num_tokens, num_heads, head_dim]; rows past
-        `metadata.num_actual_tokens` are unspecified.
+        has no cached ones. `sliding_window`: the keys a query sees, itself included (None: all before it);
+        `sinks`: [num_heads] logits, one per query head, in the softmax's denominator (None: none).
+        Returns [num_tokens, num_heads, head_dim]; rows past `metadata.num_actual_tokens` are unspecified.
         """
 
 

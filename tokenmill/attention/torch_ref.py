@@ -1,8 +1,11 @@
-"""Pure-PyTorch attention over the paged KV cache: the CPU backend and the oracle for the kernels."""
+"""Pure-PyTorch attention over the paged KV cache: the CPU backend and the oracle for the kernels.
+
+Sliding windows and sinks are masks: a window narrows each query's boolean key mask; sinks turn it into an
+additive one with one more key column (see _sdpa)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +49,15 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+                k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
+                sliding_window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         scales = (k_scale, v_scale)
         out = torch.zeros_like(query)
         block_size = kv_cache.shape[2]
         plan = _plan(metadata, block_size)
         starts, seq_lens = plan.starts, plan.seq_lens
         if plan.decode is not None:
-            self._decode(query, kv_cache, plan.decode, scale, out, scales)
+            self._decode(query, kv_cache, plan.decode, scale, out, scales, sliding_window, sinks)
         for i in range(metadata.num_reqs):
             q_len = starts[i + 1] - starts[i]
             if q_len <= 1:
@@ -63,25 +67,42 @@ class TorchAttentionBackend(AttentionBackend):
             k, v = widen(k, k_scale, query.dtype), widen(v, v_scale, query.dtype)
             q = query[starts[i]:starts[i + 1]]
             q_pos = torch.arange(seq_lens[i] - q_len, seq_lens[i], device=q.device)
-            mask = torch.arange(seq_lens[i], device=q.device)[None, :] <= q_pos[:, None]
+            mask = visible_keys(torch.arange(seq_lens[i], device=q.device)[None, :], q_pos[:, None], sliding_window)
             out[starts[i]:starts[i + 1]] = _sdpa(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                                 mask.unsqueeze(0), scale)[0]
+                                                 mask.unsqueeze(0), scale, sinks)[0]
         return out
 
-    def _decode(self, query, kv_cache, plan: _DecodePlan, scale, out, scales) -> None:
+    def _decode(self, query, kv_cache, plan: _DecodePlan, scale, out, scales, sliding_window, sinks) -> None:
         """All single-token queries at once, keys padded to the longest and masked."""
         kv = kv_cache[:, plan.block_ids]  # [2, B, max_blocks, block_size, H_kv, D]
         kv = kv.reshape(2, plan.block_ids.shape[0], -1, *kv_cache.shape[-2:])
         keys, values = widen(kv[0], scales[0], query.dtype), widen(kv[1], scales[1], query.dtype)
         q = query[plan.token_index].unsqueeze(1)  # [B, 1, H, D]
-        out[plan.token_index] = _sdpa(q, keys, values, plan.mask, scale)[:, 0]
+        out[plan.token_index] = _sdpa(q, keys, values, plan.mask(sliding_window), scale, sinks)[:, 0]
+
+
+def visible_keys(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Whether a query at query_pos sees the key at key_pos (broadcast): causal, and within the window."""
+    visible = key_pos <= query_pos
+    if sliding_window is not None:
+        visible &= key_pos > query_pos - sliding_window
+    return visible
 
 
 @dataclass
 class _DecodePlan:
     block_ids: torch.Tensor  # [B, max_blocks] int64: the single-token requests' blocks
-    mask: torch.Tensor  # [B, 1, max_blocks * block_size]: the keys each attends to
+    num_keys: int  # max_blocks * block_size
+    query_pos: torch.Tensor  # [B, 1]: their positions
     token_index: torch.Tensor  # [B]: their rows of the query
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by window: [B, 1, max_blocks * block_size]
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """The keys each query attends to, built once a step for each window the layers have."""
+        if sliding_window not in self.masks:
+            keys = torch.arange(self.num_keys, device=self.query_pos.device)
+            self.masks[sliding_window] = visible_keys(keys[None, :], self.query_pos, sliding_window).unsqueeze(1)
+        return self.masks[sliding_window]
 
 
 @dataclass
@@ -106,18 +127,21 @@ def _plan(metadata: AttentionMetadata, block_size: int) -> _Plan:
         lens = [seq_lens[i] for i in rows]
         max_blocks = -(-max(lens) // block_size)
         block_ids = metadata.block_table[torch.tensor(rows, device=device), :max_blocks].long()
-        keys = torch.arange(max_blocks * block_size, device=device)
-        mask = keys[None, :] < torch.tensor(lens, device=device)[:, None]
-        decode = _DecodePlan(block_ids, mask.unsqueeze(1), torch.tensor([starts[i] for i in rows], device=device))
+        query_pos = torch.tensor(lens, device=device)[:, None] - 1
+        decode = _DecodePlan(block_ids, max_blocks * block_size, query_pos,
+                             torch.tensor([starts[i] for i in rows], device=device))
     plan = metadata.derived["torch"] = _Plan(starts, seq_lens, decode)
     return plan
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [B, Lq, H, D], k/v: [B, Lk, H_kv, D], mask: [B, Lq, Lk] (True = attend) -> [B, Lq, H, D].
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+          sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, Lq, H, D], k/v: [B, Lk, H_kv, D], mask: [B, Lq, Lk] (True = attend), sinks: [H] or None
+    -> [B, Lq, H, D].
 
     Grouped-query attention without copying K/V: the G query heads that share a KV head become G times
-    as many query rows of that head ([B, H_kv, G * Lq, D]), each with its position's mask row.
+    as many query rows of that head ([B, H_kv, G * Lq, D]), each with its position's mask row. Sinks are
+    one more key of zeros (score 0, no value) whose additive mask is the head's sink logit.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -125,6 +149,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
     q = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, group * q_len, head_dim)
     mask = mask.unsqueeze(1).expand(batch, group, q_len, mask.shape[-1]).reshape(batch, 1, group * q_len, -1)
+    if sinks is not None:
+        k, v = (F.pad(t, (0, 0, 0, 0, 0, 1)) for t in (k, v))
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        sink_logits = sinks.to(q.dtype).view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, q_len, 1)
+        mask = torch.cat([bias.expand(batch, num_kv_heads, -1, -1),
+                          sink_logits.reshape(batch, num_kv_heads, group * q_len, 1)], dim=-1)
     o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     o = o.view(batch, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     return o.reshape(batch, q_len, num_heads, head_dim)

@@ -19,7 +19,11 @@ times the GROUP query heads that share the KV head (GQA), the group padded to a 
 so each K/V tile is loaded once for all the query heads of its KV head. Keys are walked in tiles of
 BLOCK_N positions, each gathered from BLOCK_N / block_size paged blocks through the block table.
 Tiles that lie entirely below the tile's first query position need no causal mask and take an
-unmasked loop; the rest (the diagonal, and the partial last block) take a masked one.
+unmasked loop; the rest (the diagonal, and the partial last block) take a masked one. A layer with a
+sliding window of W keys (SLIDING_WINDOW, a constexpr) starts at the key tile holding its first row's
+first visible key, so tiles wholly before every row's window are never read; tiles that straddle a
+row's window edge take the masked loop too. Sinks (one logit per query head) enter the online softmax
+as its starting state: running max = sink, sum = 1, no value (in the first split only).
 
 Query tiles are numbered request after request without a host-side table: with BLOCK_Q > 1, request
 i owns tile ids [query_start_loc[i] // BLOCK_Q + i, query_start_loc[i+1] // BLOCK_Q + i + 1), so
@@ -207,13 +211,15 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     FP8_CACHE: tl.constexpr,
 ):
     """One step of online softmax over keys [tile * BLOCK_N, (tile + 1) * BLOCK_N). An FP8 cache's keys and
     values are widened to the queries' dtype; their scales are applied by the caller (qk_scale holds
-    k_scale, the output is multiplied by v_scale)."""
+    k_scale, the output is multiplied by v_scale). MASKED: some key of the tile is past a row's position,
+    past seq_len or (SLIDING_WINDOW > 0) before a row's window."""
     key_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     if MASKED:
         key_valid = key_pos < seq_len
@@ -245,6 +251,8 @@ def _attend_tile(
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]; x qk_scale = log2 units
     if MASKED:
         visible = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
+        if SLIDING_WINDOW > 0:
+            visible = visible & (key_pos[None, :] > row_pos[:, None] - SLIDING_WINDOW)
         s = tl.where(visible, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
@@ -278,6 +286,7 @@ def _paged_attention_kernel(
     query_start_loc_ptr,
     order_ptr,
     partials_ptr,
+    sinks_ptr,
     qk_scale,
     k_scale_ptr,
     v_scale_ptr,
@@ -308,6 +317,8 @@ def _paged_attention_kernel(
     DOT_IN_FP32: tl.constexpr,
     HAS_ORDER: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     # Programs are numbered last query tile first: within a request later tiles see more keys, so the
     # longest programs start first and the short ones fill the tail.
@@ -374,21 +385,37 @@ def _paged_attention_kernel(
     elif FP8_CACHE and q.dtype == tl.bfloat16:  # e4m3 widens to fp16 in one conversion (to bf16, through fp32)
         q = q.to(tl.float16)
 
-    # Keys this query tile may see: [0, kv_end); the first num_full_tiles key tiles are visible to every row.
+    # Keys this query tile may see: [0, kv_end), or with a window [first_pos - SLIDING_WINDOW + 1, kv_end);
+    # its key tiles [tile_start, num_tiles). Those in [unmasked_lo, unmasked_hi) are visible to every row
+    # (below the first row's position, inside the last row's window); the others take the masked loop.
     first_pos = context_len + q_tile * BLOCK_Q
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    num_full_tiles = (first_pos + 1) // BLOCK_N
+    unmasked_hi = (first_pos + 1) // BLOCK_N
+    if SLIDING_WINDOW > 0:
+        tile_start = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0) // BLOCK_N
+        unmasked_lo = tl.cdiv(tl.maximum(kv_end - SLIDING_WINDOW, 0), BLOCK_N)
+    else:
+        tile_start = 0
+        unmasked_lo = 0
     if SPLIT:
-        tiles_per_split = tl.cdiv(num_tiles, num_splits)
-        tile_lo = split * tiles_per_split
+        tiles_per_split = tl.cdiv(num_tiles - tile_start, num_splits)
+        tile_lo = tile_start + split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     else:
-        tile_lo = 0
+        tile_lo = tile_start
         tile_hi = num_tiles
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        # The sink is a key of score `sink` (natural log units) and no value: the running max starts at it
+        # with a sum of 1, in one split only.
+        has_sink = row_valid & (split + 0 * rows == 0)
+        sink = tl.load(sinks_ptr + heads, mask=has_sink, other=float("-inf")).to(tl.float32)
+        m_i = sink * 1.4426950408889634
+        l_i = tl.where(has_sink, 1.0, 0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     block_table_row_ptr = block_table_ptr + req.to(tl.int64) * stride_bt_req
     k_head_ptr = kv_cache_ptr + kv_head * stride_c_head
@@ -396,17 +423,24 @@ def _paged_attention_kernel(
     if FP8_CACHE:  # scores of e4m3 keys times k_scale
         qk_scale = qk_scale * tl.load(k_scale_ptr)
 
-    for tile in range(tile_lo, tl.minimum(tile_hi, num_full_tiles)):
+    for tile in range(tile_lo, tl.minimum(tile_hi, unmasked_lo)):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
             stride_c_block, stride_c_slot, dim_offsets,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, SLIDING_WINDOW, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
         )  # fmt: skip
-    for tile in range(tl.maximum(tile_lo, num_full_tiles), tile_hi):
+    for tile in range(tl.maximum(tile_lo, unmasked_lo), tl.minimum(tile_hi, unmasked_hi)):
         acc, l_i, m_i = _attend_tile(
             acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
             stride_c_block, stride_c_slot, dim_offsets,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, False, SLIDING_WINDOW, DOT_PRECISION, DOT_IN_FP32,
+            FP8_CACHE,
+        )  # fmt: skip
+    for tile in range(tl.maximum(tl.maximum(tile_lo, unmasked_lo), unmasked_hi), tile_hi):
+        acc, l_i, m_i = _attend_tile(
+            acc, l_i, m_i, q, tile, k_head_ptr, v_head_ptr, block_table_row_ptr, row_pos, seq_len, qk_scale,
+            stride_c_block, stride_c_slot, dim_offsets,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, True, SLIDING_WINDOW, DOT_PRECISION, DOT_IN_FP32, FP8_CACHE,
         )  # fmt: skip
     if FP8_CACHE:
         acc = acc * tl.load(v_scale_ptr)
@@ -414,12 +448,11 @@ def _paged_attention_kernel(
     if SPLIT:
         # Partial results in fp32, one row of PARTIAL_ROW floats per (token, head, split): the
         # unnormalised acc in [0, HEAD_DIM), the running max at HEAD_DIM, the sum at HEAD_DIM + 1.
-        # A split with no keys writes only (max = -inf, sum = 0).
+        # A row that saw no key (nor sink) writes only (max = -inf, sum = 0), which the reduction skips.
         part_rows = ((tokens * (NUM_KV_HEADS * GROUP) + heads) * num_splits + split) * PARTIAL_ROW
         tl.store(partials_ptr + part_rows + HEAD_DIM, m_i, mask=row_valid)
         tl.store(partials_ptr + part_rows + HEAD_DIM + 1, l_i, mask=row_valid)
-        # (A [BLOCK_M] comparison rather than a scalar one: the interpreter mis-types scalar & tensor masks.)
-        rows_with_work = row_valid & (tile_lo < tile_hi + 0 * rows)
+        rows_with_work = row_valid & (m_i > float("-inf"))
         tl.store(
             partials_ptr + part_rows[:, None] + dim_offsets[None, :],
             acc,
@@ -590,6 +623,8 @@ def paged_attention(
     order: torch.Tensor | None = None,
     k_scale: torch.Tensor | float = 1.0,
     v_scale: torch.Tensor | float = 1.0,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of query [num_tokens, num_heads, head_dim] over kv_cache
     [2, num_blocks, block_size, num_kv_heads, head_dim]; returns out [num_tokens, num_heads, head_dim].
@@ -605,7 +640,9 @@ def paged_attention(
     `order` (decode only: int32 [num_tokens], a permutation of the requests, which then must each own
     at most one query token, in order) puts request order[i] in query tile i; tiles start last first,
     so sorting the requests by ascending seq_len runs the longest first and the short ones fill the tail.
-    An FP8 (e4m3) kv_cache holds key / k_scale and value / v_scale.
+    An FP8 (e4m3) kv_cache holds key / k_scale and value / v_scale. `sliding_window`: a query sees only the
+    last that many keys, itself included; `sinks` [num_heads] (any float dtype): a logit per query head in
+    the softmax's denominator.
 
     Grid: (query tiles x num_kv_heads, num_splits), query tiles = num_tokens // BLOCK_Q + num_reqs, or
     num_tokens when BLOCK_Q == 1; then, when num_splits > 1, (num_tokens, num_heads) for the reduction.
@@ -626,6 +663,8 @@ def paged_attention(
         assert t.dtype in (torch.int32, torch.int64), f"{name} dtype {t.dtype}"
         assert t.device == query.device, f"{name} on {t.device}, query on {query.device}"
     assert max_query_len >= 1
+    assert sliding_window is None or sliding_window >= 1, f"sliding_window {sliding_window}"
+    assert sinks is None or (sinks.shape == (num_heads,) and sinks.device == query.device), "sinks: [num_heads]"
     assert order is None or (max_query_len == 1 and order.shape == (num_tokens,) and order.dtype == torch.int32
                              and order.device == query.device), "order: int32 [num_tokens], decode only"
     if out is None:
@@ -672,6 +711,7 @@ def paged_attention(
         query_start_loc,
         order if order is not None else query_start_loc,
         partials,
+        sinks if sinks is not None else partials,
         scale * LOG2E,
         scale_pointer(k_scale, kv_cache),
         scale_pointer(v_scale, kv_cache),
@@ -702,6 +742,8 @@ def paged_attention(
         DOT_IN_FP32=dot_in_fp32,
         HAS_ORDER=order is not None,
         FP8_CACHE=kv_cache.dtype == FP8_DTYPE,
+        SLIDING_WINDOW=sliding_window or 0,
+        HAS_SINKS=sinks is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -747,22 +789,24 @@ class TritonPagedAttentionBackend(AttentionBackend):
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
         *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
         k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
+        sliding_window: int | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if key is not None and metadata.num_reqs == 1 and query.dtype in (torch.float16, torch.bfloat16) \
+        if key is not None and sliding_window is None and sinks is None and metadata.num_reqs == 1 \
+                and query.dtype in (torch.float16, torch.bfloat16) \
                 and metadata.max_seq_len == metadata.num_actual_tokens >= DENSE_PREFILL_MIN_TOKENS:
             return dense_causal_attention(query, key, value, scale)
         args = (query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
-        scales = dict(k_scale=k_scale, v_scale=v_scale)
+        options = dict(k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window, sinks=sinks)
         if metadata.max_query_len == 1:
-            return paged_attention(*args, max_query_len=1, order=metadata.decode_order, **scales)
+            return paged_attention(*args, max_query_len=1, order=metadata.decode_order, **options)
         d = metadata.num_decodes
         if d == 0:
             return paged_attention(*args, max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
-                                   **scales)
+                                   **options)
         # Requests with a single new token would waste most rows of a prefill-sized query tile, so the
         # first d requests (those) get a decode launch over just their rows, keys split as in a decode step.
-        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2, **scales)
+        out = paged_attention(*args, max_query_len=metadata.max_query_len, min_q_len=2, **options)
         paged_attention(query[:d], kv_cache, metadata.query_start_loc[:d + 1], metadata.seq_lens[:d],
                         metadata.block_table[:d], scale, max_query_len=1, out=out[:d], order=metadata.decode_order,
-                        **scales)
+                        **options)
         return out

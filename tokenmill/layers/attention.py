@@ -5,6 +5,11 @@ per-head q/k RMSNorm (Qwen3) and the rotary embedding, writes this step's keys a
 of the paged KV cache, and attends through the backend of the forward context. On the GPU one Triton
 kernel (triton_ops.qk_norm_rope_inplace) does the norms, the rotation and the cache write.
 
+A layer built with `sliding_window` attends to the last that many keys only (Mistral, Qwen2's upper layers,
+GPT-OSS's alternate layers); the model passes `sinks` (GPT-OSS: one learned logit per query head, which it
+owns as a parameter) to each call. All of a request's blocks stay allocated: the backends skip the key
+tiles before a window, but nothing frees the blocks behind every layer's window.
+
 The model's last layer is built with `is_last_layer`: when the forward context sets `logits_rows` (only
 each request's last row is read after the pass), every key is still written but only those rows attend.
 
@@ -37,9 +42,10 @@ def _kv_scale_param() -> nn.Parameter:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding,
-                 is_last_layer: bool = False) -> None:
+                 is_last_layer: bool = False, sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window
         self.scale = scale
         self.rotary_emb = rotary_emb
         self.is_last_layer = is_last_layer
@@ -49,17 +55,17 @@ class Attention(nn.Module):
         self.calculate_kv_scales = False
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None = None,
-                k_norm: RMSNorm | None = None) -> torch.Tensor:
+                k_norm: RMSNorm | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """positions [T], qkv [T, (Hq + 2 Hkv) * D] -> [T, Hq * D], or [len(logits_rows), Hq * D] in the last
         layer of a pass that reads only the logits rows. q_norm/k_norm: per-head RMSNorms applied to queries
-        and keys before the rotation (the model owns their weights)."""
+        and keys before the rotation (the model owns their weights); sinks: [Hq] logits or None."""
         ctx = get_forward_context()
         q, k, v = self._rotate_and_cache(positions, qkv, q_norm, k_norm, ctx)
-        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        options = dict(k_scale=self.k_scale, v_scale=self.v_scale, sliding_window=self.sliding_window, sinks=sinks)
         if self.is_last_layer and ctx.logits_rows is not None:
-            out = ctx.backend.forward(q[ctx.logits_rows], self.kv_cache, ctx.logits_metadata, self.scale, **scales)
+            out = ctx.backend.forward(q[ctx.logits_rows], self.kv_cache, ctx.logits_metadata, self.scale, **options)
         else:
-            out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale, key=k, value=v, **scales)
+            out = ctx.backend.forward(q, self.kv_cache, ctx.attn_metadata, self.scale, key=k, value=v, **options)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def _rotate_and_cache(self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None,

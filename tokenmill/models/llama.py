@@ -52,6 +52,19 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def sliding_window_of(config: Any, layer_index: int) -> int | None:
+    """The keys layer `layer_index` attends to (None: all), as HF builds its masks: per `layer_types` where
+    the config lists them (GPT-OSS, and transformers 5's Qwen2/Qwen3 configs); otherwise Qwen2's rule, the
+    window on the layers from `max_window_layers` on when `use_sliding_window`, and Mistral's, on every layer."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_index] == "sliding_attention" else None
+    if not getattr(config, "use_sliding_window", True):
+        return None
+    return window if layer_index >= getattr(config, "max_window_layers", 0) else None
+
+
 class LlamaAttention(nn.Module):
     use_qk_norm = False
 
@@ -75,8 +88,10 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
+        layer_index = int(prefix.split(".")[-2])
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
-                              get_rope(head_dim, max_position, theta, scaling), is_last_layer)
+                              get_rope(head_dim, max_position, theta, scaling), is_last_layer,
+                              sliding_window_of(config, layer_index))
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         norms = (self.q_norm, self.k_norm) if self.use_qk_norm else ()
@@ -137,10 +152,6 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None,
                  prefix: str = "model") -> None:
         super().__init__()
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        if window is not None and window < max_position:
-            raise ValueError(f"the model attends through a sliding window of {window} tokens, which tokenmill's "
-                             f"attention does not support; pass max_model_len <= {window} (got {max_position})")
         num_layers = config.num_hidden_layers
         self.hidden_size, self.dtype = config.hidden_size, torch.get_default_dtype()
         self.start_layer, self.end_layer = pp_layer_range(num_layers)

@@ -1,6 +1,5 @@
 """Mixtral: the Llama decoder with a sparse MoE block (`block_sparse_moe`) in place of every MLP; the router's
-top-k weights always sum to 1. A config with a sliding window shorter than max_model_len is refused
-(LlamaModel): tokenmill's attention has no sliding window."""
+top-k weights always sum to 1. A `sliding_window` applies to every layer (models/llama.sliding_window_of)."""
 
 from __future__ import annotations
 
