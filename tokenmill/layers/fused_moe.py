@@ -4,6 +4,10 @@ token's output is the experts' outputs weighted by the router.
     router_logits [T, E] --softmax, top-k, renormalized if asked--> topk_weights, topk_ids [T, k]
     x [T, H] --w13[e] [2I, H]--> [gate | up] --silu(gate) * up--> [T, I] --w2[e] [H, I]--> x weight, sum over k
 
+Options for GPT-OSS: biases on both projections (w13_bias [E, 2I], w2_bias [E, H]; the down projection's
+bias is added by tensor-parallel rank 0 only, as the ranks' outputs are summed) and the activation
+"swigluoai", a clamped SwiGLU: gate clamped above at 7, up to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate).
+
 FusedMoE holds all experts' matrices stacked (w13: [E, 2I, H], gate rows then up rows; w2: [E, H, I]). On the
 GPU the (token, expert) pairs are sorted by expert and each projection is one grouped GEMM over all experts
 (fused_moe_triton); on the CPU a loop over the experts that have tokens. Tensor parallelism splits every
@@ -48,8 +52,26 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
+ACTIVATIONS = ("silu", "swigluoai")
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU of the gate and up projections' outputs."""
+    gate = gate.clamp(max=SWIGLU_LIMIT)
+    up = up.clamp(-SWIGLU_LIMIT, SWIGLU_LIMIT)
+    return (up + 1) * gate * torch.sigmoid(gate * SWIGLU_ALPHA)
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """[..., 2I] = [gate | up] -> [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up if activation == "silu" else swiglu_oai(gate, up)
+
+
 def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                 topk_ids: torch.Tensor) -> torch.Tensor:
+                 topk_ids: torch.Tensor, w13_bias: torch.Tensor | None = None, w2_bias: torch.Tensor | None = None,
+                 activation: str = "silu") -> torch.Tensor:
     """The experts on the CPU: x [T, H] -> [T, H], one pair of matmuls per expert that has tokens. Each
     (token, slot) pair's weighted output gets its own row, and a token's k rows are summed last (not
     index_add_, which costs milliseconds per call on the CPU)."""
@@ -65,8 +87,9 @@ def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
             continue
         pairs = pairs_by_expert[start:start + count]
         start += count
-        gate, up = F.linear(x[pairs // top_k], w13[expert_id]).chunk(2, dim=-1)
-        pair_out[pairs] = (F.linear(F.silu(gate) * up, w2[expert_id]) * flat_weights[pairs, None]).to(x.dtype)
+        biases = (None, None) if w13_bias is None else (w13_bias[expert_id], w2_bias[expert_id])
+        hidden = gated_activation(F.linear(x[pairs // top_k], w13[expert_id], biases[0]), activation)
+        pair_out[pairs] = (F.linear(hidden, w2[expert_id], biases[1]) * flat_weights[pairs, None]).to(x.dtype)
     return pair_out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
@@ -75,8 +98,10 @@ class FusedMoE(nn.Module):
     tensor-parallel ranks."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
-                 prefix: str = "") -> None:
+                 prefix: str = "", has_bias: bool = False, activation: str = "silu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{prefix}: unknown experts' activation {activation!r} (known: {ACTIVATIONS})")
         tp_size = get_tp_size()
         if intermediate_size % tp_size:
             raise ValueError(f"{prefix}: the experts' intermediate size {intermediate_size} is not divisible by "
@@ -86,6 +111,9 @@ class FusedMoE(nn.Module):
         self.intermediate_size_per_partition = size = intermediate_size // tp_size
         self.w13_weight = self._param(torch.empty(num_experts, 2 * size, hidden_size))
         self.w2_weight = self._param(torch.empty(num_experts, hidden_size, size))
+        self.activation = activation
+        self.w13_bias = self._param(torch.empty(num_experts, 2 * size)) if has_bias else None
+        self.w2_bias = self._param(torch.empty(num_experts, hidden_size)) if has_bias else None
 
     def _param(self, data: torch.Tensor) -> nn.Parameter:
         param = nn.Parameter(data, requires_grad=False)
@@ -94,10 +122,13 @@ class FusedMoE(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         """Copies this rank's slice of one expert's checkpoint matrix: w1 (gate) or w3 (up), [I, H], into
-        the first or second half of w13's rows; w2 (down), [H, I], into w2."""
+        the first or second half of w13's rows; w2 (down), [H, I], into w2. Biases the same way: w1/w3's [I]
+        into w13_bias, w2's [H] whole into w2_bias on rank 0 (zeros on the others)."""
         size = self.intermediate_size_per_partition
         start = self.tp_rank * size
-        if shard_id == "w2":
+        if shard_id == "w2" and loaded.dim() == 1:
+            target, source = param.data[expert_id], loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
+        elif shard_id == "w2":
             target, source = param.data[expert_id], loaded.narrow(1, start, size)
         else:
             half = {"w1": 0, "w3": 1}[shard_id]
@@ -112,9 +143,11 @@ class FusedMoE(nn.Module):
         if x.is_cuda:
             from tokenmill.layers.fused_moe_triton import fused_experts
 
-            out = fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+            out = fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, w13_bias=self.w13_bias,
+                                w2_bias=self.w2_bias, activation=self.activation)
         else:
-            out = experts_loop(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+            out = experts_loop(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.w13_bias,
+                               self.w2_bias, self.activation)
         return tp_all_reduce(out)
 
 

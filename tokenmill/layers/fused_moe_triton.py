@@ -12,7 +12,9 @@ by its expert's matrix and writes rows of C indexed by pair id. Gate/up reads A 
 [T * k, 2I]; SiLU * up gives [T * k, I]; down reads those rows (row pair) and scales them by the router's
 weight; the k rows of a token are summed last. Sizes are bounded without reading the device (T * k +
 E * (BLOCK_M - 1) rows at most), so nothing waits on the GPU and the launch suits CUDA graphs: blocks past
-the padded total return at once.
+the padded total return at once. With biases (GPT-OSS) each row adds its expert's bias row before the
+router's weight; the activation between the two launches is SiLU * up (a Triton kernel) or GPT-OSS's clamped
+SwiGLU (fused_moe.swiglu_oai, elementwise torch).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.layers.fused_moe import gated_activation
 from tokenmill.layers.triton_ops import silu_and_mul
 
 
@@ -49,11 +52,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
                          num_rows_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm,
-                         PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # C[pair, n] = sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (x weights[pair] if MUL_WEIGHT)
+                         stride_bias_e, PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    # C[pair, n] = (sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (+ bias[expert, n] if HAS_BIAS))
+    #              (x weights[pair] if MUL_WEIGHT)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_rows_padded_ptr):
@@ -73,6 +78,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, 
         a = tl.load(a_ptrs + k0, mask=is_pair[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if MUL_WEIGHT:
         acc = acc * tl.load(weights_ptr + pair_ids, mask=is_pair, other=0.0).to(tl.float32)[:, None]
     c_ptrs = c_ptr + pair_ids[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -81,29 +88,34 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_pair_ids_ptr, 
 
 def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
                  block_expert_ids: torch.Tensor, num_rows_padded: torch.Tensor, pairs_per_a_row: int, block_m: int,
-                 pair_weights: torch.Tensor | None = None) -> None:
-    """out[pair] = a[pair // pairs_per_a_row] @ weight[expert of pair].T (x pair_weights[pair]), for the pairs
-    of moe_align_block_size (its block_m). a [rows, K], weight [E, N, K], out [num_pairs, N]; last dims
-    contiguous."""
+                 pair_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    """out[pair] = (a[pair // pairs_per_a_row] @ weight[expert of pair].T (+ bias[expert of pair]))
+    (x pair_weights[pair]), for the pairs of moe_align_block_size (its block_m). a [rows, K], weight [E, N, K],
+    bias [E, N], out [num_pairs, N]; last dims contiguous."""
     num_pairs, n = out.shape
     k = a.shape[1]
-    if weight.shape[1:] != (n, k) or a.stride(1) != 1 or weight.stride(2) != 1 or out.stride(1) != 1:
+    if weight.shape[1:] != (n, k) or a.stride(1) != 1 or weight.stride(2) != 1 or out.stride(1) != 1 \
+            or (bias is not None and (bias.shape != weight.shape[:2] or bias.stride(1) != 1)):
         raise ValueError(f"grouped_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)} and out "
                          f"{tuple(out.shape)} do not fit, or a last dim is strided")
     block_n, block_k = 64, 64
     grid = (sorted_pair_ids.numel() // block_m, triton.cdiv(n, block_n))
-    _grouped_gemm_kernel[grid](a, weight, out, pair_weights if pair_weights is not None else out, sorted_pair_ids,
-                               block_expert_ids, num_rows_padded, n, k, num_pairs, a.stride(0), weight.stride(0),
-                               weight.stride(1), out.stride(0), PAIRS_PER_A_ROW=pairs_per_a_row,
-                               MUL_WEIGHT=pair_weights is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+    _grouped_gemm_kernel[grid](a, weight, out, pair_weights if pair_weights is not None else out,
+                               bias if bias is not None else out, sorted_pair_ids, block_expert_ids, num_rows_padded,
+                               n, k, num_pairs, a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+                               bias.stride(0) if bias is not None else 0, PAIRS_PER_A_ROW=pairs_per_a_row,
+                               MUL_WEIGHT=pair_weights is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+                               BLOCK_N=block_n,
                                BLOCK_K=block_k, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                                num_warps=4, num_stages=3)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, block_m: int | None = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, block_m: int | None = None, *, w13_bias: torch.Tensor | None = None,
+                  w2_bias: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] ->
-    [T, H] in x's dtype. block_m: rows per block (16 while tokens are few, so experts pad little; else 64)."""
+    [T, H] in x's dtype. block_m: rows per block (16 while tokens are few, so experts pad little; else 64).
+    w13_bias [E, 2I], w2_bias [E, H]: optional biases; activation: "silu" or "swigluoai" (fused_moe)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     if block_m is None:
@@ -111,8 +123,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     sorted_pair_ids, block_expert_ids, num_rows_padded = moe_align_block_size(topk_ids, block_m, num_experts)
     routing = (sorted_pair_ids, block_expert_ids, num_rows_padded)
     gate_up = torch.empty(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m)
+    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m, bias=w13_bias)
     down = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(silu_and_mul(gate_up), w2, down, *routing, pairs_per_a_row=1, block_m=block_m,
-                 pair_weights=topk_weights.flatten())
+    hidden = silu_and_mul(gate_up) if activation == "silu" else gated_activation(gate_up, activation)
+    grouped_gemm(hidden, w2, down, *routing, pairs_per_a_row=1, block_m=block_m,
+                 pair_weights=topk_weights.flatten(), bias=w2_bias)
     return down.view(num_tokens, top_k, -1).sum(dim=1)
