@@ -37,7 +37,7 @@ def smol_tokenizer():
     return load_gguf_tokenizer(default_model_path())
 
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral_window", "qwen2_window")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral_window", "qwen2_window", "gpt_oss")
 
 
 def _tiny_config(arch: str):
@@ -60,6 +60,13 @@ def _tiny_config(arch: str):
         return transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=8, num_experts_per_tok=2,
                                            moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1],
                                            norm_topk_prob=False)
+    if arch == "gpt_oss":  # sliding (8 keys), full, sliding; top-2 of 4 experts; YaRN 32x over 64 positions
+        return transformers.GptOssConfig(**{**common, "num_hidden_layers": 3, "max_position_embeddings": 2048,
+                                            "intermediate_size": 32}, head_dim=16, num_local_experts=4,
+                                         num_experts_per_tok=2, sliding_window=8,
+                                         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0,
+                                                          "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                          "truncate": False, "original_max_position_embeddings": 64})
     if arch == "mixtral":  # top-2 of 4 experts, renormalized
         return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
     return transformers.Qwen3Config(**common, head_dim=32)
@@ -79,6 +86,11 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Callable[[str], str]:
             torch.manual_seed(0)
             config = _tiny_config(arch)
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            if arch == "gpt_oss":  # HF starts the experts' biases at 0 and the sinks near it: make them count
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        if name.endswith(("_proj_bias", ".sinks")):
+                            param.normal_(0.5 if name.endswith(".sinks") else 0.0, 1.0)
             model.save_pretrained(path)
             smol_tokenizer.save_pretrained(path)
             with open(path / "config.json") as f:

@@ -125,7 +125,7 @@ def test_unknown_or_contradicting_quantization_is_refused(tiny_model_dir, tmp_pa
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     config["quantization_config"]["quant_method"] = "bitsandbytes"
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'bitsandbytes'.*supported: awq, compressed-tensors, fp8, gptq"):
+    with pytest.raises(ValueError, match=r"'bitsandbytes'.*supported: awq, compressed-tensors, fp8, gptq, mxfp4"):
         LLM(str(tmp_path / "ckpt"), kv_cache_memory_bytes=8 << 20, max_model_len=128)
 
 

@@ -14,6 +14,7 @@ from tokenmill.layers.quantization.compressed_tensors import CompressedTensorsCo
 from tokenmill.layers.quantization.fp8 import Fp8Config
 from tokenmill.layers.quantization.gguf import GGUFQuantConfig
 from tokenmill.layers.quantization.gptq import GPTQConfig
+from tokenmill.layers.quantization.mxfp4 import Mxfp4Config
 
 # method name (as `quantization_config["quant_method"]` and `quantization=` spell it) -> its QuantizationConfig
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
@@ -21,6 +22,7 @@ QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     "compressed-tensors": CompressedTensorsConfig,
     "awq": AWQConfig,
     "gptq": GPTQConfig,
+    "mxfp4": Mxfp4Config,
 }
 # Methods that quantize a 16-bit checkpoint as it loads.
 ONLINE_METHODS = {"fp8": Fp8Config.online}
