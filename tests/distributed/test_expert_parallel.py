@@ -35,9 +35,8 @@ def generate(path: str, **kwargs) -> list[list[int]]:
 
 @pytest.mark.parametrize("arch, tp", [("qwen3_moe", 2), ("mixtral", 4)])
 def test_expert_parallel_gives_one_ranks_greedy_tokens(arch, tp, tiny_model_dir, caplog):
-    """qwen3_moe: 8 experts, 4 a rank (its experts' intermediate size, 32, would also split two ways); mixtral:
-    4 experts, one a rank. 16-token steps split the 35-44-token prompts into chunks beside other requests'
-    decodes."""
+    """qwen3_moe: 8 experts, 4 a rank, and a dense layer that stays tensor-parallel; mixtral: 4 experts, one a
+    rank. 16-token steps split the 35-44-token prompts into chunks beside other requests' decodes."""
     path = tiny_model_dir(arch)
     one = generate(path)
     with caplog.at_level(logging.INFO, logger="tokenmill.engine.core"):
