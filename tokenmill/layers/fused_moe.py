@@ -13,6 +13,18 @@ GPU the (token, expert) pairs are sorted by expert and each projection is one gr
 (fused_moe_triton); on the CPU a loop over the experts that have tokens. Tensor parallelism splits every
 expert's intermediate dim, like a column-parallel gate/up and a row-parallel down: w13's rows and w2's columns
 of this rank, one all-reduce after the down projection.
+
+Expert parallelism (`enable_expert_parallel`) instead gives each of the ep ranks (the tensor-parallel group,
+distributed/parallel_state.py) E / ep whole experts, rank r experts [r * E / ep, (r + 1) * E / ep):
+
+    every rank: the same tokens x [T, H] (attention is tensor-parallel) -> the same router top-k
+    rank r:     pairs of its experts -> local ids 0 .. E/ep - 1; the others -> E/ep, "held elsewhere", no rows
+                -> its experts' weighted outputs [T, H] (zero for a token none of whose experts it holds)
+    combine:    one all-reduce over the group sums each token's k outputs from their owners
+
+The ranks already hold every token, so dispatch needs no all-to-all: each rank computes its experts' share of
+all tokens and the all-reduce that tensor parallelism ends with combines them; no pair is computed twice, and
+the communication is the same [T, H] all-reduce. Loading copies a checkpoint expert into its owner only.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from tokenmill.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_rank, get_tp_size, tp_all_reduce
 from tokenmill.layers.quantization import QuantizationConfig
 
 # A checkpoint's matrix of one expert: "<block>.experts.<expert id>.<projection>.weight"
@@ -74,11 +86,13 @@ def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
                  activation: str = "silu") -> torch.Tensor:
     """The experts on the CPU: x [T, H] -> [T, H], one pair of matmuls per expert that has tokens. Each
     (token, slot) pair's weighted output gets its own row, and a token's k rows are summed last (not
-    index_add_, which costs milliseconds per call on the CPU)."""
+    index_add_, which costs milliseconds per call on the CPU). An id of E (w13.shape[0]) is a pair whose
+    expert another rank holds: its row is zero."""
     num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
     flat_ids = topk_ids.flatten()
-    pairs_by_expert = flat_ids.argsort(stable=True)  # pair = token * top_k + slot
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    pairs_by_expert = flat_ids.argsort(stable=True)  # pair = token * top_k + slot; those held elsewhere last
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1).tolist()[:num_experts]
     flat_weights = topk_weights.flatten()
     pair_out = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype)
     start = 0
@@ -90,30 +104,39 @@ def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
         biases = (None, None) if w13_bias is None else (w13_bias[expert_id], w2_bias[expert_id])
         hidden = gated_activation(F.linear(x[pairs // top_k], w13[expert_id], biases[0]), activation)
         pair_out[pairs] = (F.linear(hidden, w2[expert_id], biases[1]) * flat_weights[pairs, None]).to(x.dtype)
+    pair_out[pairs_by_expert[start:]] = 0
     return pair_out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 class FusedMoE(nn.Module):
-    """Every expert of one MoE layer: forward(x [T, H], router_logits [T, E]) -> [T, H], summed over the
-    tensor-parallel ranks."""
+    """One MoE layer's experts held by this rank: forward(x [T, H], router_logits [T, E]) -> [T, H], summed
+    over the tensor-parallel ranks. Without expert parallelism a rank holds every expert's slice of the
+    intermediate dim; with it, experts [first_expert, first_expert + num_local_experts) whole."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
                  prefix: str = "", has_bias: bool = False, activation: str = "silu") -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"{prefix}: unknown experts' activation {activation!r} (known: {ACTIVATIONS})")
-        tp_size = get_tp_size()
-        if intermediate_size % tp_size:
+        ep_size = get_ep_size()
+        if num_experts % ep_size:
+            raise ValueError(f"{prefix}: enable_expert_parallel spreads the experts over the tensor_parallel_size "
+                             f"ranks; the layer's {num_experts} experts are not divisible by {ep_size}")
+        # An expert-parallel rank holds whole experts; tensor parallelism alone splits each one.
+        split, self.tp_rank = (1, 0) if ep_size > 1 else (get_tp_size(), get_tp_rank())
+        if intermediate_size % split:
             raise ValueError(f"{prefix}: the experts' intermediate size {intermediate_size} is not divisible by "
-                             f"tensor_parallel_size {tp_size}")
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.tp_rank, self.prefix = get_tp_rank(), prefix
-        self.intermediate_size_per_partition = size = intermediate_size // tp_size
-        self.w13_weight = self._param(torch.empty(num_experts, 2 * size, hidden_size))
-        self.w2_weight = self._param(torch.empty(num_experts, hidden_size, size))
+                             f"tensor_parallel_size {split}")
+        self.num_experts, self.top_k, self.renormalize, self.prefix = num_experts, top_k, renormalize, prefix
+        self.expert_parallel, self.num_local_experts = ep_size > 1, num_experts // ep_size
+        self.first_expert = get_ep_rank() * self.num_local_experts
+        self.intermediate_size_per_partition = size = intermediate_size // split
+        local = self.num_local_experts
+        self.w13_weight = self._param(torch.empty(local, 2 * size, hidden_size))
+        self.w2_weight = self._param(torch.empty(local, hidden_size, size))
         self.activation = activation
-        self.w13_bias = self._param(torch.empty(num_experts, 2 * size)) if has_bias else None
-        self.w2_bias = self._param(torch.empty(num_experts, hidden_size)) if has_bias else None
+        self.w13_bias = self._param(torch.empty(local, 2 * size)) if has_bias else None
+        self.w2_bias = self._param(torch.empty(local, hidden_size)) if has_bias else None
 
     def _param(self, data: torch.Tensor) -> nn.Parameter:
         param = nn.Parameter(data, requires_grad=False)
@@ -123,16 +146,21 @@ class FusedMoE(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         """Copies this rank's slice of one expert's checkpoint matrix: w1 (gate) or w3 (up), [I, H], into
         the first or second half of w13's rows; w2 (down), [H, I], into w2. Biases the same way: w1/w3's [I]
-        into w13_bias, w2's [H] whole into w2_bias on rank 0 (zeros on the others)."""
+        into w13_bias, w2's [H] whole into w2_bias on rank 0 (zeros on the others; an expert-parallel rank holds
+        its experts whole, biases included). An expert another rank holds is not read (a memory-mapped
+        checkpoint's pages of it stay untouched)."""
+        local_id = expert_id - self.first_expert
+        if not 0 <= local_id < self.num_local_experts:
+            return
         size = self.intermediate_size_per_partition
         start = self.tp_rank * size
         if shard_id == "w2" and loaded.dim() == 1:
-            target, source = param.data[expert_id], loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
+            target, source = param.data[local_id], loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
         elif shard_id == "w2":
-            target, source = param.data[expert_id], loaded.narrow(1, start, size)
+            target, source = param.data[local_id], loaded.narrow(1, start, size)
         else:
             half = {"w1": 0, "w3": 1}[shard_id]
-            target, source = param.data[expert_id].narrow(0, half * size, size), loaded.narrow(0, start, size)
+            target, source = param.data[local_id].narrow(0, half * size, size), loaded.narrow(0, start, size)
         if target.shape != source.shape:
             raise ValueError(f"shape mismatch loading {self.prefix} expert {expert_id} {shard_id}: parameter slice "
                              f"{tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
@@ -140,15 +168,25 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        if self.expert_parallel:
+            topk_ids = self.local_expert_ids(topk_ids)
         if x.is_cuda:
             from tokenmill.layers.fused_moe_triton import fused_experts
 
             out = fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, w13_bias=self.w13_bias,
-                                w2_bias=self.w2_bias, activation=self.activation)
+                                w2_bias=self.w2_bias, activation=self.activation,
+                                some_held_elsewhere=self.expert_parallel)
         else:
             out = experts_loop(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.w13_bias,
                                self.w2_bias, self.activation)
         return tp_all_reduce(out)
+
+    def local_expert_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids [T, k] -> this rank's (0 .. num_local_experts - 1), or num_local_experts for an
+        expert another rank holds."""
+        local_ids = topk_ids - self.first_expert
+        held = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        return torch.where(held, local_ids, self.num_local_experts)
 
 
 class SparseMoeBlock(nn.Module):
