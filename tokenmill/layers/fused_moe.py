@@ -4,6 +4,11 @@ token's output is the experts' outputs weighted by the router.
     router_logits [T, E] --softmax, top-k, renormalized if asked--> topk_weights, topk_ids [T, k]
     x [T, H] --w13[e] [2I, H]--> [gate | up] --silu(gate) * up--> [T, I] --w2[e] [H, I]--> x weight, sum over k
 
+DeepSeek's routers (select_experts' keyword arguments): V3 scores with a sigmoid and chooses by the scores
+plus a learned `e_score_correction_bias`, weighting by the scores without it; both may limit a token to its
+`topk_group` best of `num_expert_group` expert groups (V2: a group's best score, V3 with the bias: the sum of
+its best two) before the top-k, and scale the weights by `routed_scaling_factor`.
+
 FusedMoE holds all experts' matrices stacked (w13: [E, 2I, H], gate rows then up rows; w2: [E, H, I]). On the
 GPU the (token, expert) pairs are sorted by expert and each projection is one grouped GEMM over all experts
 (fused_moe_triton); on the CPU a loop over the experts that have tokens. Tensor parallelism splits every
@@ -14,6 +19,7 @@ of this rank, one all-reduce after the down projection.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +43,35 @@ def expert_weight_target(name: str, shard_ids: dict[str, str]) -> tuple[str, str
     return f"{experts}.{'w2' if shard_id == 'w2' else 'w13'}_weight", shard_id, int(expert_id)
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the softmax's k largest
-    probabilities (in float32, as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
-    Qwen3-MoE per `norm_topk_prob`)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, *, scoring_func: str = "softmax",
+                   num_expert_group: int | None = None, topk_group: int | None = None,
+                   e_score_correction_bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the k largest scores (softmax
+    or sigmoid, in float32 as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
+    Qwen3-MoE and DeepSeek per `norm_topk_prob`), then times routed_scaling_factor. With a correction bias the
+    experts are chosen by score + bias; with groups, only among the topk_group best groups."""
+    if scoring_func == "softmax":
+        scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    elif scoring_func == "sigmoid":
+        scores = router_logits.float().sigmoid()
+    else:
+        raise ValueError(f"unsupported MoE scoring function {scoring_func!r} (supported: softmax, sigmoid)")
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+    if num_expert_group is not None and num_expert_group > 1:
+        grouped = choice.view(choice.shape[0], num_expert_group, -1)
+        if e_score_correction_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        best_groups = group_scores.topk(topk_group, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view_as(choice)
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    return weights * routed_scaling_factor, ids
 
 
 def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -75,8 +101,10 @@ class FusedMoE(nn.Module):
     tensor-parallel ranks."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
-                 prefix: str = "") -> None:
+                 prefix: str = "", **routing: Any) -> None:
+        """routing: select_experts' keyword arguments (DeepSeek's routers)."""
         super().__init__()
+        self.routing = routing
         tp_size = get_tp_size()
         if intermediate_size % tp_size:
             raise ValueError(f"{prefix}: the experts' intermediate size {intermediate_size} is not divisible by "
@@ -107,8 +135,10 @@ class FusedMoE(nn.Module):
                              f"{tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
         target.copy_(source)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
+                                                e_score_correction_bias=e_score_correction_bias, **self.routing)
         if x.is_cuda:
             from tokenmill.layers.fused_moe_triton import fused_experts
 
