@@ -197,3 +197,32 @@ def test_expert_parallel_layer_over_two_gloo_ranks_matches_float64_reference(tmp
         held = slice(4 * rank, 4 * rank + 4)
         assert torch.equal(saved["w13"], w13[held]) and torch.equal(saved["w2"], w2[held])
         torch.testing.assert_close(saved["out"], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_routing_matches_hf_routers(version):
+    """Group-limited top-k (V2: softmax, a group's best score; V3: sigmoid plus the correction bias, a group's
+    best two) and routed_scaling_factor, against HF's router modules on the same weights."""
+    import transformers
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    common = dict(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+                  topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=version == "v3")
+    torch.manual_seed(0)
+    if version == "v2":
+        router = modeling_deepseek_v2.DeepseekV2TopkRouter(
+            transformers.DeepseekV2Config(**common, topk_method="group_limited_greedy"))
+        bias, routing = None, dict(scoring_func="softmax")
+    else:
+        router = modeling_deepseek_v3.DeepseekV3TopkRouter(transformers.DeepseekV3Config(**common))
+        router.e_score_correction_bias.uniform_(-0.5, 0.5)
+        bias, routing = router.e_score_correction_bias, dict(scoring_func="sigmoid")
+    router.weight.data.normal_()
+    x = torch.randn(64, HIDDEN)
+    _, hf_weights, hf_ids = router(x)
+    weights, ids = select_experts(x @ router.weight.T, 3, version == "v3", num_expert_group=4, topk_group=2,
+                                  e_score_correction_bias=bias, routed_scaling_factor=2.5, **routing)
+    hf_order, order = hf_ids.argsort(dim=-1), ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), hf_ids.gather(1, hf_order))
+    torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order))

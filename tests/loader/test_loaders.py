@@ -67,3 +67,19 @@ def test_cli_generate_and_chat():
                           input="Hello!\n\n", capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("> ") and len(chat.stdout.strip()) > 2
+
+
+def test_dummy_weights_at_deepseek_v2_lite_attention_sizes(tmp_path):
+    """MLA at a real checkpoint's attention sizes (DeepSeek-V2-Lite: 16 heads, kv_lora_rank 512, rope 64) with
+    V3's router on few small experts, from a config alone: a block holds 576 values a token per layer."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=1024, hidden_size=2048, intermediate_size=1024, moe_intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, max_position_embeddings=4096)
+    config.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              kv_cache_memory_bytes=1 << 20, max_model_len=64)
+    assert llm.llm_engine.core.worker.kv_bytes_per_block() == 2 * 16 * 576 * 2
+    tokens = generate(llm)
+    assert len(tokens) == 8 and all(0 <= t < 1024 for t in tokens)

@@ -8,6 +8,11 @@ Options for GPT-OSS: biases on both projections (w13_bias [E, 2I], w2_bias [E, H
 bias is added by tensor-parallel rank 0 only, as the ranks' outputs are summed) and the activation
 "swigluoai", a clamped SwiGLU: gate clamped above at 7, up to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate).
 
+DeepSeek's routers (select_experts' keyword arguments): V3 scores with a sigmoid and chooses by the scores
+plus a learned `e_score_correction_bias`, weighting by the scores without it; both may limit a token to its
+`topk_group` best of `num_expert_group` expert groups (V2: a group's best score, V3 with the bias: the sum of
+its best two) before the top-k, and scale the weights by `routed_scaling_factor`.
+
 FusedMoE holds all experts' matrices stacked (w13: [E, 2I, H], gate rows then up rows; w2: [E, H, I]). On the
 GPU the (token, expert) pairs are sorted by expert and each projection is one grouped GEMM over all experts
 (fused_moe_triton); on the CPU a loop over the experts that have tokens. Tensor parallelism splits every
@@ -30,6 +35,7 @@ the communication is the same [T, H] all-reduce. Loading copies a checkpoint exp
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +59,35 @@ def expert_weight_target(name: str, shard_ids: dict[str, str]) -> tuple[str, str
     return f"{experts}.{'w2' if shard_id == 'w2' else 'w13'}_weight", shard_id, int(expert_id)
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the softmax's k largest
-    probabilities (in float32, as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
-    Qwen3-MoE per `norm_topk_prob`)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, *, scoring_func: str = "softmax",
+                   num_expert_group: int | None = None, topk_group: int | None = None,
+                   e_score_correction_bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the k largest scores (softmax
+    or sigmoid, in float32 as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
+    Qwen3-MoE and DeepSeek per `norm_topk_prob`), then times routed_scaling_factor. With a correction bias the
+    experts are chosen by score + bias; with groups, only among the topk_group best groups."""
+    if scoring_func == "softmax":
+        scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    elif scoring_func == "sigmoid":
+        scores = router_logits.float().sigmoid()
+    else:
+        raise ValueError(f"unsupported MoE scoring function {scoring_func!r} (supported: softmax, sigmoid)")
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+    if num_expert_group is not None and num_expert_group > 1:
+        grouped = choice.view(choice.shape[0], num_expert_group, -1)
+        if e_score_correction_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        best_groups = group_scores.topk(topk_group, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view_as(choice)
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    return weights * routed_scaling_factor, ids
 
 
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
@@ -114,10 +140,12 @@ class FusedMoE(nn.Module):
     intermediate dim; with it, experts [first_expert, first_expert + num_local_experts) whole."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
-                 prefix: str = "", has_bias: bool = False, activation: str = "silu") -> None:
+                 prefix: str = "", has_bias: bool = False, activation: str = "silu", **routing: Any) -> None:
+        """routing: select_experts' keyword arguments (DeepSeek's routers)."""
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"{prefix}: unknown experts' activation {activation!r} (known: {ACTIVATIONS})")
+        self.routing = routing
         ep_size = get_ep_size()
         if num_experts % ep_size:
             raise ValueError(f"{prefix}: enable_expert_parallel spreads the experts over the tensor_parallel_size "
@@ -166,8 +194,10 @@ class FusedMoE(nn.Module):
                              f"{tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
         target.copy_(source)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
+                                                e_score_correction_bias=e_score_correction_bias, **self.routing)
         if self.expert_parallel:
             topk_ids = self.local_expert_ids(topk_ids)
         if x.is_cuda:

@@ -99,12 +99,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, quant_config: QuantizationConfig | None, prefix: str) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None, prefix: str,
+                 intermediate_size: int | None = None) -> None:
+        """intermediate_size: config.intermediate_size unless given (DeepSeek's shared experts)."""
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+        size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size] * 2, bias=bias,
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias,
                                            quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
