@@ -170,7 +170,8 @@ class LlamaModel(nn.Module):
         kept: dict[int, torch.Tensor] = {}
         for i in range(self.start_layer, self.end_layer):
             if self.aux_hidden_state_layers and i in self.aux_hidden_state_layers:
-                kept[i] = hidden_states if residual is None else hidden_states + residual
+                # (a copy: on the GPU the first layer's norm adds into its input, the residual, in place)
+                kept[i] = hidden_states.clone() if residual is None else hidden_states + residual
             hidden_states, residual = self.layers[i](positions, hidden_states, residual)
         if kept:
             self.aux_hidden_states = [kept[i] for i in self.aux_hidden_state_layers]
