@@ -27,7 +27,8 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 # Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
 USAGE_CONTEXTS = ("llm", "serve")
-SPECULATIVE_METHODS = ("ngram", "draft_model")  # of spec_decode.config.METHODS, those the engine runs
+# Of spec_decode.config.METHODS, those the engine runs.
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 def _require(ok: bool, name: str, message: str) -> None:

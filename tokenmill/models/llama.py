@@ -166,6 +166,10 @@ class LlamaModel(nn.Module):
                            is_last_layer=i == num_layers - 1)
             if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last_stage() else None
+        # EAGLE-3 reads the hidden states entering these layers (residual stream, before the layer's norm); a
+        # forward pass then leaves them in aux_hidden_states, in this order. Empty (the default): none kept.
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """Hidden states of every row, or only of the forward context's logits_rows when it sets them: the
@@ -177,8 +181,14 @@ class LlamaModel(nn.Module):
         else:
             shape = (input_ids.shape[0], self.hidden_size)
             hidden_states, residual = pp_recv([shape, shape], self.dtype, input_ids.device)
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        kept: dict[int, torch.Tensor] = {}
+        for i in range(self.start_layer, self.end_layer):
+            if self.aux_hidden_state_layers and i in self.aux_hidden_state_layers:
+                # (a copy: on the GPU the first layer's norm adds into its input, the residual, in place)
+                kept[i] = hidden_states.clone() if residual is None else hidden_states + residual
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
+        if kept:
+            self.aux_hidden_states = [kept[i] for i in self.aux_hidden_state_layers]
         if not is_last_stage():
             pp_send([hidden_states, residual])
             return None
