@@ -91,10 +91,16 @@ def head_weights(eagle3: bool, seed: int, agree: bool = False, draft_ids: list[i
     return w
 
 
-def write_head(path, eagle3: bool, weights: dict, **config) -> str:
+def write_head(path, eagle3: bool, weights: dict, pickled: bool = False, **config) -> str:
+    """The head's config.json and weights: model.safetensors, or pytorch_model.bin (`pickled`, as the published
+    EAGLE heads ship)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(head_config(eagle3, **config)))
-    save_file({name: t.contiguous() for name, t in weights.items()}, str(path / "model.safetensors"))
+    tensors = {name: t.contiguous() for name, t in weights.items()}
+    if pickled:
+        torch.save(tensors, path / "pytorch_model.bin")
+    else:
+        save_file(tensors, str(path / "model.safetensors"))
     return str(path)
 
 
@@ -185,12 +191,13 @@ def reference_chain(w, eagle3: bool, embed, lm_head, tokens, features, k):
 @pytest.mark.parametrize("method", ["eagle", "eagle3"])
 def test_proposals_equal_a_float64_reference_of_the_head(method, target, tmp_path, monkeypatch):
     """The first proposals after each prompt (a random head, k = 3) are the reference head's argmax chain over
-    HF's float64 run of the target: its final hidden state (EAGLE-1) or the inputs of layers 2, 4, 5."""
+    HF's float64 run of the target: its final hidden state (EAGLE-1, its head a pytorch_model.bin) or the inputs
+    of layers 2, 4, 5."""
     from tokenmill.worker.model_runner import ModelRunner
 
     eagle3, k = method == "eagle3", 3
     weights = head_weights(eagle3, seed=7)
-    head = write_head(tmp_path / method, eagle3, weights)
+    head = write_head(tmp_path / method, eagle3, weights, pickled=not eagle3)
     proposed: dict[str, list[int]] = {}
     propose = ModelRunner._propose
 

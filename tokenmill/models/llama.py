@@ -88,7 +88,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
-        layer_index = int(prefix.split(".")[-2])
+        # "model.layers.<i>.self_attn"; an EAGLE-3 head's one "midlayer" is its layer 0
+        layer_index = next((int(part) for part in reversed(prefix.split(".")) if part.isdigit()), 0)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
                               get_rope(head_dim, max_position, theta, scaling), is_last_layer,
                               sliding_window_of(config, layer_index))

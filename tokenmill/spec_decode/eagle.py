@@ -30,7 +30,7 @@ from torch import nn
 
 from tokenmill.config import EngineConfig
 from tokenmill.loader.model_loader import load_model
-from tokenmill.loader.safetensors import mapped_tensors, safetensors_files
+from tokenmill.loader.registry import loader_class
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.llama_eagle import Eagle3LlamaHead, EagleLlamaHead, aux_layer_ids
 from tokenmill.source import resolve_model
@@ -51,7 +51,7 @@ def load_eagle_head(config: EngineConfig, target: nn.Module, device: torch.devic
                          f"{type(target).__name__} does not expose (EAGLE heads run on Llama-family targets)")
     source = resolve_model(spec.model)
     head_config, target_config = source.hf_config, target.config
-    names = {name for path in safetensors_files(source.path) for name, _ in mapped_tensors(path)}
+    names = {name for name, _ in loader_class(source.format)(source, source.format).weights(dtype)}
     is_eagle3 = any("hidden_norm" in name for name in names)
     if is_eagle3 != (spec.method == "eagle3"):
         _refuse(f"{spec.model!r} is {'an EAGLE-3' if is_eagle3 else 'an EAGLE-1/2'} head (its layer "
