@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
@@ -127,7 +128,15 @@ def _payload(model: str, prompt: list[int] | str, output_len: int, stream: bool 
     return payload
 
 
-async def _benchmark(args: argparse.Namespace) -> dict:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`bench serve`'s arguments from a command line's words after `serve` (its defaults, its checks)."""
+    parser = argparse.ArgumentParser(prog="tokenmill bench", exit_on_error=False)
+    register(parser.add_subparsers(dest="bench_command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+async def benchmark(args: argparse.Namespace, on_request_done: Callable[[int, int], None] | None = None) -> dict:
+    """Runs the load test; `on_request_done(num_done, num_prompts)` after each request (else a tqdm bar)."""
     import httpx
 
     headers = {}
@@ -156,12 +165,17 @@ async def _benchmark(args: argparse.Namespace) -> dict:
         semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
         rng = random.Random(args.seed + 1)
 
-        bar = tqdm(total=len(prompts), desc="Requests done", unit="req")
+        bar = tqdm(total=len(prompts), desc="Requests done", unit="req", disable=on_request_done is not None)
+        num_done = 0
 
         async def limited(i: int) -> RequestResult:
+            nonlocal num_done
             async with semaphore:
                 result = await _send(client, url, _payload(model, prompts[i], output_lens[i]), input_lens[i])
             bar.update(1)
+            num_done += 1
+            if on_request_done is not None:
+                on_request_done(num_done, len(prompts))
             return result
 
         started = time.perf_counter()
@@ -239,7 +253,7 @@ def print_summary(summary: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    summary = asyncio.run(_benchmark(args))
+    summary = asyncio.run(benchmark(args))
     print_summary(summary)
     if args.result_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_file)), exist_ok=True)
