@@ -104,7 +104,7 @@ class BenchRunner:
             def progress(num_done: int, total: int, rate: float | str = rate) -> None:
                 emit({"type": "progress", "rate": rate, "done": num_done, "total": total})
 
-            summary = asyncio.run(benchmark(args, progress))
+            summary = asyncio.run(benchmark(args, progress, describe_client=False))
             summary.pop("requests")
             summary["request_rate"] = rate  # "inf" stays a string: JSON has no infinity
             emit({"type": "result", "rate": rate, "summary": summary})

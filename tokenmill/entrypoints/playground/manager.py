@@ -191,8 +191,8 @@ class EngineManager:
 
     async def proxy(self, engine: EngineProcess, path: str, request: Request) -> Response:
         headers = {name: request.headers[name] for name in _PROXIED_REQUEST_HEADERS if name in request.headers}
-        upstream_request = self.client.build_request(request.method, f"{engine.url}/{path}",
-                                                     params=request.query_params, headers=headers,
+        query = f"?{request.url.query}" if request.url.query else ""
+        upstream_request = self.client.build_request(request.method, f"{engine.url}/{path}{query}", headers=headers,
                                                      content=await request.body())
         try:
             upstream = await self.client.send(upstream_request, stream=True)

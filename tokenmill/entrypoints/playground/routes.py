@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from tokenmill.entrypoints.playground.bench import BenchRequest, BenchRunner
+
 STATIC_DIR = Path(__file__).parent / "static"
 PAGE_PATH = "/playground/"
 STATIC_PREFIX = "/playground/static/"
@@ -46,8 +48,6 @@ def install_page(app: FastAPI, mode: str) -> None:
 
 def install_playground(app: FastAPI) -> None:
     """The page for `tokenmill serve`, and POST /playground/api/bench (behind the API key like /v1)."""
-    from tokenmill.entrypoints.playground.bench import BenchRequest, BenchRunner
-
     install_page(app, "serve")
     runner = BenchRunner()
 

@@ -5,6 +5,7 @@
 
 import {api, engine, sseEvents} from "./api.js";
 import {field, h} from "./dom.js";
+import {highlight} from "./highlight.js";
 import {renderMarkdown} from "./markdown.js";
 import {samplingForm} from "./params.js";
 import {structuredForm, toolsForm} from "./structured.js";
@@ -137,12 +138,19 @@ function stats(answer, started, firstAt, ended) {
   return parts.join(" · ");
 }
 
-function prettyArguments(text) {
+// JSON text indented, or null when the text is not (yet) JSON.
+function prettyJson(text) {
   try {
     return JSON.stringify(JSON.parse(text), null, 2);
   } catch {
-    return text;
+    return null;
   }
+}
+
+// A whole answer that is JSON (a structured output) shows as highlighted JSON; anything else as Markdown.
+function renderContent(text) {
+  const json = /^\s*[[{]/.test(text) ? prettyJson(text) : null;
+  return json === null ? renderMarkdown(text) : `<pre><code class="language-json">${highlight(json, "json")}</code></pre>`;
 }
 
 function answerView() {
@@ -157,9 +165,9 @@ function answerView() {
     render(answer, footer) {
       thinking.hidden = !answer.reasoning;
       reasoning.textContent = answer.reasoning;
-      content.innerHTML = renderMarkdown(answer.content);
-      calls.replaceChildren(...answer.toolCalls.map((call) => h("div", {class: "tool-call"},
-        h("strong", {}, `${call.function.name}()`), h("pre", {}, prettyArguments(call.function.arguments)))));
+      content.innerHTML = renderContent(answer.content);
+      calls.replaceChildren(...answer.toolCalls.map(({function: call}) => h("div", {class: "tool-call"},
+        h("strong", {}, `${call.name}()`), h("pre", {}, prettyJson(call.arguments) ?? call.arguments))));
       if (footer !== undefined) meta.textContent = footer;
       element.parentElement?.scrollTo({top: element.parentElement.scrollHeight});
     },

@@ -57,6 +57,7 @@ export function mountEngines(root, {showBanner, loadModel}) {
   }
 
   async function stopEngine(id) {
+    if (id === selected) engine.available = false;  // no more calls to an engine on its way out
     try {
       await api(`/api/engines/${id}`, {method: "DELETE", root: true});
     } catch (e) {
