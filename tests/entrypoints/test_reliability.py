@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
 from tokenmill.entrypoints.openai import api_server
+from tokenmill.entrypoints.playground.routes import is_public
 
 MODEL = "SmolLM2-135M-Instruct"
 VOCAB_SIZE = 49152
@@ -359,11 +360,11 @@ def registered_routes() -> tuple[list[tuple[str, str]], set[str]]:
     in-process on a stub engine (the routes do not depend on the engine)."""
     engine = SimpleNamespace(tokenizer=None, max_model_len=MAX_MODEL_LEN, stat_loggers=[], cache_info={})
     app = api_server.build_app(engine, [MODEL], api_key=API_KEY)
-    routes = sorted((method, route.path) for route in app.routes for method in route.methods)
+    routes = sorted((method, route.path) for route in app.routes for method in getattr(route, "methods", ()))
     return routes, {route.path for route in app.routes if getattr(route, "include_in_schema", False)}
 
 
-def test_api_key_guards_every_route_but_health(hostile_server):
+def test_api_key_guards_every_route_but_health_and_the_playground_page(hostile_server):
     url = hostile_server.url
     routes, schema_paths = registered_routes()
     # the in-process app is the served one: same OpenAPI paths
@@ -377,14 +378,19 @@ def test_api_key_guards_every_route_but_health(hostile_server):
         body = {} if method == "POST" else None
         for headers in wrong_headers:
             response = client.request(method, f"{url}{path}", headers=headers, json=body)
-            if path == "/health":
-                assert response.status_code == 200, (method, path, headers)
+            if path == "/health" or is_public(path):  # the playground's page: no data, its calls need the key
+                assert response.status_code in (200, 307), (method, path, headers)
                 continue
             assert response.status_code == 401, (method, path, headers, response.status_code)
             if method != "HEAD":
                 assert assert_openai_error(response, 401)["type"] == "AuthenticationError"
         response = client.request(method, f"{url}{path}", headers=AUTH, json=body)
         assert response.status_code != 401 and response.status_code < 500, (method, path, response.text[:500])
+    assert ("POST", "/playground/api/bench") in routes  # the playground's one data route is guarded like /v1
+    static = httpx.get(f"{url}/playground/static/js/app.js", timeout=TIMEOUT_S)
+    assert static.status_code == 200 and "javascript" in static.headers["content-type"]
+    # only the static folder is public: a path that climbs out of it is not
+    assert httpx.get(f"{url}/playground/static/../../metrics", timeout=TIMEOUT_S).status_code in (401, 404)
     # routes that do not exist answer 401 too: no probing the route table without the key
     assert httpx.get(f"{url}/v1/nothing", timeout=TIMEOUT_S).status_code == 401
     assert httpx.get(f"{url}/v1/nothing", headers=AUTH, timeout=TIMEOUT_S).status_code == 404

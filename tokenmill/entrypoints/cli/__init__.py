@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "generate": "tokenmill.entrypoints.cli.generate",
     "chat": "tokenmill.entrypoints.cli.chat",
     "serve": "tokenmill.entrypoints.cli.serve",
+    "playground": "tokenmill.entrypoints.cli.playground",
     "bench": "tokenmill.entrypoints.cli.bench",
 }
 

@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.add_argument("--disable-playground", action="store_true",
+                        help="serve no web playground at / (by default its page and static files are public; "
+                             "everything it does goes through the API, behind --api-key)")
     parser.set_defaults(func=_serve)
 
 

@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -47,6 +47,7 @@ from tokenmill.entrypoints.openai.protocol import (
 )
 from tokenmill.entrypoints.openai.serving_chat import OpenAIServingChat, load_chat_template
 from tokenmill.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from tokenmill.entrypoints.playground import routes as playground_routes
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,17 @@ UNAUTHENTICATED_PATHS = ("/health",)
 
 
 class ApiKeyMiddleware:
-    """401 unless `Authorization: Bearer <key>`, on every route but /health (pure ASGI: streams pass through)."""
+    """401 unless `Authorization: Bearer <key>`, on every route but /health and, where `is_public` says so, the
+    playground's page and static files (pure ASGI: streams pass through)."""
 
-    def __init__(self, app: Any, api_key: str) -> None:
+    def __init__(self, app: Any, api_key: str, is_public: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.is_public = is_public
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS or scope["method"] == "OPTIONS":
+        if (scope["type"] != "http" or scope["path"] in UNAUTHENTICATED_PATHS or self.is_public(scope["path"])
+                or scope["method"] == "OPTIONS"):
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
@@ -150,14 +154,19 @@ class _Server(uvicorn.Server):
 def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: str | None = None,
               api_key: str | None = None, tool_call_parser: str | None = None,
               enable_auto_tool_choice: bool | None = None, reasoning_parser: str | None = None,
-              limits: RequestLimits = RequestLimits()) -> FastAPI:
+              limits: RequestLimits = RequestLimits(), playground: bool = True) -> FastAPI:
+    """`playground`: serve the web playground at / (its page and static files are public, its data calls are
+    the API's own, behind the key)."""
     from tokenmill import __version__
 
     app = FastAPI(title="tokenmill OpenAI-compatible server", version=__version__)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_request_body_bytes)
     if api_key:  # added last, so outermost: a client without the key learns nothing, not even the size limit
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key,
+                           is_public=playground_routes.is_public if playground else lambda path: False)
+    if playground:
+        playground_routes.install_playground(app)
     completions = OpenAIServingCompletion(engine, served_model_names, limits)
     chat = OpenAIServingChat(engine, served_model_names, chat_template, tool_call_parser, enable_auto_tool_choice,
                              reasoning_parser, limits)
@@ -223,6 +232,12 @@ def build_app(engine: AsyncLLM, served_model_names: list[str], chat_template: st
     return app
 
 
+def playground_url(host: str, port: int) -> str:
+    """The page's address to open in a browser: a wildcard bind is reachable at localhost."""
+    host = {"0.0.0.0": "localhost", "::": "localhost", "": "localhost"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{playground_routes.PAGE_PATH}"
+
+
 async def run_server(args: argparse.Namespace, engine: AsyncLLM, sock: socket.socket, names: list[str]) -> int:
     """Serves `engine` on the bound `sock` until stopped (then shuts the engine down); returns the process
     exit status."""
@@ -233,7 +248,7 @@ async def run_server(args: argparse.Namespace, engine: AsyncLLM, sock: socket.so
                                   for field in dataclasses.fields(RequestLimits)})
         engine.start()
         app = build_app(engine, names, chat_template, api_key, args.tool_call_parser, args.enable_auto_tool_choice,
-                        args.reasoning_parser, limits)
+                        args.reasoning_parser, limits, playground=not args.disable_playground)
         # uvicorn's graceful shutdown is the drain: listeners close, idle connections close, busy ones finish
         server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                         access_log=not args.disable_uvicorn_access_log, timeout_keep_alive=5,
@@ -247,6 +262,8 @@ async def run_server(args: argparse.Namespace, engine: AsyncLLM, sock: socket.so
         engine.on_dead.append(stop_soon)
         logger.info("serving %s (max_model_len=%d) with engine core pid %d", ", ".join(names), engine.max_model_len,
                     engine.core_pid)
+        if not args.disable_playground:
+            logger.info("playground: %s", playground_url(args.host, args.port))
         await server.serve(sockets=[sock])
     finally:
         engine.shutdown()

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
@@ -127,7 +128,18 @@ def _payload(model: str, prompt: list[int] | str, output_len: int, stream: bool 
     return payload
 
 
-async def _benchmark(args: argparse.Namespace) -> dict:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """`bench serve`'s arguments from a command line's words after `serve` (its defaults, its checks)."""
+    parser = argparse.ArgumentParser(prog="tokenmill bench", exit_on_error=False)
+    register(parser.add_subparsers(dest="bench_command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+async def benchmark(args: argparse.Namespace, on_request_done: Callable[[int, int], None] | None = None,
+                    describe_client: bool = True) -> dict:
+    """Runs the load test; `on_request_done(num_done, num_prompts)` after each request (else a tqdm bar).
+    describe_client=False leaves out the client's commit, device and command (a server benchmarking itself
+    would import torch only to name its device)."""
     import httpx
 
     headers = {}
@@ -156,12 +168,17 @@ async def _benchmark(args: argparse.Namespace) -> dict:
         semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
         rng = random.Random(args.seed + 1)
 
-        bar = tqdm(total=len(prompts), desc="Requests done", unit="req")
+        bar = tqdm(total=len(prompts), desc="Requests done", unit="req", disable=on_request_done is not None)
+        num_done = 0
 
         async def limited(i: int) -> RequestResult:
+            nonlocal num_done
             async with semaphore:
                 result = await _send(client, url, _payload(model, prompts[i], output_lens[i]), input_lens[i])
             bar.update(1)
+            num_done += 1
+            if on_request_done is not None:
+                on_request_done(num_done, len(prompts))
             return result
 
         started = time.perf_counter()
@@ -173,7 +190,7 @@ async def _benchmark(args: argparse.Namespace) -> dict:
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
         bar.close()
-    return summarize(args, model, text_prompts, results, duration)
+    return summarize(args, model, text_prompts, results, duration, describe_client)
 
 
 def _stats(values: list[float], scale: float = 1000.0) -> dict[str, float]:
@@ -186,14 +203,13 @@ def _stats(values: list[float], scale: float = 1000.0) -> dict[str, float]:
 
 
 def summarize(args: argparse.Namespace, model: str, text_prompts: bool, results: list[RequestResult],
-              duration: float) -> dict:
+              duration: float, describe_client: bool = True) -> dict:
     done = [r for r in results if r.ok]
     num_output = sum(r.output_len for r in done)
     num_input = sum(r.input_len for r in done)
     tpots = [(r.e2el - r.ttft) / (r.output_len - 1) for r in done if r.output_len > 1]
     errors = [r.error for r in results if not r.ok]
-    record = base_record()
-    return {
+    summary = {
         "base_url": args.base_url, "model": model, "prompt_kind": "text" if text_prompts else "token_ids",
         "num_prompts": args.num_prompts, "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
         "input_len": args.input_len, "output_len": args.output_len, "random_range_ratio": args.random_range_ratio,
@@ -204,8 +220,11 @@ def summarize(args: argparse.Namespace, model: str, text_prompts: bool, results:
         "ttft_ms": _stats([r.ttft for r in done]), "tpot_ms": _stats(tpots),
         "itl_ms": _stats([x for r in done for x in r.itls]), "e2el_ms": _stats([r.e2el for r in done]),
         "requests": [asdict(r) | {"itls": None} for r in results],
-        "client_commit": record["commit"], "client_device": record["device"], "command": record["command"],
     }
+    if describe_client:
+        record = base_record()
+        summary |= {"client_commit": record["commit"], "client_device": record["device"], "command": record["command"]}
+    return summary
 
 
 def print_summary(summary: dict) -> None:
@@ -239,7 +258,7 @@ def print_summary(summary: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    summary = asyncio.run(_benchmark(args))
+    summary = asyncio.run(benchmark(args))
     print_summary(summary)
     if args.result_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_file)), exist_ok=True)
