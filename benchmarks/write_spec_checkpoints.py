@@ -2,9 +2,12 @@
 decoding benchmarks where both engines must read the same weights (random weights make acceptance meaningless
 otherwise):
 
-    python benchmarks/write_spec_checkpoints.py --model llama-3.1-8b --out /tmp/spec [--draft-layers 2]
+    python benchmarks/write_spec_checkpoints.py --model llama-3.1-8b --out /tmp/spec [--draft-layers 2] [--eagle-head]
         -> /tmp/spec/target: every tensor, each from its own seed (its name's CRC32 plus --seed)
            /tmp/spec/draft:  the same embeddings, final norm and LM head, and the target's first 2 layers
+           /tmp/spec/eagle, /tmp/spec/eagle3 (--eagle-head): random EAGLE-1 and EAGLE-3 heads in their
+                             published layouts (fc and one layer; EAGLE-3 with its own norm and LM head over
+                             the whole vocabulary), for method "eagle" / "eagle3"
 
 Norm weights are ones, everything else N(0, 0.02) (HF's initializer range), generated on the GPU when there is
 one. Each directory gets the preset's config.json (the draft's with num_hidden_layers lowered) and its synthetic
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--draft-layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eagle-head", action="store_true", help="also write random EAGLE-1 and EAGLE-3 heads")
     args = parser.parse_args()
     source = model_path(args.model)
     config = json.loads(Path(source, "config.json").read_text())
@@ -90,6 +94,32 @@ def main() -> None:
     draft_names = [n for n in shapes if not n.startswith("model.layers.") or n.startswith(layer_prefixes)]
     write(Path(args.out, "draft"), source, {**config, "num_hidden_layers": args.draft_layers}, draft_names, shapes,
           args.seed, device)
+    if args.eagle_head:
+        for eagle3 in (False, True):
+            head_shapes = eagle_head_shapes(shapes, config["hidden_size"], eagle3)
+            head_config = {**config, "num_hidden_layers": 1,
+                           **({"architectures": ["LlamaForCausalLMEagle3"]} if eagle3 else {})}
+            write(Path(args.out, "eagle3" if eagle3 else "eagle"), source, head_config, list(head_shapes),
+                  head_shapes, args.seed, device)
+
+
+def eagle_head_shapes(shapes: dict, hidden: int, eagle3: bool) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """An EAGLE head's tensors, from the target's layer 0: EAGLE-1 `fc` [H, 2H] and `layers.0.*` without its
+    input norm; EAGLE-3 `fc` [H, 3H], `midlayer.*` with q/k/v over 2H and a `hidden_norm`, `norm`, `lm_head`."""
+    dtype = shapes["model.embed_tokens.weight"][1]
+    layer = "midlayer." if eagle3 else "layers.0."
+    head = {"fc.weight": (torch.Size([hidden, (3 if eagle3 else 2) * hidden]), dtype)}
+    for name, (shape, tensor_dtype) in shapes.items():
+        if not name.startswith("model.layers.0.") or name.endswith("input_layernorm.weight") and not eagle3:
+            continue
+        if eagle3 and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            shape = torch.Size([shape[0], 2 * hidden])
+        head[layer + name.removeprefix("model.layers.0.")] = (shape, tensor_dtype)
+    if eagle3:
+        head |= {"midlayer.hidden_norm.weight": (torch.Size([hidden]), dtype),
+                 "norm.weight": (torch.Size([hidden]), dtype),
+                 "lm_head.weight": shapes.get("lm_head.weight", shapes["model.embed_tokens.weight"])}
+    return head
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def smol_tokenizer():
     return load_gguf_tokenizer(default_model_path())
 
 
-TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral_window", "qwen2_window", "gpt_oss")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mistral_window", "qwen2_window", "gpt_oss",
+              "deepseek_v2", "deepseek_v2_q_lora", "deepseek_v3")
 
 
 def _tiny_config(arch: str):
@@ -69,6 +70,20 @@ def _tiny_config(arch: str):
                                                           "truncate": False, "original_max_position_embeddings": 64})
     if arch == "mixtral":  # top-2 of 4 experts, renormalized
         return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    if arch.startswith("deepseek"):  # MLA; 3 layers, the first dense; top-2 of 8 experts in 4 groups + 1 shared
+        mla = dict(common, num_hidden_layers=3, num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2,
+                   n_shared_experts=1, moe_intermediate_size=16, n_group=4, topk_group=2)
+        if arch == "deepseek_v3":  # sigmoid scores with a correction bias, renormalized; YaRN with both mscales
+            return transformers.DeepseekV3Config(**mla, q_lora_rank=24, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                  "factor": 4.0,
+                                                                  "original_max_position_embeddings": 256,
+                                                                  "mscale": 1.0, "mscale_all_dim": 0.8})
+        if arch == "deepseek_v2":  # q_proj; group-limited softmax top-k, scaled
+            return transformers.DeepseekV2Config(**mla, q_lora_rank=None, topk_method="group_limited_greedy",
+                                                 routed_scaling_factor=1.5)
+        return transformers.DeepseekV2Config(**mla, q_lora_rank=24)  # q_a/q_b, plain softmax top-k
     return transformers.Qwen3Config(**common, head_dim=32)
 
 
@@ -91,6 +106,9 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Callable[[str], str]:
                     for name, param in model.named_parameters():
                         if name.endswith(("_proj_bias", ".sinks")):
                             param.normal_(0.5 if name.endswith(".sinks") else 0.0, 1.0)
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # HF starts it at zero; let it change the choice
+                    buffer.uniform_(-0.3, 0.3)
             model.save_pretrained(path)
             smol_tokenizer.save_pretrained(path)
             with open(path / "config.json") as f:

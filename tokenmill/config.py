@@ -27,7 +27,8 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 # Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
 USAGE_CONTEXTS = ("llm", "serve")
-SPECULATIVE_METHODS = ("ngram", "draft_model")  # of spec_decode.config.METHODS, those the engine runs
+# Of spec_decode.config.METHODS, those the engine runs.
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -178,10 +179,20 @@ def checkpoint_dtype(hf_config: Any) -> str | None:
     return None if dtype is None else dtype_name(dtype)
 
 
+def num_routed_experts(hf_config: Any) -> int:
+    """A MoE model's experts per layer under each family's name (Qwen3-MoE's num_experts; Mixtral's, and
+    transformers 5's for Qwen3-MoE, num_local_experts; DeepSeek's n_routed_experts); 0 for a dense model."""
+    return getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) \
+        or getattr(hf_config, "n_routed_experts", None) or 0
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # MoE layers: each tensor-parallel rank holds whole experts, 1/tensor_parallel_size of them, instead of a
+    # slice of every expert (layers/fused_moe.py); attention stays tensor-parallel.
+    enable_expert_parallel: bool = False
     # Engine cores behind one server, each of tensor x pipeline ranks (engine/dp_client.py); the rank is set
     # for each core's own config.
     data_parallel_size: int = 1
@@ -196,6 +207,8 @@ class ParallelConfig:
                  "pipeline_parallel_size", f"must be a positive integer, got {self.pipeline_parallel_size!r}")
         _require(isinstance(self.data_parallel_size, int) and self.data_parallel_size >= 1,
                  "data_parallel_size", f"must be a positive integer, got {self.data_parallel_size!r}")
+        _require(isinstance(self.enable_expert_parallel, bool), "enable_expert_parallel",
+                 f"must be a bool, got {self.enable_expert_parallel!r}")
         _require(self.distributed_executor_backend in (None, *EXECUTOR_BACKENDS), "distributed_executor_backend",
                  f"must be one of {EXECUTOR_BACKENDS}, got {self.distributed_executor_backend!r}")
         _require(self.distributed_executor_backend != "uni" or self.world_size == 1, "distributed_executor_backend",
@@ -206,16 +219,27 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def expert_parallel_size(self) -> int:
+        """The ranks a MoE layer's experts are spread over: a stage's tensor-parallel ranks, or 1 without expert
+        parallelism. Data-parallel cores are separate engines, so it never spans them."""
+        return self.tensor_parallel_size if self.enable_expert_parallel else 1
+
     def executor_backend(self) -> str:
         return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
 
     def check_model(self, hf_config: Any) -> None:
         """Refuses a split the model's shapes do not allow, naming the flag."""
-        tp = self.tensor_parallel_size
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
         heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-        sizes = [("num_attention_heads", heads), ("intermediate_size", hf_config.intermediate_size),
-                 ("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None))]  # Qwen3-MoE's experts
+        sizes = [("num_attention_heads", heads), ("intermediate_size", hf_config.intermediate_size)]
+        if ep == 1:  # tensor parallelism alone splits every expert
+            sizes.append(("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None)))
+        num_experts = num_routed_experts(hf_config)
+        _require(num_experts % ep == 0, "enable_expert_parallel",
+                 f"spreads the experts over the tensor_parallel_size ranks; the model's {num_experts} experts "
+                 f"are not divisible by {ep}")
         for name, size in sizes:
             _require(size is None or size % tp == 0, "tensor_parallel_size",
                      f"must divide the model's {name} ({size}), got {tp}")

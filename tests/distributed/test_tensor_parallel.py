@@ -30,11 +30,11 @@ def generate(path: str, tp: int, prompts=PROMPTS, params=GREEDY, **kwargs) -> tu
         llm.llm_engine.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_tp2_and_tp4_give_tp1s_greedy_tokens(arch, tiny_model_dir):
     """The tiny models have 4 query heads and 2 KV heads: at TP=4 each KV head is held by two ranks. qwen3 ties
     its embeddings and norms q and k per head; gpt_oss splits its sinks by head and adds its experts' down bias on
-    rank 0 only."""
+    rank 0 only; DeepSeek-V3 (MLA) splits its 4 heads and keeps the latent cache whole on every rank."""
     path = tiny_model_dir(arch)
     one, _ = generate(path, 1)
     for tp in (2, 4):

@@ -3,10 +3,13 @@ float64 loop over each token's experts, at tiny sizes."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tokenmill.distributed.parallel_state import destroy_distributed, init_distributed
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 from tokenmill.layers.fused_moe import FusedMoE, select_experts
 
@@ -120,6 +123,110 @@ def test_biases_and_clamped_swiglu_match_float64_loop(num_tokens, dtype):
                                    atol=1e-5)
 
 
+def held_by_rank(topk_ids: torch.Tensor, rank: int, num_local: int) -> torch.Tensor:
+    """Expert ids as rank `rank` of an expert-parallel group sees them: its own 0 .. num_local - 1, the others
+    num_local (held elsewhere)."""
+    return torch.where(topk_ids // num_local == rank, topk_ids % num_local, num_local)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_gemm", "cpu_loop"])
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_expert_parallel_ranks_outputs_sum_to_the_whole_layer(ep_size, implementation):
+    """Each rank's experts over the pairs it holds (the rest marked held elsewhere); summed over the ranks, as
+    the all-reduce combines them, they are the whole layer. 3 tokens leave some rank with no pair at all."""
+    from tokenmill.layers.fused_moe import experts_loop
+    from tokenmill.layers.fused_moe_triton import fused_experts
+
+    def grouped_gemm(*args) -> torch.Tensor:
+        return fused_experts(*args, block_m=16, some_held_elsewhere=True)
+
+    experts, device = (grouped_gemm, DEVICE) if implementation == "grouped_gemm" else (experts_loop, "cpu")
+    w13, w2 = (w.to(device) for w in random_experts(torch.float32, seed=ep_size))
+    num_local = NUM_EXPERTS // ep_size
+    for num_tokens in (3, 21):
+        x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(4)).to(device)
+        router_logits = torch.randn(num_tokens, NUM_EXPERTS, generator=torch.Generator().manual_seed(5)).to(device)
+        topk_weights, topk_ids = select_experts(router_logits, 2, renormalize=True)
+        out = sum(experts(x, w13[r * num_local:(r + 1) * num_local], w2[r * num_local:(r + 1) * num_local],
+                          topk_weights, held_by_rank(topk_ids, r, num_local)).double().cpu()
+                  for r in range(ep_size))
+        torch.testing.assert_close(out, reference(x, w13, w2, topk_weights, topk_ids), rtol=1e-5, atol=1e-5)
+
+
+def layer_inputs() -> tuple[torch.Tensor, ...]:
+    """Float64 experts (w13 [E, 2I, H], w2 [E, H, I]), x [T, H] and router logits [T, E], the same on every rank."""
+    w13, w2 = (w.cpu().double() for w in random_experts(torch.float32, seed=7))
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(13, HIDDEN, generator=generator, dtype=torch.float64)
+    return w13, w2, x, torch.randn(13, NUM_EXPERTS, generator=generator, dtype=torch.float64)
+
+
+def _expert_parallel_rank(rank: int, init_method: str, out_path: str) -> None:
+    """One of two gloo ranks with expert parallelism: loads every checkpoint expert through the layer's
+    weight_loader (it keeps its own), runs the layer, saves its weights and output."""
+    init_distributed(rank, 2, 2, init_method, "gloo", 60, enable_expert_parallel=True)
+    try:
+        w13, w2, x, router_logits = layer_inputs()
+        torch.set_default_dtype(torch.float64)
+        layer = FusedMoE(NUM_EXPERTS, 2, HIDDEN, INTERMEDIATE, renormalize=False, prefix="moe")
+        for expert_id in range(NUM_EXPERTS):
+            gate, up = w13[expert_id].chunk(2)
+            layer.weight_loader(layer.w13_weight, gate, "w1", expert_id)
+            layer.weight_loader(layer.w13_weight, up, "w3", expert_id)
+            layer.weight_loader(layer.w2_weight, w2[expert_id], "w2", expert_id)
+        torch.save({"w13": layer.w13_weight.data, "w2": layer.w2_weight.data, "out": layer(x, router_logits)},
+                   out_path)
+    finally:
+        destroy_distributed()
+
+
+def test_expert_parallel_layer_over_two_gloo_ranks_matches_float64_reference(tmp_path):
+    """Rank r holds experts [4r, 4r + 4) whole; its share of every token's pairs, all-reduced, is the layer."""
+    context = multiprocessing.get_context("spawn")
+    init_method = f"file://{tmp_path / 'rendezvous'}"
+    procs = [context.Process(target=_expert_parallel_rank, args=(rank, init_method, str(tmp_path / f"{rank}.pt")))
+             for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    w13, w2, x, router_logits = layer_inputs()
+    expected = reference(x, w13, w2, *select_experts(router_logits, 2, renormalize=False))  # float32 weights
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"{rank}.pt")
+        held = slice(4 * rank, 4 * rank + 4)
+        assert torch.equal(saved["w13"], w13[held]) and torch.equal(saved["w2"], w2[held])
+        torch.testing.assert_close(saved["out"], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_routing_matches_hf_routers(version):
+    """Group-limited top-k (V2: softmax, a group's best score; V3: sigmoid plus the correction bias, a group's
+    best two) and routed_scaling_factor, against HF's router modules on the same weights."""
+    import transformers
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    common = dict(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+                  topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=version == "v3")
+    torch.manual_seed(0)
+    if version == "v2":
+        router = modeling_deepseek_v2.DeepseekV2TopkRouter(
+            transformers.DeepseekV2Config(**common, topk_method="group_limited_greedy"))
+        bias, routing = None, dict(scoring_func="softmax")
+    else:
+        router = modeling_deepseek_v3.DeepseekV3TopkRouter(transformers.DeepseekV3Config(**common))
+        router.e_score_correction_bias.uniform_(-0.5, 0.5)
+        bias, routing = router.e_score_correction_bias, dict(scoring_func="sigmoid")
+    router.weight.data.normal_()
+    x = torch.randn(64, HIDDEN)
+    _, hf_weights, hf_ids = router(x)
+    weights, ids = select_experts(x @ router.weight.T, 3, version == "v3", num_expert_group=4, topk_group=2,
+                                  e_score_correction_bias=bias, routed_scaling_factor=2.5, **routing)
+    hf_order, order = hf_ids.argsort(dim=-1), ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), hf_ids.gather(1, hf_order))
+    torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order))
 def quantize_experts(w: torch.Tensor, block: tuple[int, int] | None, segment_rows: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Experts [E, N, K] in e4m3 as checkpoints ship them -> (e4m3, scales, the float64 dequantized experts).

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 KERNEL_MODULES = [
+    "tokenmill.attention.triton_mla",
     "tokenmill.attention.triton_paged",
     "tokenmill.layers.fp8_ops",
     "tokenmill.layers.fused_moe_triton",

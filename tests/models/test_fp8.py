@@ -128,12 +128,14 @@ def test_online_fp8_quantizes_per_channel(arch, tiny_model_dir):
     assert greedy(llm) == hf_greedy(reference.eval())
 
 
-def test_block_fp8_experts_split_over_ranks_on_whole_blocks(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("fmt, expert_parallel", [("block", False), ("tensor", True)])
+def test_fp8_experts_over_two_ranks_match_hf(fmt, expert_parallel, tiny_model_dir, tmp_path):
     """16 x 16 blocks: at TP=2 each rank's 16 of the experts' 32 intermediate rows are one row of blocks (the
-    scales sliced with the weights) and the tokens stay HF's. (A split that cuts blocks: test_fused_moe.py.)"""
-    reference = write_fp8_checkpoint(tiny_model_dir("qwen3_moe"), tmp_path / "ckpt", "block", (16, 16))
-    llm = LLM(str(tmp_path / "ckpt"), tensor_parallel_size=2, dtype="float32", kv_cache_memory_bytes=8 << 20,
-              max_model_len=128)
+    scales sliced with the weights); per-tensor scales with expert parallelism: each rank loads its 4 experts'
+    scales. The tokens stay HF's. (A split that cuts blocks: test_fused_moe.py.)"""
+    reference = write_fp8_checkpoint(tiny_model_dir("qwen3_moe"), tmp_path / "ckpt", fmt, (16, 16))
+    llm = LLM(str(tmp_path / "ckpt"), tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+              dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
     try:
         assert greedy(llm) == hf_greedy(reference)
     finally:

@@ -37,7 +37,8 @@ def run(llm: LLM, prompts: list[list[int]], one_at_a_time: bool = False) -> list
     return [out.outputs[0].token_ids for out in llm.generate(requests, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v2",
+                                  "deepseek_v2_q_lora", "deepseek_v3"])
 def test_tiny_models_match_hf_under_every_batching(arch, tiny_model_dir, assert_pool_free):
     path = tiny_model_dir(arch)
     prompts = make_prompts(seed=len(arch))

@@ -7,6 +7,11 @@ KV cache layout, one tensor per layer, allocated once:
 
 in the model's dtype, or FP8 (e4m3) holding key / k_scale and value / v_scale (the layer's scales).
 
+MLA's latent cache (layers/mla.py) has one plane: kv_cache[layer]: [1, num_blocks, block_size, 1, latent +
+rope], each token's compressed latent then its rotated rope key. Attention over it is MQA with that one head:
+the keys are the entries and the values their first `value_dim` (latent) channels, so the output is
+[num_tokens, num_heads, value_dim].
+
 A token at position `pos` of a request lives in slot
 `block_table[pos // block_size] * block_size + pos % block_size`; flat slot `s` is
 `kv_cache[:, s // block_size, s % block_size]`.
@@ -69,18 +74,18 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def write_kv(
-        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        self, key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
         k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
     ) -> None:
         """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped. An FP8
-        cache stores key / k_scale and value / v_scale."""
+        cache stores key / k_scale and value / v_scale. A one-plane (latent) cache takes value=None."""
 
     @abstractmethod
     def forward(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
         *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
         k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
-        sliding_window: int | None = None, sinks: torch.Tensor | None = None,
+        sliding_window: int | None = None, sinks: torch.Tensor | None = None, value_dim: int | None = None,
     ) -> torch.Tensor:
         """Causal attention of query [num_tokens, num_heads, head_dim] over the paged cache.
 
@@ -89,6 +94,8 @@ class AttentionBackend(ABC):
         has no cached ones. `sliding_window`: the keys a query sees, itself included (None: all before it);
         `sinks`: [num_heads] logits, one per query head, in the softmax's denominator (None: none).
         Returns [num_tokens, num_heads, head_dim]; rows past `metadata.num_actual_tokens` are unspecified.
+        Over a one-plane (latent) cache the values are the keys' first `value_dim` channels and the result is
+        [num_tokens, num_heads, value_dim].
         """
 
 

@@ -14,12 +14,21 @@ from tokenmill.attention.backend import AttentionBackend, AttentionMetadata, reg
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 
 
-def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+def gather_keys_values(kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, value_dim: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `seq_len` keys and values of one request: [seq_len, num_kv_heads, head_dim] each."""
+    """The first `seq_len` keys and values of one request: [seq_len, num_kv_heads, head_dim] each (values of a
+    latent cache: [seq_len, 1, value_dim])."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv = kv_cache[:, block_ids].reshape(2, -1, num_kv_heads, head_dim)
-    return kv[0, :seq_len], kv[1, :seq_len]
+    kv = kv_cache[:, block_ids].reshape(kv_cache.shape[0], -1, num_kv_heads, head_dim)
+    return split_planes(kv[:, :seq_len], value_dim)
+
+
+def split_planes(kv: torch.Tensor, value_dim: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of cache planes [planes, ...]: a latent cache's one plane holds keys whose first
+    value_dim channels are the values."""
+    if kv.shape[0] == 1:
+        return kv[0], kv[0][..., :value_dim]
+    return kv[0], kv[1]
 
 
 def widen(cache_values: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
@@ -33,37 +42,37 @@ def widen(cache_values: torch.Tensor, scale: torch.Tensor | float, dtype: torch.
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | float = 1.0,
                  v_scale: torch.Tensor | float = 1.0) -> None:
         num_tokens = slot_mapping.shape[0]
         valid = slot_mapping >= 0
         slots = slot_mapping[valid]
-        flat = kv_cache.view(2, -1, *kv_cache.shape[-2:])
-        key, value = key[:num_tokens][valid], value[:num_tokens][valid]
-        if kv_cache.dtype == FP8_DTYPE:
-            key = (key.float() / k_scale).clamp(-FP8_MAX, FP8_MAX)
-            value = (value.float() / v_scale).clamp(-FP8_MAX, FP8_MAX)
-        flat[0, slots] = key.to(kv_cache.dtype)
-        flat[1, slots] = value.to(kv_cache.dtype)
+        flat = kv_cache.view(kv_cache.shape[0], -1, *kv_cache.shape[-2:])
+        for plane, (new, scale) in enumerate(((key, k_scale), (value, v_scale))[:kv_cache.shape[0]]):
+            new = new[:num_tokens][valid]
+            if kv_cache.dtype == FP8_DTYPE:
+                new = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX)
+            flat[plane, slots] = new.to(kv_cache.dtype)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
-                sliding_window: int | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, sinks: torch.Tensor | None = None,
+                value_dim: int | None = None) -> torch.Tensor:
         scales = (k_scale, v_scale)
-        out = torch.zeros_like(query)
+        out = query.new_zeros(*query.shape[:2], value_dim or query.shape[2])
         block_size = kv_cache.shape[2]
         plan = _plan(metadata, block_size)
         starts, seq_lens = plan.starts, plan.seq_lens
         if plan.decode is not None:
-            self._decode(query, kv_cache, plan.decode, scale, out, scales, sliding_window, sinks)
+            self._decode(query, kv_cache, plan.decode, scale, out, scales, value_dim, sliding_window, sinks)
         for i in range(metadata.num_reqs):
             q_len = starts[i + 1] - starts[i]
             if q_len <= 1:
                 continue
             num_blocks = -(-seq_lens[i] // block_size)
-            k, v = gather_keys_values(kv_cache, metadata.block_table[i, :num_blocks], seq_lens[i])
+            k, v = gather_keys_values(kv_cache, metadata.block_table[i, :num_blocks], seq_lens[i], value_dim)
             k, v = widen(k, k_scale, query.dtype), widen(v, v_scale, query.dtype)
             q = query[starts[i]:starts[i + 1]]
             q_pos = torch.arange(seq_lens[i] - q_len, seq_lens[i], device=q.device)
@@ -72,11 +81,13 @@ class TorchAttentionBackend(AttentionBackend):
                                                  mask.unsqueeze(0), scale, sinks)[0]
         return out
 
-    def _decode(self, query, kv_cache, plan: _DecodePlan, scale, out, scales, sliding_window, sinks) -> None:
+    def _decode(self, query, kv_cache, plan: _DecodePlan, scale, out, scales, value_dim, sliding_window,
+                sinks) -> None:
         """All single-token queries at once, keys padded to the longest and masked."""
-        kv = kv_cache[:, plan.block_ids]  # [2, B, max_blocks, block_size, H_kv, D]
-        kv = kv.reshape(2, plan.block_ids.shape[0], -1, *kv_cache.shape[-2:])
-        keys, values = widen(kv[0], scales[0], query.dtype), widen(kv[1], scales[1], query.dtype)
+        kv = kv_cache[:, plan.block_ids]  # [planes, B, max_blocks, block_size, H_kv, D]
+        keys, values = split_planes(kv.reshape(kv.shape[0], plan.block_ids.shape[0], -1, *kv_cache.shape[-2:]),
+                                    value_dim)
+        keys, values = widen(keys, scales[0], query.dtype), widen(values, scales[1], query.dtype)
         q = query[plan.token_index].unsqueeze(1)  # [B, 1, H, D]
         out[plan.token_index] = _sdpa(q, keys, values, plan.mask(sliding_window), scale, sinks)[:, 0]
 
@@ -136,8 +147,8 @@ def _plan(metadata: AttentionMetadata, block_size: int) -> _Plan:
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
           sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [B, Lq, H, D], k/v: [B, Lk, H_kv, D], mask: [B, Lq, Lk] (True = attend), sinks: [H] or None
-    -> [B, Lq, H, D].
+    """q: [B, Lq, H, D], k: [B, Lk, H_kv, D], v: [B, Lk, H_kv, Dv], mask: [B, Lq, Lk] (True = attend), sinks:
+    [H] or None -> [B, Lq, H, Dv].
 
     Grouped-query attention without copying K/V: the G query heads that share a KV head become G times
     as many query rows of that head ([B, H_kv, G * Lq, D]), each with its position's mask row. Sinks are
@@ -156,5 +167,5 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
         mask = torch.cat([bias.expand(batch, num_kv_heads, -1, -1),
                           sink_logits.reshape(batch, num_kv_heads, group * q_len, 1)], dim=-1)
     o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
-    o = o.view(batch, num_kv_heads, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
-    return o.reshape(batch, q_len, num_heads, head_dim)
+    o = o.view(batch, num_kv_heads, group, q_len, -1).permute(0, 3, 1, 2, 4)
+    return o.reshape(batch, q_len, num_heads, -1)

@@ -108,6 +108,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     FP8_CACHE: tl.constexpr,
     ROUND_E4M3: tl.constexpr,
+    HAS_VALUE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -120,9 +121,6 @@ def _write_kv_kernel(
     k = tl.load(
         key_ptr + token * stride_k_tok + heads[:, None] * stride_k_head + dims[None, :] * stride_k_dim, mask=mask
     )
-    v = tl.load(
-        value_ptr + token * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :] * stride_v_dim, mask=mask
-    )
     block_id = slot // BLOCK_SIZE
     offset_in_block = slot % BLOCK_SIZE
     cache_offsets = (
@@ -133,32 +131,42 @@ def _write_kv_kernel(
     )
     if FP8_CACHE:  # e4m3 of value / scale (correctly rounded, as torch divides)
         k = tl.minimum(tl.maximum(tl.math.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)), -448.0), 448.0)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -448.0), 448.0)
         if ROUND_E4M3:
-            k, v = round_e4m3(k), round_e4m3(v)
+            k = round_e4m3(k)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if HAS_VALUE:  # a latent cache (MLA) has no value plane
+        v = tl.load(
+            value_ptr + token * stride_v_tok + heads[:, None] * stride_v_head + dims[None, :] * stride_v_dim, mask=mask
+        )
+        if FP8_CACHE:
+            v = tl.minimum(tl.maximum(tl.math.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)), -448.0), 448.0)
+            if ROUND_E4M3:
+                v = round_e4m3(v)
+        tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+def write_kv(key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
              k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0) -> None:
     """Store key/value [num_tokens, num_kv_heads, head_dim] into kv_cache [2, num_blocks, block_size,
     num_kv_heads, head_dim] at flat slots slot_mapping [num_tokens] (int64; -1 = skip). An FP8 (e4m3) cache
-    stores key / k_scale and value / v_scale.
+    stores key / k_scale and value / v_scale. A latent cache [1, ...] (MLA) takes the key only (value None).
 
     key/value may have any strides. Grid: (num_tokens, cdiv(num_kv_heads, BLOCK_H)).
     """
     num_tokens, num_kv_heads, head_dim = key.shape
-    assert value.shape == key.shape, f"value {tuple(value.shape)} != key {tuple(key.shape)}"
-    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 2, f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, ...]"
+    has_value = value is not None
+    assert not has_value or value.shape == key.shape, f"value {tuple(value.shape)} != key {tuple(key.shape)}"
+    assert kv_cache.dim() == 5 and kv_cache.shape[0] == 1 + has_value, \
+        f"kv_cache {tuple(kv_cache.shape)} is not [{1 + has_value}, blocks, ...]"
     assert kv_cache.shape[3:] == (num_kv_heads, head_dim), f"kv_cache {tuple(kv_cache.shape)} != key heads/dim"
     assert slot_mapping.shape == (num_tokens,), f"slot_mapping {tuple(slot_mapping.shape)} != ({num_tokens},)"
     assert slot_mapping.dtype in (torch.int32, torch.int64), f"slot_mapping dtype {slot_mapping.dtype}"
-    assert key.device == value.device == kv_cache.device == slot_mapping.device
+    assert key.device == kv_cache.device == slot_mapping.device and (not has_value or value.device == key.device)
     if num_tokens == 0:
         return
     block_size = kv_cache.shape[2]
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    value = value if has_value else key  # unread without HAS_VALUE
+    k_cache, v_cache = kv_cache[0], kv_cache[-1]
     block_d = _next_power_of_2(head_dim)
     # Up to 2048 elements of key (and of value) per program.
     block_h = min(_next_power_of_2(num_kv_heads), max(1, 2048 // block_d))
@@ -181,6 +189,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
         BLOCK_SIZE=block_size,
         FP8_CACHE=kv_cache.dtype == FP8_DTYPE,
         ROUND_E4M3=ROUND_E4M3,
+        HAS_VALUE=has_value,
         num_warps=4,
     )
 
@@ -773,14 +782,14 @@ class TritonPagedAttentionBackend(AttentionBackend):
     Decode-only steps (max_query_len == 1) take the split-KV path, whose launch depends only on tensor
     shapes, so it can be captured in a CUDA graph. Mixed steps launch twice over disjoint rows: the
     decode tile shape for the requests with one new token (first in the step), the prefill tile shape
-    for the others.
+    for the others. A latent cache (MLA, one plane) goes to triton_mla's kernel, shape-only as well.
     """
 
     name = "triton"
     supports_cuda_graphs = True
 
     def write_kv(
-        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        self, key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
         k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
     ) -> None:
         write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
@@ -789,8 +798,15 @@ class TritonPagedAttentionBackend(AttentionBackend):
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
         *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
         k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
-        sliding_window: int | None = None, sinks: torch.Tensor | None = None,
+        sliding_window: int | None = None, sinks: torch.Tensor | None = None, value_dim: int | None = None,
     ) -> torch.Tensor:
+        if kv_cache.shape[0] == 1:
+            if sliding_window is not None or sinks is not None:
+                raise ValueError("a latent (MLA) cache has no sliding window or attention sinks")
+            from tokenmill.attention.triton_mla import mla_attention
+
+            return mla_attention(query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+                                 scale, value_dim)
         if key is not None and sliding_window is None and sinks is None and metadata.num_reqs == 1 \
                 and query.dtype in (torch.float16, torch.bfloat16) \
                 and metadata.max_seq_len == metadata.num_actual_tokens >= DENSE_PREFILL_MIN_TOKENS:

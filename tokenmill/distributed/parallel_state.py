@@ -6,6 +6,11 @@ GPUs, gloo on CPUs) before the model is built. Ranks are laid out stage by stage
 so a stage's tensor-parallel group is consecutive ranks and a rank's pipeline group is the ranks of its tp_rank
 in every stage. With a world of 1 nothing is initialized: rank 0 of 1, and the collectives return their input.
 Layers and the model runner ask these functions, never torch.distributed directly.
+
+Expert parallelism (`enable_expert_parallel`) spreads the MoE layers' experts over each stage's tensor-parallel
+group: its expert-parallel group is that group, so an expert-parallel rank is its tp_rank (layers/fused_moe.py).
+Data-parallel cores are separate engines with worlds of their own (engine/dp_client.py), so the expert-parallel
+group never spans them: each core holds every expert, spread over its own tensor-parallel ranks.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ _TP_RANK, _TP_SIZE = 0, 1
 _PP_GROUP: dist.ProcessGroup | None = None
 _PP_RANKS: list[int] = [0]  # global ranks of this rank's pipeline group, stage by stage
 _PP_RANK, _PP_SIZE = 0, 1
+_EP_RANK, _EP_SIZE = 0, 1
 
 
 def init_distributed(rank: int, world_size: int, tensor_parallel_size: int, init_method: str, backend: str,
-                     timeout_s: float) -> None:
+                     timeout_s: float, enable_expert_parallel: bool = False) -> None:
     """Joins this process to the engine's world as `rank` and builds its tensor-parallel group (consecutive
-    ranks) and pipeline group (every tensor_parallel_size-th rank). Creating the world, and any collective
-    later, fails after `timeout_s` instead of hanging."""
-    global _TP_GROUP, _TP_RANK, _TP_SIZE, _PP_GROUP, _PP_RANKS, _PP_RANK, _PP_SIZE
+    ranks) and pipeline group (every tensor_parallel_size-th rank); with `enable_expert_parallel` the
+    tensor-parallel group is also the expert-parallel one. Creating the world, and any collective later, fails
+    after `timeout_s` instead of hanging."""
+    global _TP_GROUP, _TP_RANK, _TP_SIZE, _PP_GROUP, _PP_RANKS, _PP_RANK, _PP_SIZE, _EP_RANK, _EP_SIZE
     tp = tensor_parallel_size
     if world_size % tp:
         raise ValueError(f"world size {world_size} is not a multiple of tensor_parallel_size {tp}")
@@ -43,14 +50,17 @@ def init_distributed(rank: int, world_size: int, tensor_parallel_size: int, init
         group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             _PP_GROUP, _PP_RANKS, _PP_RANK, _PP_SIZE = group, ranks, ranks.index(rank), len(ranks)
+    if enable_expert_parallel:
+        _EP_RANK, _EP_SIZE = _TP_RANK, _TP_SIZE
 
 
 def destroy_distributed() -> None:
-    global _TP_GROUP, _TP_RANK, _TP_SIZE, _PP_GROUP, _PP_RANKS, _PP_RANK, _PP_SIZE
+    global _TP_GROUP, _TP_RANK, _TP_SIZE, _PP_GROUP, _PP_RANKS, _PP_RANK, _PP_SIZE, _EP_RANK, _EP_SIZE
     if dist.is_initialized():
         dist.destroy_process_group()
     _TP_GROUP, _TP_RANK, _TP_SIZE = None, 0, 1
     _PP_GROUP, _PP_RANKS, _PP_RANK, _PP_SIZE = None, [0], 0, 1
+    _EP_RANK, _EP_SIZE = 0, 1
 
 
 def get_tp_rank() -> int:
@@ -59,6 +69,15 @@ def get_tp_rank() -> int:
 
 def get_tp_size() -> int:
     return _TP_SIZE
+
+
+def get_ep_rank() -> int:
+    return _EP_RANK
+
+
+def get_ep_size() -> int:
+    """The ranks a MoE layer's experts are spread over: tensor_parallel_size with expert parallelism, else 1."""
+    return _EP_SIZE
 
 
 def get_pp_rank() -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, num_routed_experts
 from tokenmill.core.interface import (
     EngineCoreOutput,
     EngineCoreRequest,
@@ -67,6 +67,11 @@ class EngineCore:
     def __init__(self, config: EngineConfig, source: ModelSource) -> None:
         started = time.perf_counter()
         config.parallel.check_model(source.hf_config)  # before any rank starts
+        num_experts = num_routed_experts(source.hf_config)
+        if config.parallel.enable_expert_parallel and num_experts:
+            ep = config.parallel.expert_parallel_size
+            logger.info("expert parallelism: EP size %d (the tensor-parallel ranks), %d of the %d experts per rank",
+                        ep, num_experts // ep, num_experts)
         self.executor = make_executor(config, source)
         try:
             self._start(config, source)

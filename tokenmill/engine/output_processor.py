@@ -85,13 +85,19 @@ class RequestState:
             self.first_token_time = self.first_token_time or now
             self.last_token_time = now
         self.num_cached_tokens = out.num_cached_tokens
-        self.token_ids.extend(out.new_token_ids)
+        stop, num_new = None, len(out.new_token_ids)
+        if self.detokenizer is not None:
+            num_read = len(self.detokenizer.ids)
+            stop = self.detokenizer.update(out.new_token_ids)
+            if stop is not None:  # a step of several tokens (speculation) ends at the one completing it
+                num_new = len(self.detokenizer.ids) - num_read
+        self.token_ids.extend(out.new_token_ids[:num_new])
         if out.new_prompt_logprobs and self.prompt_logprobs is not None:
             self.prompt_logprobs.extend(self._convert(out.new_prompt_logprobs))
         if out.new_logprobs and self.logprobs is not None:
-            self.logprobs.extend(self._convert(out.new_logprobs))
-            self.cumulative_logprob += sum(values[0] for _, values, _ in out.new_logprobs)
-        stop = self.detokenizer.update(out.new_token_ids) if self.detokenizer is not None else None
+            new_logprobs = out.new_logprobs[:num_new]
+            self.logprobs.extend(self._convert(new_logprobs))
+            self.cumulative_logprob += sum(values[0] for _, values, _ in new_logprobs)
         if stop is not None:
             self.finish_reason, self.stop_reason = "stop", stop
         elif out.finish_reason is not None:

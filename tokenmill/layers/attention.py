@@ -41,6 +41,9 @@ def _kv_scale_param() -> nn.Parameter:
 
 
 class Attention(nn.Module):
+    # Planes of its cache layer: keys and values (MLAAttention: 1, the latent)
+    num_kv_planes = 2
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding,
                  is_last_layer: bool = False, sliding_window: int | None = None) -> None:
         super().__init__()
@@ -49,7 +52,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.rotary_emb = rotary_emb
         self.is_last_layer = is_last_layer
-        # [2, num_blocks, block_size, num_kv_heads, head_dim], bound by the worker's KV cache
+        # [num_kv_planes, num_blocks, block_size, num_kv_heads, head_dim], bound by the worker's KV cache
         self.kv_cache = torch.empty(0)
         self.k_scale, self.v_scale = _kv_scale_param(), _kv_scale_param()
         self.calculate_kv_scales = False

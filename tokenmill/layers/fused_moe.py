@@ -8,11 +8,28 @@ Options for GPT-OSS: biases on both projections (w13_bias [E, 2I], w2_bias [E, H
 bias is added by tensor-parallel rank 0 only, as the ranks' outputs are summed) and the activation
 "swigluoai", a clamped SwiGLU: gate clamped above at 7, up to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate).
 
+DeepSeek's routers (select_experts' keyword arguments): V3 scores with a sigmoid and chooses by the scores
+plus a learned `e_score_correction_bias`, weighting by the scores without it; both may limit a token to its
+`topk_group` best of `num_expert_group` expert groups (V2: a group's best score, V3 with the bias: the sum of
+its best two) before the top-k, and scale the weights by `routed_scaling_factor`.
+
 FusedMoE holds all experts' matrices stacked (w13: [E, 2I, H], gate rows then up rows; w2: [E, H, I]). On the
 GPU the (token, expert) pairs are sorted by expert and each projection is one grouped GEMM over all experts
 (fused_moe_triton); on the CPU a loop over the experts that have tokens. Tensor parallelism splits every
 expert's intermediate dim, like a column-parallel gate/up and a row-parallel down: w13's rows and w2's columns
 of this rank, one all-reduce after the down projection.
+
+Expert parallelism (`enable_expert_parallel`) instead gives each of the ep ranks (the tensor-parallel group,
+distributed/parallel_state.py) E / ep whole experts, rank r experts [r * E / ep, (r + 1) * E / ep):
+
+    every rank: the same tokens x [T, H] (attention is tensor-parallel) -> the same router top-k
+    rank r:     pairs of its experts -> local ids 0 .. E/ep - 1; the others -> E/ep, "held elsewhere", no rows
+                -> its experts' weighted outputs [T, H] (zero for a token none of whose experts it holds)
+    combine:    one all-reduce over the group sums each token's k outputs from their owners
+
+The ranks already hold every token, so dispatch needs no all-to-all: each rank computes its experts' share of
+all tokens and the all-reduce that tensor parallelism ends with combines them; no pair is computed twice, and
+the communication is the same [T, H] all-reduce. Loading copies a checkpoint expert into its owner only.
 
 How the experts' matrices are stored and multiplied is FusedMoE's `quant_method` (a MoEMethod, as a linear
 layer's is its LinearMethod): UnquantizedMoEMethod below, or the one the checkpoint's quantization config
@@ -23,12 +40,13 @@ names as the weights (`experts.<e>.gate_proj.weight_scale_inv` -> w13_weight_sca
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_reduce
+from tokenmill.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_rank, get_tp_size, tp_all_reduce
 from tokenmill.layers.quantization import MoEMethod, QuantizationConfig
 from tokenmill.layers.quantization.base import WeightLoader
 
@@ -47,15 +65,35 @@ def expert_weight_target(name: str, shard_ids: dict[str, str]) -> tuple[str, str
     return f"{experts}.{'w2' if shard_id == 'w2' else 'w13'}_{kind}", shard_id, int(expert_id)
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the softmax's k largest
-    probabilities (in float32, as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
-    Qwen3-MoE per `norm_topk_prob`)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, *, scoring_func: str = "softmax",
+                   num_expert_group: int | None = None, topk_group: int | None = None,
+                   e_score_correction_bias: torch.Tensor | None = None, routed_scaling_factor: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the k largest scores (softmax
+    or sigmoid, in float32 as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
+    Qwen3-MoE and DeepSeek per `norm_topk_prob`), then times routed_scaling_factor. With a correction bias the
+    experts are chosen by score + bias; with groups, only among the topk_group best groups."""
+    if scoring_func == "softmax":
+        scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    elif scoring_func == "sigmoid":
+        scores = router_logits.float().sigmoid()
+    else:
+        raise ValueError(f"unsupported MoE scoring function {scoring_func!r} (supported: softmax, sigmoid)")
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+    if num_expert_group is not None and num_expert_group > 1:
+        grouped = choice.view(choice.shape[0], num_expert_group, -1)
+        if e_score_correction_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        best_groups = group_scores.topk(topk_group, dim=-1).indices
+        allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = grouped.masked_fill(~allowed[..., None], float("-inf")).view_as(choice)
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    return weights * routed_scaling_factor, ids
 
 
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
@@ -80,11 +118,13 @@ def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
                  activation: str = "silu") -> torch.Tensor:
     """The experts on the CPU: x [T, H] -> [T, H], one pair of matmuls per expert that has tokens. Each
     (token, slot) pair's weighted output gets its own row, and a token's k rows are summed last (not
-    index_add_, which costs milliseconds per call on the CPU)."""
+    index_add_, which costs milliseconds per call on the CPU). An id of E (w13.shape[0]) is a pair whose
+    expert another rank holds: its row is zero."""
     num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
     flat_ids = topk_ids.flatten()
-    pairs_by_expert = flat_ids.argsort(stable=True)  # pair = token * top_k + slot
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    pairs_by_expert = flat_ids.argsort(stable=True)  # pair = token * top_k + slot; those held elsewhere last
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1).tolist()[:num_experts]
     flat_weights = topk_weights.flatten()
     pair_out = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype)
     start = 0
@@ -96,6 +136,7 @@ def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
         biases = (None, None) if w13_bias is None else (w13_bias[expert_id], w2_bias[expert_id])
         hidden = gated_activation(F.linear(x[pairs // top_k], w13[expert_id], biases[0]), activation)
         pair_out[pairs] = (F.linear(hidden, w2[expert_id], biases[1]) * flat_weights[pairs, None]).to(x.dtype)
+    pair_out[pairs_by_expert[start:]] = 0
     return pair_out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
@@ -117,34 +158,47 @@ class UnquantizedMoEMethod(MoEMethod):
             from tokenmill.layers.fused_moe_triton import fused_experts
 
             return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
-                                 w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, activation=layer.activation)
+                                 w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, activation=layer.activation,
+                                 some_held_elsewhere=layer.expert_parallel)
         return experts_loop(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, layer.w13_bias,
                             layer.w2_bias, layer.activation)
 
 
 class FusedMoE(nn.Module):
-    """Every expert of one MoE layer: forward(x [T, H], router_logits [T, E]) -> [T, H], summed over the
-    tensor-parallel ranks. `quant_config`: the checkpoint's weight format, which picks the experts' method."""
+    """One MoE layer's experts held by this rank: forward(x [T, H], router_logits [T, E]) -> [T, H], summed
+    over the tensor-parallel ranks. Without expert parallelism a rank holds every expert's slice of the
+    intermediate dim; with it, experts [first_expert, first_expert + num_local_experts) whole. `quant_config`:
+    the checkpoint's weight format, which picks the experts' method."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
                  prefix: str = "", has_bias: bool = False, activation: str = "silu",
-                 quant_config: QuantizationConfig | None = None) -> None:
+                 quant_config: QuantizationConfig | None = None, **routing: Any) -> None:
+        """routing: select_experts' keyword arguments (DeepSeek's routers)."""
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"{prefix}: unknown experts' activation {activation!r} (known: {ACTIVATIONS})")
-        tp_size = get_tp_size()
-        if intermediate_size % tp_size:
+        self.routing = routing
+        ep_size = get_ep_size()
+        if num_experts % ep_size:
+            raise ValueError(f"{prefix}: enable_expert_parallel spreads the experts over the tensor_parallel_size "
+                             f"ranks; the layer's {num_experts} experts are not divisible by {ep_size}")
+        # An expert-parallel rank holds whole experts; tensor parallelism alone splits each one.
+        split, self.tp_rank = (1, 0) if ep_size > 1 else (get_tp_size(), get_tp_rank())
+        self.tp_size = split  # the ranks each expert's intermediate dim is split over
+        if intermediate_size % split:
             raise ValueError(f"{prefix}: the experts' intermediate size {intermediate_size} is not divisible by "
-                             f"tensor_parallel_size {tp_size}")
-        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
-        self.tp_rank, self.tp_size, self.prefix = get_tp_rank(), tp_size, prefix
-        self.intermediate_size_per_partition = size = intermediate_size // tp_size
+                             f"tensor_parallel_size {split}")
+        self.num_experts, self.top_k, self.renormalize, self.prefix = num_experts, top_k, renormalize, prefix
+        self.expert_parallel, self.num_local_experts = ep_size > 1, num_experts // ep_size
+        self.first_expert = get_ep_rank() * self.num_local_experts
+        self.intermediate_size_per_partition = size = intermediate_size // split
+        local = self.num_local_experts
         self.activation = activation
         self.quant_method = (quant_config.get_moe_method(self, prefix) if quant_config is not None
                              else UnquantizedMoEMethod())
-        self.quant_method.create_weights(self, num_experts, hidden_size, size, torch.get_default_dtype())
-        self.w13_bias = self.make_param(torch.empty(num_experts, 2 * size)) if has_bias else None
-        self.w2_bias = self.make_param(torch.empty(num_experts, hidden_size)) if has_bias else None
+        self.quant_method.create_weights(self, local, hidden_size, size, torch.get_default_dtype())
+        self.w13_bias = self.make_param(torch.empty(local, 2 * size)) if has_bias else None
+        self.w2_bias = self.make_param(torch.empty(local, hidden_size)) if has_bias else None
 
     def make_param(self, data: torch.Tensor, weight_loader: WeightLoader | None = None) -> nn.Parameter:
         """A parameter loaded through `weight_loader` (default: this layer's, for weights and biases)."""
@@ -156,27 +210,48 @@ class FusedMoE(nn.Module):
                       row_unit: int = 1, col_unit: int = 1) -> None:
         """Copies this rank's slice of one expert's checkpoint matrix: w1 (gate) or w3 (up), [I, H], into
         the first or second half of w13's rows; w2 (down), [H, I], into w2. Biases the same way: w1/w3's [I]
-        into w13_bias, w2's [H] whole into w2_bias on rank 0 (zeros on the others). row_unit x col_unit: the
-        rows and columns one entry stands for (1 for a matrix, the block for block scales, whose gate and up
-        halves each hold ceil(I / row_unit) rows)."""
+        into w13_bias, w2's [H] whole into w2_bias on rank 0 (zeros on the others; an expert-parallel rank holds
+        its experts whole, biases included). An expert another rank holds is not read (a memory-mapped
+        checkpoint's pages of it stay untouched). row_unit x col_unit: the rows and columns one entry stands for
+        (1 for a matrix, the block for block scales, whose gate and up halves each hold ceil(I / row_unit)
+        rows)."""
+        local_id = self.local_expert(expert_id)
+        if local_id is None:
+            return
         size = self.intermediate_size_per_partition
         start = self.tp_rank * size
         if shard_id == "w2" and loaded.dim() == 1:
-            target, source = param.data[expert_id], loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
+            target, source = param.data[local_id], loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
         elif shard_id == "w2":
-            target, source = param.data[expert_id], loaded.narrow(1, start // col_unit, -(-size // col_unit))
+            target, source = param.data[local_id], loaded.narrow(1, start // col_unit, -(-size // col_unit))
         else:
             half, rows = {"w1": 0, "w3": 1}[shard_id], -(-size // row_unit)
-            target = param.data[expert_id].narrow(0, half * rows, rows)
+            target = param.data[local_id].narrow(0, half * rows, rows)
             source = loaded.narrow(0, start // row_unit, rows)
         if target.shape != source.shape:
             raise ValueError(f"shape mismatch loading {self.prefix} expert {expert_id} {shard_id}: parameter slice "
                              f"{tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
         target.copy_(source)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
+                                                e_score_correction_bias=e_score_correction_bias, **self.routing)
+        if self.expert_parallel:
+            topk_ids = self.local_expert_ids(topk_ids)
         return tp_all_reduce(self.quant_method.apply(self, x, topk_weights, topk_ids))
+
+    def local_expert(self, expert_id: int) -> int | None:
+        """The index among this rank's experts of checkpoint expert `expert_id`, None if another rank holds it."""
+        local_id = expert_id - self.first_expert
+        return local_id if 0 <= local_id < self.num_local_experts else None
+
+    def local_expert_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids [T, k] -> this rank's (0 .. num_local_experts - 1), or num_local_experts for an
+        expert another rank holds."""
+        local_ids = topk_ids - self.first_expert
+        held = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        return torch.where(held, local_ids, self.num_local_experts)
 
 
 class SparseMoeBlock(nn.Module):

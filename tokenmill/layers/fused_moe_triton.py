@@ -16,6 +16,10 @@ the padded total return at once. With biases (GPT-OSS) each row adds its expert'
 router's weight; the activation between the two launches is SiLU * up (a Triton kernel) or GPT-OSS's clamped
 SwiGLU (fused_moe.swiglu_oai, elementwise torch).
 
+With expert parallelism a rank holds E of the layer's experts, and the id E marks a pair whose expert another
+rank holds: such pairs are sorted after the last padded block, no block covers them, and their rows of the
+down projection are zero.
+
 FP8 experts (quantization/fp8_moe.py): B is e4m3 and A is quantized to e4m3 before each launch, per token (or
 with a static per-tensor scale) against per-channel weight scales [E, N], or per token group of block_k
 columns against block scales [E, row blocks, ceil(K / block_k)]. Per channel, the program's float32 sum is
@@ -64,17 +68,19 @@ class Fp8ExpertWeights:
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_ids [T, k] -> (sorted_pair_ids [max_rows] int32, padding rows = T * k; block_expert_ids
-    [max_rows / block_m] int32; num_rows_padded [1], the rows in use), max_rows = T * k + E * (block_m - 1)
-    rounded up to block_m. Pairs keep their order within an expert."""
+    """topk_ids [T, k] (an id of num_experts: held elsewhere) -> (sorted_pair_ids [max_rows] int32, padding
+    rows = T * k; block_expert_ids [max_rows / block_m] int32; num_rows_padded [1], the rows in use), max_rows =
+    T * k + E * (block_m - 1) rounded up to block_m. Pairs keep their order within an expert."""
     flat_ids = topk_ids.flatten()
     num_pairs = flat_ids.numel()
     device = flat_ids.device
     max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).index_add_(
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).index_add_(
         0, flat_ids, torch.ones_like(flat_ids))  # not bincount: that reads the maximum back to the host
-    padded_ends = ((counts + block_m - 1) // block_m * block_m).cumsum(0)
-    padded_starts = padded_ends - (counts + block_m - 1) // block_m * block_m
+    # Each expert's run padded to whole blocks; the pairs held elsewhere follow, unpadded and never computed.
+    run_rows = torch.cat([(counts[:-1] + block_m - 1) // block_m * block_m, counts[-1:]])
+    padded_ends = run_rows.cumsum(0)
+    padded_starts = padded_ends - run_rows
     pairs_by_expert = flat_ids.argsort(stable=True)
     experts_sorted = flat_ids[pairs_by_expert]
     rank_in_expert = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[experts_sorted]
@@ -82,8 +88,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
     sorted_pair_ids[padded_starts[experts_sorted] + rank_in_expert] = pairs_by_expert.to(torch.int32)
     block_starts = torch.arange(0, max_rows, block_m, device=device)
     # Blocks past the padded total get a valid id; the kernel returns before using it.
-    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).clamp_max(num_experts - 1)
-    return sorted_pair_ids, block_expert_ids.to(torch.int32), padded_ends[-1:]
+    block_expert_ids = torch.searchsorted(padded_ends[:-1], block_starts, right=True).clamp_max(num_experts - 1)
+    return sorted_pair_ids, block_expert_ids.to(torch.int32), padded_ends[-2:-1]
 
 
 @triton.jit
@@ -184,11 +190,12 @@ def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorte
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, block_m: int | None = None, *, w13_bias: torch.Tensor | None = None,
-                  w2_bias: torch.Tensor | None = None, activation: str = "silu",
+                  w2_bias: torch.Tensor | None = None, activation: str = "silu", some_held_elsewhere: bool = False,
                   w13_fp8: Fp8ExpertWeights | None = None, w2_fp8: Fp8ExpertWeights | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] ->
     [T, H] in x's dtype. block_m: rows per block (16 while tokens are few, so experts pad little; else 64).
     w13_bias [E, 2I], w2_bias [E, H]: optional biases; activation: "silu" or "swigluoai" (fused_moe).
+    some_held_elsewhere: ids of E may occur (expert parallelism); their pairs add nothing.
     w13_fp8 / w2_fp8: the scales of e4m3 experts."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -196,9 +203,12 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         block_m = 16 if num_tokens <= num_experts else 64
     sorted_pair_ids, block_expert_ids, num_rows_padded = moe_align_block_size(topk_ids, block_m, num_experts)
     routing = (sorted_pair_ids, block_expert_ids, num_rows_padded)
-    gate_up = torch.empty(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
+    # No block writes the rows of pairs held elsewhere: zero, they add nothing to the sum (and the activation
+    # never sees uninitialized memory).
+    new_rows = torch.zeros if some_held_elsewhere else torch.empty
+    gate_up = new_rows(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
     grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m, bias=w13_bias, fp8=w13_fp8)
-    down = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
+    down = new_rows(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gated_activation(gate_up, activation)
     grouped_gemm(hidden, w2, down, *routing, pairs_per_a_row=1, block_m=block_m,
                  pair_weights=topk_weights.flatten(), bias=w2_bias, fp8=w2_fp8)

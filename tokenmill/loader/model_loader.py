@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,13 +19,15 @@ from tokenmill.source import ModelSource
 logger = logging.getLogger(__name__)
 
 
-def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+               model_cls: Callable[..., nn.Module] | None = None) -> nn.Module:
     """The model of `source` on `device` in `dtype`, its weights filled as `config.load_format` says
-    (config resolved: max_model_len is the rotary tables' length)."""
+    (config resolved: max_model_len is the rotary tables' length). model_cls(hf_config, max_model_len,
+    quant_config) builds it; by default the class of the config's architecture."""
     started = time.perf_counter()
     load_format = source.format if config.load_format == "auto" else config.load_format
     loader = loader_class(load_format)(source, load_format)
-    model_cls = resolve_model_class(source.hf_config)
+    model_cls = model_cls or resolve_model_class(source.hf_config)
     quant_config = get_quantization_config(source.hf_config, config.quantization)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

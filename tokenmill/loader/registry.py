@@ -10,6 +10,7 @@ import importlib
 # load format -> (module under tokenmill.loader, class name)
 _LOADERS: dict[str, tuple[str, str]] = {
     "safetensors": ("safetensors", "SafetensorsLoader"),
+    "pt": ("pt", "PtLoader"),
     "gguf": ("gguf", "GGUFLoader"),
     "dummy": ("dummy", "DummyLoader"),
 }

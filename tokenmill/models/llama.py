@@ -88,7 +88,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         theta, scaling = rope_parameters(config)
-        layer_index = int(prefix.split(".")[-2])
+        # "model.layers.<i>.self_attn"; an EAGLE-3 head's one "midlayer" is its layer 0
+        layer_index = next((int(part) for part in reversed(prefix.split(".")) if part.isdigit()), 0)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, head_dim ** -0.5,
                               get_rope(head_dim, max_position, theta, scaling), is_last_layer,
                               sliding_window_of(config, layer_index))
@@ -99,12 +100,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any, quant_config: QuantizationConfig | None, prefix: str) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None, prefix: str,
+                 intermediate_size: int | None = None) -> None:
+        """intermediate_size: config.intermediate_size unless given (DeepSeek's shared experts)."""
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias,
+        size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size] * 2, bias=bias,
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias,
                                            quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
 
@@ -163,6 +167,10 @@ class LlamaModel(nn.Module):
                            is_last_layer=i == num_layers - 1)
             if self.start_layer <= i < self.end_layer else PPMissingLayer() for i in range(num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last_stage() else None
+        # EAGLE-3 reads the hidden states entering these layers (residual stream, before the layer's norm); a
+        # forward pass then leaves them in aux_hidden_states, in this order. Empty (the default): none kept.
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """Hidden states of every row, or only of the forward context's logits_rows when it sets them: the
@@ -174,8 +182,14 @@ class LlamaModel(nn.Module):
         else:
             shape = (input_ids.shape[0], self.hidden_size)
             hidden_states, residual = pp_recv([shape, shape], self.dtype, input_ids.device)
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        kept: dict[int, torch.Tensor] = {}
+        for i in range(self.start_layer, self.end_layer):
+            if self.aux_hidden_state_layers and i in self.aux_hidden_state_layers:
+                # (a copy: on the GPU the first layer's norm adds into its input, the residual, in place)
+                kept[i] = hidden_states.clone() if residual is None else hidden_states + residual
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
+        if kept:
+            self.aux_hidden_states = [kept[i] for i in self.aux_hidden_state_layers]
         if not is_last_stage():
             pp_send([hidden_states, residual])
             return None

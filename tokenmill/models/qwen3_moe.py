@@ -11,21 +11,17 @@ from typing import Any
 
 from torch import nn
 
+from tokenmill.config import num_routed_experts
 from tokenmill.layers.fused_moe import SparseMoeBlock
 from tokenmill.layers.quantization import QuantizationConfig
 from tokenmill.models.llama import LlamaForCausalLM, LlamaMLP, LlamaModel
 from tokenmill.models.qwen3 import Qwen3DecoderLayer
 
 
-def num_experts_of(config: Any) -> int:
-    """Qwen3-MoE checkpoints name it num_experts; transformers 5 saves it as num_local_experts (Mixtral's)."""
-    return getattr(config, "num_experts", None) or config.num_local_experts
-
-
 class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
     def make_mlp(self, config: Any, quant_config: QuantizationConfig | None, prefix: str) -> nn.Module:
         layer_index = int(prefix.split(".")[-2])
-        num_experts = num_experts_of(config)
+        num_experts = num_routed_experts(config)
         if layer_index in (getattr(config, "mlp_only_layers", None) or []) or num_experts == 0 \
                 or (layer_index + 1) % config.decoder_sparse_step:
             return LlamaMLP(config, quant_config, prefix)

@@ -27,7 +27,7 @@ _GENERATION_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": No
 class ModelSource:
     name: str  # what the user asked for (a served name's default)
     path: str  # local directory, or the .gguf file
-    format: str  # "safetensors" | "gguf"
+    format: str  # "safetensors" | "pt" (PyTorch pickles only) | "gguf"
     hf_config: Any
     is_default_model: bool = False
 
@@ -102,7 +102,15 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelSource
 def _hf_dir_source(name: str, path: str) -> ModelSource:
     from transformers import AutoConfig
 
-    return ModelSource(name, path, "safetensors", AutoConfig.from_pretrained(path))
+    return ModelSource(name, path, checkpoint_format(path), AutoConfig.from_pretrained(path))
+
+
+def checkpoint_format(path: str) -> str:
+    """"pt" for a directory whose weights are PyTorch pickles only (.bin / .pt), else "safetensors"."""
+    names = os.listdir(path)
+    if any(name.endswith(".safetensors") for name in names):
+        return "safetensors"
+    return "pt" if any(name.endswith((".bin", ".pt")) for name in names) else "safetensors"
 
 
 def _gguf_source(name: str, path: str) -> ModelSource:

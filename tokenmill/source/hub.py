@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_PT_PATTERNS = ["pytorch_model*.bin", "*.pt"]  # a repository without safetensors: its PyTorch pickles
 
 
 def download_model(repo_id: str, revision: str | None = None) -> str:
@@ -10,7 +14,10 @@ def download_model(repo_id: str, revision: str | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=_PATTERNS)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=_PATTERNS)
+        if not glob.glob(os.path.join(path, "*.safetensors")):
+            path = snapshot_download(repo_id, revision=revision, allow_patterns=_PATTERNS + _PT_PATTERNS)
+        return path
     except Exception as exc:  # huggingface_hub raises many types: offline, 404, auth, network
         raise RuntimeError(
             f"could not get model {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "

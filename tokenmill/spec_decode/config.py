@@ -121,5 +121,11 @@ class SpeculativeConfig:
         _require(self.draft_tensor_parallel_size in (None, 1, tensor_parallel_size), "draft_tensor_parallel_size",
                  f"must be 1 or the target's tensor_parallel_size ({tensor_parallel_size}), "
                  f"got {self.draft_tensor_parallel_size}")
+        # An EAGLE head runs on the target's ranks, its layers split as the target's (it reads the target's
+        # hidden states and shares its embedding and LM head).
+        eagle = self.method in ("eagle", "eagle3")
+        _require(not eagle or self.draft_tensor_parallel_size in (None, tensor_parallel_size),
+                 "draft_tensor_parallel_size", f"must be the target's tensor_parallel_size ({tensor_parallel_size}) "
+                 f"for method {self.method!r}, got {self.draft_tensor_parallel_size}")
         _require(self.max_model_len is None or self.max_model_len <= max_model_len, "max_model_len",
                  f"must be at most the target's max_model_len ({max_model_len}), got {self.max_model_len}")

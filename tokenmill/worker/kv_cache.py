@@ -1,9 +1,14 @@
 """One worker's paged KV cache: the device pool, its binding to the attention layers, and the host tier.
 
-    device pool  [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   layer i's view goes to
+    device pool  [num_layers, planes, num_blocks, block_size, num_kv_heads, head_dim]   layer i's view goes to
                  its Attention layer (attention/backend.py describes the per-layer layout)
-    host tier    [num_host_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], pinned, so a block
-                 (all layers) is one contiguous range that one asynchronous copy moves
+    host tier    [num_host_blocks, num_layers, planes, block_size, num_kv_heads, head_dim], pinned, so a
+                 block (all layers) is one contiguous range that one asynchronous copy moves
+
+planes: 2 (keys, values), or 1 for MLA's latent cache (one 'head' of kv_lora_rank + qk_rope_head_dim per
+token, whose values are the keys' first kv_lora_rank channels): a block then holds a token in
+(kv_lora_rank + rope) values instead of 2 x num_kv_heads x head_dim, and the scheduler's block count,
+which comes from bytes_per_block, grows by that ratio.
 
 Block ids are the scheduler's (core/block_pool.py); this file only moves bytes.
 """
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 
 from tokenmill.layers.attention import Attention
+from tokenmill.layers.fp8_format import FP8_DTYPE
 
 
 class KVCache:
@@ -27,6 +33,10 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         layer = attn_layers[0]
+        self.num_planes = layer.num_kv_planes
+        if self.num_planes == 1 and dtype == FP8_DTYPE:
+            raise ValueError("kv_cache_dtype='fp8' is not supported with MLA (DeepSeek-V2/V3) models; use "
+                             "kv_cache_dtype='auto'")
         self.block_shape = (block_size, layer.num_kv_heads, layer.head_dim)
         self.pool: torch.Tensor | None = None
         self.host_pool: torch.Tensor | None = None
@@ -34,15 +44,14 @@ class KVCache:
         self.offloads: list[tuple[torch.cuda.Event, set[int]]] = []  # copies out in flight: (done, host ids)
 
     def bytes_per_block(self) -> int:
-        """One block of every layer, keys and values."""
-        per_layer = 2 * self.block_shape[0] * self.block_shape[1] * self.block_shape[2] * self.dtype.itemsize
-        return per_layer * len(self.attn_layers)
+        """One block of every layer, keys and values (or the latent)."""
+        return self.num_planes * math.prod(self.block_shape) * self.dtype.itemsize * len(self.attn_layers)
 
     def allocate(self, num_blocks: int) -> None:
         """The pool, zeroed: padded key slots must hold finite numbers, since masked scores times NaN are NaN.
         On the CPU its pages are the operating system's zero pages until written (calloc), so a large pool
         costs neither start-up time nor memory before it is used."""
-        shape = (len(self.attn_layers), 2, num_blocks, *self.block_shape)
+        shape = (len(self.attn_layers), self.num_planes, num_blocks, *self.block_shape)
         if self.device.type == "cpu":
             num_bytes = math.prod(shape) * self.dtype.itemsize
             self.pool = torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(self.dtype).view(shape)
@@ -54,7 +63,7 @@ class KVCache:
     @contextlib.contextmanager
     def scratch(self, num_blocks: int):
         """A temporary pool of num_blocks shared by every layer (memory profiling), unbound afterwards."""
-        scratch = torch.zeros(2, num_blocks, *self.block_shape, dtype=self.dtype, device=self.device)
+        scratch = torch.zeros(self.num_planes, num_blocks, *self.block_shape, dtype=self.dtype, device=self.device)
         for attn in self.attn_layers:
             attn.kv_cache = scratch
         try:
@@ -65,8 +74,8 @@ class KVCache:
 
     def allocate_host_tier(self, num_blocks: int) -> None:
         cuda = self.device.type == "cuda"
-        self.host_pool = torch.zeros((num_blocks, len(self.attn_layers), 2, *self.block_shape), dtype=self.dtype,
-                                     pin_memory=cuda)
+        self.host_pool = torch.zeros((num_blocks, len(self.attn_layers), self.num_planes, *self.block_shape),
+                                     dtype=self.dtype, pin_memory=cuda)
         self.offload_stream = torch.cuda.Stream(self.device) if cuda else None
 
     @torch.inference_mode()

@@ -21,9 +21,11 @@ A step, without waiting for the device until its end:
 With async scheduling the next step is executed before the previous one is finished: its tokens still
 in flight are fed to it on the device.
 
-Speculative decoding (n-gram): finish_step() proposes each request's drafts from its tokens so far and returns
-them; the scheduler sends them back with the request's next step, whose logits cover the next token and every
-draft, and sample_tokens() verifies them with the rejection sampler (accepted drafts plus one token).
+Speculative decoding (n-gram, draft model, EAGLE): finish_step() proposes each request's drafts from its tokens
+so far and returns them; the scheduler sends them back with the request's next step, whose logits cover the next
+token and every draft, and sample_tokens() verifies them with the rejection sampler (accepted drafts plus one
+token). An EAGLE head also reads the target's hidden states of each step's rows, handed over after the forward
+pass (such steps run eagerly: the CUDA graphs return logits only).
 
 Pipeline stages (micro-batches in flight, each of other requests): every stage executes each step, the
 hidden states passing from stage to stage; sample_tokens() on the last stage samples, waits for the tokens
@@ -50,7 +52,8 @@ from tokenmill.layers.sampler import Sampler, SamplerOutput, SamplingMetadata, g
 from tokenmill.loader.model_loader import load_model
 from tokenmill.metrics import step_timer
 from tokenmill.source import ModelSource
-from tokenmill.spec_decode.draft_model import DraftModelProposer
+from tokenmill.spec_decode.draft_model import DraftModelProposer, load_draft_model
+from tokenmill.spec_decode.eagle import EagleProposer
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.rejection_sampler import RejectionSampler
 from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_num_reqs
@@ -105,12 +108,16 @@ class ModelRunner:
         self.sampler = Sampler()
         spec = config.speculative_config
         self.proposer: NgramProposer | DraftModelProposer | None = None
+        if spec is not None:
+            spec.check_target(config.parallel.tensor_parallel_size, self.max_model_len)
         if spec is not None and spec.method == "ngram":
             self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens,
                                           self.max_model_len)
+        elif spec is not None and spec.method in ("eagle", "eagle3"):
+            self.proposer = EagleProposer(config, self.model, device, dtype, self.kv_cache.dtype, self.backend)
         elif spec is not None:
-            self.proposer = DraftModelProposer(config, self.vocab_size, device, dtype, self.kv_cache.dtype,
-                                               self.backend)
+            self.proposer = DraftModelProposer(config, load_draft_model(config, self.vocab_size, device, dtype),
+                                               device, self.kv_cache.dtype, self.backend)
         self.rejection_sampler = RejectionSampler()
         self.max_blocks_per_req = cdiv(self.max_model_len, self.block_size)
         self.batch = InputBatch(self.max_num_reqs, self.max_model_len, self.max_blocks_per_req)
@@ -124,7 +131,9 @@ class ModelRunner:
         # The last sampled step's tokens on the device, and each request's row there (async scheduling).
         self.last_sampled: torch.Tensor | None = None
         self.last_sampled_index: dict[str, int] = {}
-        use_graphs = device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs
+        # An EAGLE head reads the target's hidden states of every row, which the graphs do not return.
+        use_graphs = device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs \
+            and not isinstance(self.proposer, EagleProposer)
         self.graphs = CudaGraphs("decode", capture_sizes(self.max_num_reqs) if use_graphs else [])
         self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
         self._unsampled: _Launched | None = None
@@ -217,6 +226,8 @@ class ModelRunner:
                     with set_forward_context(attn_metadata, self.backend, logits_rows, logits_metadata):
                         hidden_states = self.model(self.inputs.input_ids.gpu[:num_tokens],
                                                    self.inputs.positions.gpu[:num_tokens])
+                    if isinstance(self.proposer, EagleProposer):
+                        self._keep_hidden(rows, num_scheduled, hidden_states)
                 if hidden_states is None:  # a pipeline stage before the last: the last samples
                     logits = None
                 else:
@@ -235,12 +246,20 @@ class ModelRunner:
                                                                                             non_blocking=True)
         return self._unsampled.info
 
+    def _keep_hidden(self, rows: np.ndarray, num_scheduled: np.ndarray, hidden_states: torch.Tensor) -> None:
+        """Hands the EAGLE head the target's hidden states of this step's rows (batch rows `rows`, in order)."""
+        batch = self.batch
+        self.proposer.keep_hidden([batch.req_ids[r] for r in rows.tolist()], batch.num_computed_tokens[rows],
+                                  num_scheduled, hidden_states)
+
     def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
                      ) -> tuple[torch.Tensor | None, AttentionMetadata | None]:
         """(logits rows, their attention metadata) for a forward pass whose last layer computes only the
         rows that get logits, or (None, None) where other rows are needed too (prompt logprobs) or there
         are no others (every request has one new token)."""
         n = metadata.num_reqs
+        if isinstance(self.proposer, EagleProposer) and self.proposer.reads_all_rows:
+            return None, None
         if metadata.num_actual_tokens == n or any(
                 self.batch.states[r].sampling_params.prompt_logprobs is not None for r in rows.tolist()):
             return None, None
@@ -357,6 +376,8 @@ class ModelRunner:
             if tokens and params is not None and params.prompt_logprobs is None and params.structured_outputs is None:
                 rows.append(row)
                 positions.append(i)
+            elif tokens and isinstance(self.proposer, DraftModelProposer):  # what it kept for the request
+                self.proposer.forget(req_id)
         proposals = [[] for _ in output.req_ids]
         if not rows:
             return proposals

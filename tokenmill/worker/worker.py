@@ -59,7 +59,8 @@ class Worker:
             torch.cuda.set_device(self.device)
         if world_size > 1:
             init_distributed(rank, world_size, config.parallel.tensor_parallel_size, distributed_init_method,
-                             "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S)
+                             "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S,
+                             config.parallel.enable_expert_parallel)
         # GPU memory in use before this engine allocates anything (other processes, our CUDA context).
         self.initial_gpu_used = (lambda free, total: total - free)(*torch.cuda.mem_get_info()) \
             if self.device.type == "cuda" else 0

@@ -40,6 +40,9 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="default: 1; the model's layers in this many stages, one rank group each")
     parser.add_argument("--data-parallel-size", "-dp", type=int,
                         help="default: 1; engine cores behind the server, each of -tp x -pp ranks")
+    parser.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction,
+                        help="default: off; MoE layers' experts spread whole over the -tp ranks (each holds 1/tp of "
+                             "them) instead of every expert split over them; attention stays tensor-parallel")
     parser.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
                         help="uni: one rank in the engine's process; mp: a process per further rank (the default "
                              "above one rank); ray: a Ray actor per further rank (RAY_ADDRESS's cluster, else a "
@@ -67,7 +70,7 @@ ENGINE_ARG_NAMES = ("model", "tokenizer", "dtype", "max_model_len", "max_num_seq
                     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "seed", "load_format",
                     "enforce_eager", "enable_prefix_caching", "kv_offload_size", "enable_chunked_prefill",
                     "async_scheduling", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                    "distributed_executor_backend", "device",
+                    "enable_expert_parallel", "distributed_executor_backend", "device",
                     "generation_config", "override_generation_config", "quantization", "kv_cache_dtype",
                     "calculate_kv_scales", "speculative_config")
 

@@ -15,9 +15,10 @@ over the experts (an activation quantized with it fits every expert's range).
 
 Under tensor parallelism a rank's gate/up rows and down columns are I consecutive ones of the checkpoint's,
 so block scales slice with them only when I is a whole number of blocks: otherwise the layer is refused,
-naming tensor_parallel_size. On the GPU the experts stay e4m3 and run through fused_moe_triton's grouped GEMM
-with their scales (activations quantized per token group of bk, or per token); on the CPU they are
-dequantized to the model's dtype at load, as fp8.py's dense layers are.
+naming tensor_parallel_size (expert parallelism keeps experts whole, so any blocks do). On the GPU the
+experts stay e4m3 and run through fused_moe_triton's grouped GEMM with their scales (activations quantized
+per token group of bk, or per token); on the CPU they are dequantized to the model's dtype at load, as
+fp8.py's dense layers are.
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ from tokenmill.layers.quantization.fp8 import check_fp8_device, dequantize_block
 STRATEGIES = ("tensor", "channel", "block")
 
 
-def _per_tensor_loader(prefix: str) -> WeightLoader:
-    """One scalar per (expert, projection): [E, 2] (gate, up) for w13, [E, 1] for w2; every rank holds all."""
+def _per_tensor_loader(layer: nn.Module) -> WeightLoader:
+    """One scalar per (expert, projection): [E, 2] (gate, up) for w13, [E, 1] for w2; every rank holding the
+    expert holds them."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
         if loaded.numel() != 1:
-            raise ValueError(f"{prefix}: a per-tensor scale has one value, expert {expert_id} {shard_id}'s has "
-                             f"{tuple(loaded.shape)}")
-        param.data[expert_id, 1 if shard_id == "w3" else 0] = loaded.reshape(())
+            raise ValueError(f"{layer.prefix}: a per-tensor scale has one value, expert {expert_id} {shard_id}'s "
+                             f"has {tuple(loaded.shape)}")
+        local_id = layer.local_expert(expert_id)
+        if local_id is not None:
+            param.data[local_id, 1 if shard_id == "w3" else 0] = loaded.reshape(())
 
     return load
 
@@ -55,8 +59,8 @@ def _per_channel_loader(layer: nn.Module) -> WeightLoader:
         elif loaded.numel() != param.shape[1]:
             raise ValueError(f"{layer.prefix}: expert {expert_id}'s down projection has {param.shape[1]} "
                              f"channels, its scale {tuple(loaded.shape)}")
-        else:
-            param.data[expert_id] = loaded.reshape(-1)
+        elif layer.local_expert(expert_id) is not None:
+            param.data[layer.local_expert(expert_id)] = loaded.reshape(-1)
 
     return load
 
@@ -118,11 +122,11 @@ class Fp8MoEMethod(UnquantizedMoEMethod):
             layer.w2_weight_scale = layer.make_param(torch.empty(num_experts, hidden_size, dtype=torch.float32),
                                                      loader)
         else:
-            loader = _per_tensor_loader(layer.prefix)
+            loader = _per_tensor_loader(layer)
             layer.w13_weight_scale = layer.make_param(torch.ones(num_experts, 2, dtype=torch.float32), loader)
             layer.w2_weight_scale = layer.make_param(torch.ones(num_experts, 1, dtype=torch.float32), loader)
         if self.static_input:
-            loader = _per_tensor_loader(layer.prefix)
+            loader = _per_tensor_loader(layer)
             layer.w13_input_scale = layer.make_param(torch.zeros(num_experts, 2, dtype=torch.float32), loader)
             layer.w2_input_scale = layer.make_param(torch.zeros(num_experts, 1, dtype=torch.float32), loader)
 
@@ -193,5 +197,5 @@ class Fp8MoEMethod(UnquantizedMoEMethod):
         from tokenmill.layers.fused_moe_triton import fused_experts
 
         return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, w13_bias=layer.w13_bias,
-                             w2_bias=layer.w2_bias, activation=layer.activation, w13_fp8=self.w13_fp8,
-                             w2_fp8=self.w2_fp8)
+                             w2_bias=layer.w2_bias, activation=layer.activation,
+                             some_held_elsewhere=layer.expert_parallel, w13_fp8=self.w13_fp8, w2_fp8=self.w2_fp8)

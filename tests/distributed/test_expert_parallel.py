@@ -1,0 +1,58 @@
+"""Expert parallelism on the CPU (gloo, the mp executor): each tensor-parallel rank holds 1/tp of the MoE
+layers' experts whole, attention stays tensor-parallel. Greedy tokens must equal one rank's on the same float32
+weights, with chunked prefills batched beside decodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.distributed import parallel_state
+
+KWARGS = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20)
+PROMPTS = [list(range(5 + i, 40 + 3 * i)) for i in range(4)]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def generate(path: str, **kwargs) -> list[list[int]]:
+    llm = LLM(path, **KWARGS, **kwargs)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+        llm.llm_engine.core.scheduler.check_integrity()
+        if kwargs.get("enable_expert_parallel"):  # rank 0 (this process) holds the first 1/tp of the experts
+            experts = [m for m in llm.llm_engine.core.worker.runner.model.modules() if hasattr(m, "w13_weight")]
+            assert experts and all(m.w13_weight.shape[0] * kwargs["tensor_parallel_size"] == m.num_experts
+                                   and m.first_expert == 0 for m in experts)
+        return [o.outputs[0].token_ids for o in outputs]
+    finally:
+        llm.llm_engine.shutdown()
+
+
+@pytest.mark.parametrize("arch, tp", [("qwen3_moe", 2), ("mixtral", 4)])
+def test_expert_parallel_gives_one_ranks_greedy_tokens(arch, tp, tiny_model_dir, caplog):
+    """qwen3_moe: 8 experts, 4 a rank, and a dense layer that stays tensor-parallel; mixtral: 4 experts, one a
+    rank. 16-token steps split the 35-44-token prompts into chunks beside other requests' decodes."""
+    path = tiny_model_dir(arch)
+    one = generate(path)
+    with caplog.at_level(logging.INFO, logger="tokenmill.engine.core"):
+        assert generate(path, tensor_parallel_size=tp, enable_expert_parallel=True, max_num_batched_tokens=16) == one
+    num_experts = {"qwen3_moe": 8, "mixtral": 4}[arch]
+    assert f"expert parallelism: EP size {tp} (the tensor-parallel ranks), {num_experts // tp} of the " \
+           f"{num_experts} experts per rank" in caplog.text
+    assert parallel_state.get_ep_size() == 1 and not torch.distributed.is_initialized()  # left cleanly
+
+
+def test_experts_that_do_not_divide_over_the_ranks_are_refused_naming_the_flag(tiny_model_dir, tmp_path):
+    """6 experts over 4 ranks; without expert parallelism TP=4 splits each expert's intermediate dim instead.
+    Refused before any rank starts."""
+    shutil.copytree(tiny_model_dir("qwen3_moe"), tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())  # transformers 5 names num_experts so
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_local_experts": 6}))
+    with pytest.raises(ValueError, match=r"enable_expert_parallel spreads the experts over the tensor_parallel_size "
+                                         r"ranks; the model's 6 experts are not divisible by 4"):
+        LLM(str(tmp_path), tensor_parallel_size=4, enable_expert_parallel=True, **KWARGS)
