@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.distributed.parallel_state import destroy_distributed, init_distributed
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 from tokenmill.layers.fused_moe import FusedMoE, select_experts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,3 +227,95 @@ def test_deepseek_routing_matches_hf_routers(version):
     hf_order, order = hf_ids.argsort(dim=-1), ids.argsort(dim=-1)
     assert torch.equal(ids.gather(1, order), hf_ids.gather(1, hf_order))
     torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order))
+def quantize_experts(w: torch.Tensor, block: tuple[int, int] | None, segment_rows: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Experts [E, N, K] in e4m3 as checkpoints ship them -> (e4m3, scales, the float64 dequantized experts).
+    block None: one scale per row, [E, N]; else one per block of each segment of segment_rows rows (w13's
+    gate and up), the last blocks of a segment or a row partial."""
+    if block is None:
+        scale = w.abs().amax(-1) / FP8_MAX
+        q = (w / scale[..., None]).to(FP8_DTYPE)
+        return q, scale, q.double() * scale.double()[..., None]
+    q, deq, scales = torch.empty(w.shape, dtype=FP8_DTYPE), torch.empty(w.shape, dtype=torch.float64), []
+    for expert in range(w.shape[0]):
+        rows_of_blocks = []
+        for r0 in [s + r for s in range(0, w.shape[1], segment_rows) for r in range(0, segment_rows, block[0])]:
+            r1, row_scales = min(r0 + block[0], (r0 // segment_rows + 1) * segment_rows), []
+            for c0 in range(0, w.shape[2], block[1]):
+                tile = w[expert, r0:r1, c0:c0 + block[1]]
+                scale = tile.abs().amax() / FP8_MAX
+                q[expert, r0:r1, c0:c0 + block[1]] = (tile / scale).to(FP8_DTYPE)
+                deq[expert, r0:r1, c0:c0 + block[1]] = q[expert, r0:r1, c0:c0 + block[1]].double() * scale.double()
+                row_scales.append(scale)
+            rows_of_blocks.append(torch.stack(row_scales))
+        scales.append(torch.stack(rows_of_blocks))
+    return q, torch.stack(scales), deq
+
+
+def quantize_activations(x: torch.Tensor, group: int | None, static_scale: float | None) -> torch.Tensor:
+    """x [K] float64 -> its e4m3 rounding per group of `group` values (None: one scale), or with a static scale."""
+    if static_scale is not None:
+        return (x / static_scale).clamp(-FP8_MAX, FP8_MAX).float().to(FP8_DTYPE).double() * static_scale
+    out = torch.empty_like(x)
+    for start in range(0, x.numel(), group or x.numel()):
+        part = x[start:start + (group or x.numel())]
+        scale = part.abs().max() / FP8_MAX
+        out[start:start + part.numel()] = (part / scale).float().to(FP8_DTYPE).double() * scale
+    return out
+
+
+def fp8_reference(x, w13, w2, topk_weights, topk_ids, group, static_scale=None) -> torch.Tensor:
+    """Each token through each of its dequantized experts in float64, the activations rounded to e4m3 before
+    each projection as the FP8 path quantizes them."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for token, (weights, ids) in enumerate(zip(topk_weights.double().cpu(), topk_ids.tolist())):
+        xq = quantize_activations(x[token].double().cpu(), group, static_scale)
+        for weight, expert in zip(weights, ids):
+            gate, up = (w13[expert] @ xq).chunk(2)
+            hidden = quantize_activations(F.silu(gate) * up, group, static_scale)
+            out[token] += weight * (w2[expert] @ hidden)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel", "channel_static"])
+@pytest.mark.parametrize("num_tokens", [5, 17])
+def test_fp8_grouped_gemm_matches_float64_loop_on_dequantized_experts(scheme, num_tokens):
+    """Block scales of 16 x 32 over I = 40, H = 48: the gate's and up's last rows of blocks are partial (each
+    half has its own), and so are the last column blocks; per channel with per-token or static activations."""
+    from tokenmill.layers.fused_moe_triton import Fp8ExpertWeights, fused_experts
+
+    block = (16, 32) if scheme == "block" else None
+    static_scale = 0.02 if scheme == "channel_static" else None
+    w13, w2 = (w.cpu() for w in random_experts(torch.float32, seed=num_tokens))
+    q13, scale13, deq13 = quantize_experts(w13, block, INTERMEDIATE)
+    q2, scale2, deq2 = quantize_experts(w2, block, HIDDEN)
+    x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(1))
+    router_logits = torch.randn(num_tokens, NUM_EXPERTS, generator=torch.Generator().manual_seed(2))
+    topk_weights, topk_ids = select_experts(router_logits, 2, renormalize=True)
+    input_scale = None if static_scale is None else torch.tensor(static_scale, device=DEVICE)
+    fp8 = [Fp8ExpertWeights(scale.to(DEVICE), block, rows, input_scale)
+           for scale, rows in ((scale13, INTERMEDIATE), (scale2, HIDDEN))]
+    out = fused_experts(x.to(DEVICE), q13.to(DEVICE), q2.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
+                        block_m=16, w13_fp8=fp8[0], w2_fp8=fp8[1])
+    expected = fp8_reference(x, deq13, deq2, topk_weights, topk_ids, block and block[1], static_scale)
+    assert out.shape == (num_tokens, HIDDEN) and out.dtype == torch.float32
+    # float32 sums under the interpreter; Hopper's FP8 MMA keeps fewer accumulator bits
+    tolerance = 2e-4 if DEVICE == "cuda" else 1e-5
+    assert ((out.double().cpu() - expected).norm() / expected.norm()).item() < tolerance
+
+
+def test_block_scaled_experts_refuse_a_tensor_parallel_split_that_cuts_blocks(monkeypatch):
+    """A rank's share of the intermediate size must be whole 128 x 128 blocks: Qwen3-30B-A3B-FP8's 768 splits
+    so over 2 ranks (384 = 3 blocks), not over 4 (192)."""
+    from tokenmill.distributed import parallel_state
+    from tokenmill.layers.quantization.fp8 import Fp8Config
+
+    config = Fp8Config.from_config({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    monkeypatch.setattr(parallel_state, "_TP_SIZE", 2)
+    layer = FusedMoE(4, 2, 256, 768, True, "mlp.experts", quant_config=config)
+    assert layer.w13_weight.dtype == FP8_DTYPE and layer.w13_weight_scale_inv.shape == (4, 6, 2)
+    monkeypatch.setattr(parallel_state, "_TP_SIZE", 4)
+    with pytest.raises(ValueError, match=r"mlp.experts: the experts' intermediate size 768 split over "
+                                         r"tensor_parallel_size 4 gives 192 rows per rank, not a multiple of the FP8 "
+                                         r"weight block \[128, 128\]"):
+        FusedMoE(4, 2, 256, 768, True, "mlp.experts", quant_config=config)

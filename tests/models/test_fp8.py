@@ -1,6 +1,7 @@
 """FP8 weights and the FP8 KV cache on the CPU: tiny random checkpoints written in each FP8 format, scales
-included, load and give HF transformers' greedy tokens on the same weights dequantized (the CPU dequantizes
-at load); `quantization="fp8"` quantizes a 16-bit checkpoint per channel; an e4m3 cache round-trips its
+included (a MoE model's experts too), load and give HF transformers' greedy tokens on the same weights
+dequantized (the CPU dequantizes at load); block-scaled experts split over ranks only on whole blocks;
+`quantization="fp8"` quantizes a 16-bit checkpoint per channel; an e4m3 cache round-trips its
 keys and values within e4m3's rounding. (The GPU's FP8 GEMMs and attention: tests/layers/test_fp8_ops.py,
 tests/attention, tests/gpu.)"""
 
@@ -11,8 +12,9 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
@@ -22,17 +24,20 @@ NUM_NEW = 12
 BLOCK = (16, 32)
 
 
-def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """(e4m3 weight, the checkpoint's scale tensors by name suffix, the dequantized float32 weight)."""
+def quantize(weight: torch.Tensor, fmt: str, block: tuple[int, int] = BLOCK
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(e4m3 weight, the checkpoint's scale tensors by name suffix, the dequantized float32 weight). Blocks
+    past the weight's last rows or columns are partial, as the format has them."""
     if fmt == "block":
         n, k = weight.shape
-        blocks = weight.reshape(n // BLOCK[0], BLOCK[0], k // BLOCK[1], BLOCK[1])
+        padded = F.pad(weight, (0, -k % block[1], 0, -n % block[0]))
+        blocks = padded.reshape(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
         scale = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
-        full = scale.repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)
+        full = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:n, :k]
         q = (weight / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return q, {"weight_scale_inv": scale}, q.float() * full
     if fmt == "channel":
-        scale = weight.abs().amax(dim=1, keepdim=True) / FP8_MAX
+        scale = weight.abs().amax(dim=-1, keepdim=True) / FP8_MAX
         q = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         return q, {"weight_scale": scale}, q.float() * scale
     scale = weight.abs().amax() / FP8_MAX
@@ -55,34 +60,34 @@ QUANTIZATION_CONFIGS = {
 }
 
 
-def write_fp8_checkpoint(source: str, target, fmt: str) -> transformers.PreTrainedModel:
-    """`source`'s weights with every decoder linear layer in FP8 as `fmt` ships it, saved to `target`; returns
-    the HF model with those weights dequantized (the reference)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+def write_fp8_checkpoint(source: str, target, fmt: str, block: tuple[int, int] = BLOCK
+                         ) -> transformers.PreTrainedModel:
+    """`source`'s weights with every decoder linear layer (each MoE expert's included) in FP8 as `fmt` ships
+    it, saved to `target`; returns the HF model with those weights dequantized (the reference), loaded from
+    a copy of the checkpoint that holds them (HF's own MoE layers stack the experts' matrices)."""
     tensors, dequantized = {}, {}
-    for name, weight in model.state_dict().items():
+    for name, weight in load_file(f"{source}/model.safetensors").items():
+        dequantized[name] = tensors[name] = weight.contiguous()
         if ".layers." in name and name.endswith("_proj.weight"):
-            q, scales, deq = quantize(weight, fmt)
-            tensors[name] = q
+            tensors[name], scales, dequantized[name] = quantize(weight.float(), fmt, block)
             tensors.update({name[:-len("weight")] + suffix: s.float() for suffix, s in scales.items()})
-            dequantized[name] = deq
-        else:
-            tensors[name] = weight.contiguous()
+    config = json.loads(open(f"{source}/config.json").read())
     if fmt == "channel":  # the kv_cache_scheme's per-layer scales (llm-compressor's newer names)
-        for i in range(model.config.num_hidden_layers):
+        for i in range(config["num_hidden_layers"]):
             tensors[f"model.layers.{i}.self_attn.k_proj.output_scale"] = torch.tensor([0.03])
             tensors[f"model.layers.{i}.self_attn.v_proj.output_scale"] = torch.tensor([0.02])
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
-    target.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{source}/{name}", target / name)
-    config = json.loads(open(f"{source}/config.json").read())
-    config["quantization_config"] = QUANTIZATION_CONFIGS[fmt]
-    (target / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(target / "model.safetensors"))
-    model.load_state_dict(dequantized, strict=False)
-    return model.eval()
+    quantization_config = QUANTIZATION_CONFIGS[fmt]
+    if fmt == "block":
+        quantization_config = {**quantization_config, "weight_block_size": list(block)}
+    reference = target.parent / f"{target.name}-dequantized"
+    for folder, weights, folder_config in ((reference, dequantized, config),
+                                           (target, tensors, {**config, "quantization_config": quantization_config})):
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{source}/{name}", folder / name)
+        (folder / "config.json").write_text(json.dumps(folder_config))
+        save_file(weights, str(folder / "model.safetensors"))
+    return transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
 
 
 def hf_greedy(model) -> list[list[int]]:
@@ -96,10 +101,13 @@ def greedy(llm: LLM) -> list[list[int]]:
                                                           use_tqdm=False)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("fmt", ["block", "channel", "tensor"])
 def test_fp8_checkpoints_match_hf_on_the_dequantized_weights(arch, fmt, tiny_model_dir, tmp_path):
-    reference = write_fp8_checkpoint(tiny_model_dir(arch), tmp_path / fmt, fmt)
+    """qwen3_moe's experts are FP8 too; its 64 x 64 blocks leave the experts' 32 gate, up and down
+    intermediate rows or columns a partial block each (the gate's and the up's scales are separate rows)."""
+    block = (64, 64) if arch == "qwen3_moe" else BLOCK
+    reference = write_fp8_checkpoint(tiny_model_dir(arch), tmp_path / fmt, fmt, block)
     llm = LLM(str(tmp_path / fmt), dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
     assert greedy(llm) == hf_greedy(reference)
     attn = llm.llm_engine.core.worker.runner.kv_cache.attn_layers[0]
@@ -107,15 +115,31 @@ def test_fp8_checkpoints_match_hf_on_the_dequantized_weights(arch, fmt, tiny_mod
     assert (float(attn.k_scale), float(attn.v_scale)) == pytest.approx(expected)
 
 
-def test_online_fp8_quantizes_per_channel(tiny_model_dir):
-    path = tiny_model_dir("qwen2")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+def test_online_fp8_quantizes_per_channel(arch, tiny_model_dir):
+    """qwen3_moe: its experts too (HF stacks them, [E, out, in]: per channel is per last-dim row still)."""
+    path = tiny_model_dir(arch)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         for name, param in reference.named_parameters():
-            if ".layers." in name and name.endswith("_proj.weight"):
+            if ".layers." in name and name.endswith(("_proj.weight", "experts.gate_up_proj", "experts.down_proj")):
                 param.copy_(quantize(param, "channel")[2])
     llm = LLM(path, quantization="fp8", dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
     assert greedy(llm) == hf_greedy(reference.eval())
+
+
+@pytest.mark.parametrize("fmt, expert_parallel", [("block", False), ("tensor", True)])
+def test_fp8_experts_over_two_ranks_match_hf(fmt, expert_parallel, tiny_model_dir, tmp_path):
+    """16 x 16 blocks: at TP=2 each rank's 16 of the experts' 32 intermediate rows are one row of blocks (the
+    scales sliced with the weights); per-tensor scales with expert parallelism: each rank loads its 4 experts'
+    scales. The tokens stay HF's. (A split that cuts blocks: test_fused_moe.py.)"""
+    reference = write_fp8_checkpoint(tiny_model_dir("qwen3_moe"), tmp_path / "ckpt", fmt, (16, 16))
+    llm = LLM(str(tmp_path / "ckpt"), tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+              dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
+    try:
+        assert greedy(llm) == hf_greedy(reference)
+    finally:
+        llm.llm_engine.shutdown()
 
 
 def test_unknown_or_contradicting_quantization_is_refused(tiny_model_dir, tmp_path):

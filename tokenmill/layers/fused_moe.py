@@ -30,6 +30,11 @@ distributed/parallel_state.py) E / ep whole experts, rank r experts [r * E / ep,
 The ranks already hold every token, so dispatch needs no all-to-all: each rank computes its experts' share of
 all tokens and the all-reduce that tensor parallelism ends with combines them; no pair is computed twice, and
 the communication is the same [T, H] all-reduce. Loading copies a checkpoint expert into its owner only.
+
+How the experts' matrices are stored and multiplied is FusedMoE's `quant_method` (a MoEMethod, as a linear
+layer's is its LinearMethod): UnquantizedMoEMethod below, or the one the checkpoint's quantization config
+names (FP8: quantization/fp8_moe.py). Checkpoint tensors reach FusedMoE expert by expert, scales by the same
+names as the weights (`experts.<e>.gate_proj.weight_scale_inv` -> w13_weight_scale_inv).
 """
 
 from __future__ import annotations
@@ -42,21 +47,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_rank, get_tp_size, tp_all_reduce
-from tokenmill.layers.quantization import QuantizationConfig
+from tokenmill.layers.quantization import MoEMethod, QuantizationConfig
+from tokenmill.layers.quantization.base import WeightLoader
 
-# A checkpoint's matrix of one expert: "<block>.experts.<expert id>.<projection>.weight"
-_EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+# A checkpoint's matrix of one expert, or one of its scales: "<block>.experts.<expert id>.<projection>.<kind>"
+_EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.(weight|weight_scale_inv|weight_scale|input_scale)$")
 
 
 def expert_weight_target(name: str, shard_ids: dict[str, str]) -> tuple[str, str, int] | None:
-    """(FusedMoE parameter name, shard id, expert id) of a checkpoint expert matrix, or None if `name` is not
-    one. `shard_ids` maps the checkpoint's projection names to "w1" (gate), "w3" (up) and "w2" (down)."""
+    """(FusedMoE parameter name, shard id, expert id) of a checkpoint expert matrix or scale, or None if `name`
+    is not one. `shard_ids` maps the checkpoint's projection names to "w1" (gate), "w3" (up) and "w2" (down)."""
     match = _EXPERT_WEIGHT.match(name)
     if match is None or match.group(3) not in shard_ids:
         return None
-    experts, expert_id, projection = match.groups()
+    experts, expert_id, projection, kind = match.groups()
     shard_id = shard_ids[projection]
-    return f"{experts}.{'w2' if shard_id == 'w2' else 'w13'}_weight", shard_id, int(expert_id)
+    return f"{experts}.{'w2' if shard_id == 'w2' else 'w13'}_{kind}", shard_id, int(expert_id)
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, *, scoring_func: str = "softmax",
@@ -134,13 +140,39 @@ def experts_loop(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     return pair_out.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+class UnquantizedMoEMethod(MoEMethod):
+    """Experts in the model's dtype: the grouped GEMM on the GPU, experts_loop on the CPU."""
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        size = intermediate_size_per_partition
+        layer.w13_weight = layer.make_param(torch.empty(num_experts, 2 * size, hidden_size, dtype=params_dtype))
+        layer.w2_weight = layer.make_param(torch.empty(num_experts, hidden_size, size, dtype=params_dtype))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Nothing: the stacked layout is the one both paths read."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from tokenmill.layers.fused_moe_triton import fused_experts
+
+            return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
+                                 w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, activation=layer.activation,
+                                 some_held_elsewhere=layer.expert_parallel)
+        return experts_loop(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids, layer.w13_bias,
+                            layer.w2_bias, layer.activation)
+
+
 class FusedMoE(nn.Module):
     """One MoE layer's experts held by this rank: forward(x [T, H], router_logits [T, E]) -> [T, H], summed
     over the tensor-parallel ranks. Without expert parallelism a rank holds every expert's slice of the
-    intermediate dim; with it, experts [first_expert, first_expert + num_local_experts) whole."""
+    intermediate dim; with it, experts [first_expert, first_expert + num_local_experts) whole. `quant_config`:
+    the checkpoint's weight format, which picks the experts' method."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
-                 prefix: str = "", has_bias: bool = False, activation: str = "silu", **routing: Any) -> None:
+                 prefix: str = "", has_bias: bool = False, activation: str = "silu",
+                 quant_config: QuantizationConfig | None = None, **routing: Any) -> None:
         """routing: select_experts' keyword arguments (DeepSeek's routers)."""
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -152,6 +184,7 @@ class FusedMoE(nn.Module):
                              f"ranks; the layer's {num_experts} experts are not divisible by {ep_size}")
         # An expert-parallel rank holds whole experts; tensor parallelism alone splits each one.
         split, self.tp_rank = (1, 0) if ep_size > 1 else (get_tp_size(), get_tp_rank())
+        self.tp_size = split  # the ranks each expert's intermediate dim is split over
         if intermediate_size % split:
             raise ValueError(f"{prefix}: the experts' intermediate size {intermediate_size} is not divisible by "
                              f"tensor_parallel_size {split}")
@@ -160,35 +193,41 @@ class FusedMoE(nn.Module):
         self.first_expert = get_ep_rank() * self.num_local_experts
         self.intermediate_size_per_partition = size = intermediate_size // split
         local = self.num_local_experts
-        self.w13_weight = self._param(torch.empty(local, 2 * size, hidden_size))
-        self.w2_weight = self._param(torch.empty(local, hidden_size, size))
         self.activation = activation
-        self.w13_bias = self._param(torch.empty(local, 2 * size)) if has_bias else None
-        self.w2_bias = self._param(torch.empty(local, hidden_size)) if has_bias else None
+        self.quant_method = (quant_config.get_moe_method(self, prefix) if quant_config is not None
+                             else UnquantizedMoEMethod())
+        self.quant_method.create_weights(self, local, hidden_size, size, torch.get_default_dtype())
+        self.w13_bias = self.make_param(torch.empty(local, 2 * size)) if has_bias else None
+        self.w2_bias = self.make_param(torch.empty(local, hidden_size)) if has_bias else None
 
-    def _param(self, data: torch.Tensor) -> nn.Parameter:
+    def make_param(self, data: torch.Tensor, weight_loader: WeightLoader | None = None) -> nn.Parameter:
+        """A parameter loaded through `weight_loader` (default: this layer's, for weights and biases)."""
         param = nn.Parameter(data, requires_grad=False)
-        param.weight_loader = self.weight_loader
+        param.weight_loader = weight_loader or self.weight_loader
         return param
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int,
+                      row_unit: int = 1, col_unit: int = 1) -> None:
         """Copies this rank's slice of one expert's checkpoint matrix: w1 (gate) or w3 (up), [I, H], into
         the first or second half of w13's rows; w2 (down), [H, I], into w2. Biases the same way: w1/w3's [I]
         into w13_bias, w2's [H] whole into w2_bias on rank 0 (zeros on the others; an expert-parallel rank holds
         its experts whole, biases included). An expert another rank holds is not read (a memory-mapped
-        checkpoint's pages of it stay untouched)."""
-        local_id = expert_id - self.first_expert
-        if not 0 <= local_id < self.num_local_experts:
+        checkpoint's pages of it stay untouched). row_unit x col_unit: the rows and columns one entry stands for
+        (1 for a matrix, the block for block scales, whose gate and up halves each hold ceil(I / row_unit)
+        rows)."""
+        local_id = self.local_expert(expert_id)
+        if local_id is None:
             return
         size = self.intermediate_size_per_partition
         start = self.tp_rank * size
         if shard_id == "w2" and loaded.dim() == 1:
             target, source = param.data[local_id], loaded if self.tp_rank == 0 else torch.zeros_like(loaded)
         elif shard_id == "w2":
-            target, source = param.data[local_id], loaded.narrow(1, start, size)
+            target, source = param.data[local_id], loaded.narrow(1, start // col_unit, -(-size // col_unit))
         else:
-            half = {"w1": 0, "w3": 1}[shard_id]
-            target, source = param.data[local_id].narrow(0, half * size, size), loaded.narrow(0, start, size)
+            half, rows = {"w1": 0, "w3": 1}[shard_id], -(-size // row_unit)
+            target = param.data[local_id].narrow(0, half * rows, rows)
+            source = loaded.narrow(0, start // row_unit, rows)
         if target.shape != source.shape:
             raise ValueError(f"shape mismatch loading {self.prefix} expert {expert_id} {shard_id}: parameter slice "
                              f"{tuple(target.shape)}, checkpoint {tuple(loaded.shape)}")
@@ -200,16 +239,12 @@ class FusedMoE(nn.Module):
                                                 e_score_correction_bias=e_score_correction_bias, **self.routing)
         if self.expert_parallel:
             topk_ids = self.local_expert_ids(topk_ids)
-        if x.is_cuda:
-            from tokenmill.layers.fused_moe_triton import fused_experts
+        return tp_all_reduce(self.quant_method.apply(self, x, topk_weights, topk_ids))
 
-            out = fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, w13_bias=self.w13_bias,
-                                w2_bias=self.w2_bias, activation=self.activation,
-                                some_held_elsewhere=self.expert_parallel)
-        else:
-            out = experts_loop(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.w13_bias,
-                               self.w2_bias, self.activation)
-        return tp_all_reduce(out)
+    def local_expert(self, expert_id: int) -> int | None:
+        """The index among this rank's experts of checkpoint expert `expert_id`, None if another rank holds it."""
+        local_id = expert_id - self.first_expert
+        return local_id if 0 <= local_id < self.num_local_experts else None
 
     def local_expert_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Global expert ids [T, k] -> this rank's (0 .. num_local_experts - 1), or num_local_experts for an
@@ -226,11 +261,9 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
                  quant_config: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
-        if quant_config is not None:
-            raise ValueError(f"{prefix}: quantized experts are not supported ({quant_config.name})")
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize,
-                                f"{prefix}.experts")
+                                f"{prefix}.experts", quant_config=quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.gate(x))

@@ -19,16 +19,51 @@ SwiGLU (fused_moe.swiglu_oai, elementwise torch).
 With expert parallelism a rank holds E of the layer's experts, and the id E marks a pair whose expert another
 rank holds: such pairs are sorted after the last padded block, no block covers them, and their rows of the
 down projection are zero.
+
+FP8 experts (quantization/fp8_moe.py): B is e4m3 and A is quantized to e4m3 before each launch, per token (or
+with a static per-tensor scale) against per-channel weight scales [E, N], or per token group of block_k
+columns against block scales [E, row blocks, ceil(K / block_k)]. Per channel, the program's float32 sum is
+scaled once at the end (its row's activation scale times its column's weight scale); block-scaled, a K tile is
+one scale block and each tile's product is scaled before it is added. w13's block scales hold the gate's and
+the up's rows of blocks one after the other (each half ceil(I / block_n) rows), so a row's scale row is
+counted within its half (`segment_rows` = I).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
+from tokenmill.layers.fp8_ops import quant_fp8
 from tokenmill.layers.fused_moe import gated_activation
 from tokenmill.layers.triton_ops import silu_and_mul
+
+# How the kernel scales its products: not at all (16- or 32-bit operands), per channel, or per block.
+NO_SCALES, CHANNEL_SCALES, BLOCK_SCALES = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Fp8ExpertWeights:
+    """The scales of one projection's e4m3 experts. weight_scale: [E, N] per channel, or with block_size
+    (block_n, block_k) [E, row blocks, ceil(K / block_k)], the rows counted in segments of segment_rows (w13:
+    gate, then up; w2: N). input_scale: a static per-tensor activation scale (float32 scalar); None: dynamic,
+    per token, or per token group of block_k."""
+
+    weight_scale: torch.Tensor
+    block_size: tuple[int, int] | None = None
+    segment_rows: int = 0
+    input_scale: torch.Tensor | None = None
+
+    def quantize_input(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a [rows, K] -> (e4m3 [rows, K], float32 scales [rows, groups])."""
+        if self.input_scale is not None:
+            q = (a.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            return q, self.input_scale.reshape(1, 1).expand(a.shape[0], 1)
+        return quant_fp8(a, self.block_size[1] if self.block_size is not None else None)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
@@ -58,13 +93,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
 
 
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
-                         num_rows_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm,
-                         stride_bias_e, PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
-    # C[pair, n] = (sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (+ bias[expert, n] if HAS_BIAS))
-    #              (x weights[pair] if MUL_WEIGHT)
+def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, sorted_pair_ids_ptr,
+                         block_expert_ids_ptr, num_rows_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn,
+                         stride_cm, stride_bias_e, stride_as_m, stride_bs_e, stride_bs_n, segment_rows,
+                         PAIRS_PER_A_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         SCALES: tl.constexpr, SCALE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # C[pair, n] = (sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (x their scales, SCALES)
+    #               (+ bias[expert, n] if HAS_BIAS)) (x weights[pair] if MUL_WEIGHT)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_rows_padded_ptr):
@@ -78,12 +114,27 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_pair
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # [K, N]
+    a_scale_ptrs = a_scale_ptr + a_rows * stride_as_m
+    if SCALES == 2:  # this column's row of blocks, counted within its segment
+        scale_rows = (offs_n // segment_rows) * tl.cdiv(segment_rows, SCALE_BLOCK_N) \
+            + (offs_n % segment_rows) // SCALE_BLOCK_N
+        b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + scale_rows.to(tl.int64) * stride_bs_n
+    else:
+        b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + offs_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs + k0, mask=is_pair[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if SCALES == 2:  # BLOCK_K is the scales' block_k: tile k0 // BLOCK_K is one block
+            a_scale = tl.load(a_scale_ptrs + k0 // BLOCK_K, mask=is_pair, other=0.0)
+            b_scale = tl.load(b_scale_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+            acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if SCALES == 1:
+        acc = acc * tl.load(a_scale_ptrs, mask=is_pair, other=0.0)[:, None] \
+            * tl.load(b_scale_ptrs, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if MUL_WEIGHT:
@@ -94,10 +145,12 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, sorted_pair
 
 def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
                  block_expert_ids: torch.Tensor, num_rows_padded: torch.Tensor, pairs_per_a_row: int, block_m: int,
-                 pair_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+                 pair_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 fp8: Fp8ExpertWeights | None = None) -> None:
     """out[pair] = (a[pair // pairs_per_a_row] @ weight[expert of pair].T (+ bias[expert of pair]))
     (x pair_weights[pair]), for the pairs of moe_align_block_size (its block_m). a [rows, K], weight [E, N, K],
-    bias [E, N], out [num_pairs, N]; last dims contiguous."""
+    bias [E, N], out [num_pairs, N]; last dims contiguous. `fp8`: weight is e4m3 with these scales, and `a`
+    is quantized here."""
     num_pairs, n = out.shape
     k = a.shape[1]
     if weight.shape[1:] != (n, k) or a.stride(1) != 1 or weight.stride(2) != 1 or out.stride(1) != 1 \
@@ -105,25 +158,45 @@ def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorte
         raise ValueError(f"grouped_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)} and out "
                          f"{tuple(out.shape)} do not fit, or a last dim is strided")
     block_n, block_k = 64, 64
+    scales, scale_block_n, segment_rows = NO_SCALES, 1, 1
+    a_scale = b_scale = out  # (placeholders, unread)
+    if fp8 is not None:
+        a, a_scale = fp8.quantize_input(a)
+        b_scale = fp8.weight_scale
+        if fp8.block_size is None:
+            scales = CHANNEL_SCALES
+            expected = weight.shape[:2]
+        else:
+            scales, (scale_block_n, block_k), segment_rows = BLOCK_SCALES, fp8.block_size, fp8.segment_rows
+            expected = (weight.shape[0], n // segment_rows * triton.cdiv(segment_rows, scale_block_n),
+                        triton.cdiv(k, block_k))
+        if weight.dtype != FP8_DTYPE or b_scale.shape != expected or b_scale.stride(-1) != 1 \
+                or (scales == BLOCK_SCALES and (n % segment_rows or block_k < 16 or block_k & (block_k - 1))):
+            raise ValueError(f"grouped_gemm: FP8 weight {weight.dtype} {tuple(weight.shape)} with scales "
+                             f"{tuple(b_scale.shape)} (expected e4m3 and {tuple(expected)}, block_k a power of two "
+                             f">= 16), blocks {fp8.block_size}, segments of {segment_rows} rows")
     grid = (sorted_pair_ids.numel() // block_m, triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](a, weight, out, pair_weights if pair_weights is not None else out,
-                               bias if bias is not None else out, sorted_pair_ids, block_expert_ids, num_rows_padded,
-                               n, k, num_pairs, a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-                               bias.stride(0) if bias is not None else 0, PAIRS_PER_A_ROW=pairs_per_a_row,
-                               MUL_WEIGHT=pair_weights is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-                               BLOCK_N=block_n,
-                               BLOCK_K=block_k, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-                               num_warps=4, num_stages=3)
+                               bias if bias is not None else out, a_scale, b_scale, sorted_pair_ids, block_expert_ids,
+                               num_rows_padded, n, k, num_pairs, a.stride(0), weight.stride(0), weight.stride(1),
+                               out.stride(0), bias.stride(0) if bias is not None else 0,
+                               a_scale.stride(0), b_scale.stride(0), b_scale.stride(1) if scales else 0,
+                               segment_rows, PAIRS_PER_A_ROW=pairs_per_a_row, MUL_WEIGHT=pair_weights is not None,
+                               HAS_BIAS=bias is not None, SCALES=scales, SCALE_BLOCK_N=scale_block_n,
+                               BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                               DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4,
+                               num_stages=3)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, block_m: int | None = None, *, w13_bias: torch.Tensor | None = None,
-                  w2_bias: torch.Tensor | None = None, activation: str = "silu", some_held_elsewhere: bool = False
-                  ) -> torch.Tensor:
+                  w2_bias: torch.Tensor | None = None, activation: str = "silu", some_held_elsewhere: bool = False,
+                  w13_fp8: Fp8ExpertWeights | None = None, w2_fp8: Fp8ExpertWeights | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] ->
     [T, H] in x's dtype. block_m: rows per block (16 while tokens are few, so experts pad little; else 64).
     w13_bias [E, 2I], w2_bias [E, H]: optional biases; activation: "silu" or "swigluoai" (fused_moe).
-    some_held_elsewhere: ids of E may occur (expert parallelism); their pairs add nothing."""
+    some_held_elsewhere: ids of E may occur (expert parallelism); their pairs add nothing.
+    w13_fp8 / w2_fp8: the scales of e4m3 experts."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     if block_m is None:
@@ -134,9 +207,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     # never sees uninitialized memory).
     new_rows = torch.zeros if some_held_elsewhere else torch.empty
     gate_up = new_rows(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m, bias=w13_bias)
+    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m, bias=w13_bias, fp8=w13_fp8)
     down = new_rows(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gated_activation(gate_up, activation)
     grouped_gemm(hidden, w2, down, *routing, pairs_per_a_row=1, block_m=block_m,
-                 pair_weights=topk_weights.flatten(), bias=w2_bias)
+                 pair_weights=topk_weights.flatten(), bias=w2_bias, fp8=w2_fp8)
     return down.view(num_tokens, top_k, -1).sum(dim=1)

@@ -1,5 +1,5 @@
 """load_model: build the architecture's modules on the device, fill them through the load format's
-WeightLoader, then let each linear method prepare its weights."""
+WeightLoader, then let each linear method (and each MoE layer's experts' method) prepare its weights."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def load_model(source: ModelSource, config: ModelConfig, dtype: torch.dtype, dev
         torch.set_default_dtype(previous)
     loader.load(model, dtype, config.seed)
     for module in model.modules():
-        method = getattr(module, "linear_method", None)
+        method = getattr(module, "linear_method", None) or getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
     kept = f", {quant_config.name} quantization" if quant_config is not None else ""

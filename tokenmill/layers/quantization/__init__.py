@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenmill.layers.quantization.awq import AWQConfig
-from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
+from tokenmill.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 from tokenmill.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from tokenmill.layers.quantization.fp8 import Fp8Config
 from tokenmill.layers.quantization.gguf import GGUFQuantConfig
@@ -27,7 +27,7 @@ QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
 # Methods that quantize a 16-bit checkpoint as it loads.
 ONLINE_METHODS = {"fp8": Fp8Config.online}
 
-__all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "get_quantization_config"]
+__all__ = ["QUANTIZATION_METHODS", "LinearMethod", "MoEMethod", "QuantizationConfig", "get_quantization_config"]
 
 
 def get_quantization_config(hf_config: Any, quantization: str | None = None) -> QuantizationConfig | None:

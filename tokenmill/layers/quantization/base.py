@@ -10,6 +10,10 @@ what the weights are and how they are used:
 A QuantizationConfig, read from a checkpoint's `quantization_config`, picks the method of each layer
 (`get_linear_method`). Models never test for a format: they pass the config and each layer's prefix
 (its name in the checkpoint) to their linear layers.
+
+A MoE layer's experts (layers/fused_moe.FusedMoE) have a MoEMethod, the same three steps over all experts of
+the layer at once (`get_moe_method`): it owns the stacked expert weights' storage and the expert matmuls,
+while FusedMoE keeps the routing, the tensor-parallel geometry and the all-reduce.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ class LinearMethod(ABC):
         """x [tokens, input_size_per_partition] -> [tokens, output_size_per_partition]."""
 
 
+class MoEMethod(ABC):
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype) -> None:
+        """Registers w13_weight [E, 2I, H] (gate rows, then up rows) and w2_weight [E, H, I] of this rank's
+        partition, and any scales, on `layer`, each with a loader taking (param, tensor, shard_id, expert_id)."""
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Prepares the loaded experts for `apply`."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], the router's choice topk_weights / topk_ids [T, k] -> [T, H], this rank's partial sum."""
+
+
 class QuantizationConfig(ABC):
     """A checkpoint's weight format, built from its config.json `quantization_config`."""
 
@@ -52,6 +73,11 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod:
         """The method for the linear layer named `prefix` (e.g. "model.layers.0.self_attn.qkv_proj")."""
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> MoEMethod:
+        """The method for the experts named `prefix` (e.g. "model.layers.0.mlp.experts"); a format whose
+        experts tokenmill cannot run refuses them."""
+        raise ValueError(f"{prefix}: experts quantized with {self.name} are not supported")
 
     def get_lm_head_method(self) -> LinearMethod | None:
         """The LM head's method; None: its weight in the model's dtype, as checkpoints of most formats keep it."""

@@ -7,8 +7,8 @@ tensor or per channel and activations scaled per token (dynamic) or per tensor (
         "input_activations": {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": true, ...}}},
       "ignore": ["lm_head"], "kv_cache_scheme": null | {"type": "float", "num_bits": 8, "strategy": "tensor"}}
 
-The weights run through fp8.py's Fp8LinearMethod. Other schemes (integer, 4-bit, weight-only) are refused
-at start-up, naming the scheme.
+The weights run through fp8.py's Fp8LinearMethod, a MoE layer's experts through fp8_moe.py's Fp8MoEMethod.
+Other schemes (integer, 4-bit, weight-only) are refused at start-up, naming the scheme.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
+from tokenmill.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 from tokenmill.layers.quantization.fp8 import Fp8LinearMethod, is_ignored
 
 
@@ -58,3 +58,11 @@ class CompressedTensorsConfig(QuantizationConfig):
         if is_ignored(prefix, self.ignored):
             return UnquantizedLinearMethod()
         return Fp8LinearMethod(True, self.weight_strategy, self.static_input)
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> MoEMethod:
+        from tokenmill.layers.fused_moe import UnquantizedMoEMethod
+        from tokenmill.layers.quantization.fp8_moe import Fp8MoEMethod
+
+        if is_ignored(prefix, self.ignored):
+            return UnquantizedMoEMethod()
+        return Fp8MoEMethod(True, self.weight_strategy, self.static_input)

@@ -12,7 +12,8 @@ After loading, a layer holds one of two forms:
 On the GPU (compute capability 8.9 or newer) a product quantizes its activations per token (per token group
 of bk columns for block scales) and runs on the FP8 tensor cores; a single row (batch-1 decode) streams the
 FP8 weights through a GEMV instead, its activations unquantized. On the CPU the weights are dequantized to
-the model's dtype at load: the same checkpoints run there, at 16- or 32-bit speed.
+the model's dtype at load: the same checkpoints run there, at 16- or 32-bit speed. A MoE layer's experts in
+these formats run through fp8_moe.py's method.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
-from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig, WeightLoader
+from tokenmill.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig, WeightLoader
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -38,9 +39,18 @@ def check_fp8_device(device: torch.device) -> None:
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (e4m3 [N, K], float32 scales [N]): each row's absolute maximum maps to 448."""
-    scale = weight.float().abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
-    return (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    """weight [..., N, K] -> (e4m3 [..., N, K], float32 scales [..., N]): each row's absolute maximum maps to 448."""
+    scale = weight.float().abs().amax(dim=-1).clamp_min(1e-12) / FP8_MAX
+    return (weight.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """weight [..., N, K] e4m3 and its block scales [..., ceil(N / block_n), ceil(K / block_k)] -> [..., N, K]
+    in `dtype` (the last blocks of a row or column may be partial)."""
+    block_n, block_k = block_size
+    full = scale.repeat_interleave(block_n, -2).repeat_interleave(block_k, -1)
+    return (weight.float() * full[..., :weight.shape[-2], :weight.shape[-1]]).to(dtype)
 
 
 def _output_shard_ids(layer: nn.Module) -> list[Any]:
@@ -169,9 +179,8 @@ class Fp8BlockLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight, scale = layer.weight.data, layer.weight_scale_inv.data
         if weight.device.type == "cpu":
-            block_n, block_k = self.block_size
-            full = scale.repeat_interleave(block_n, 0).repeat_interleave(block_k, 1)[:weight.shape[0], :weight.shape[1]]
-            layer.weight = nn.Parameter((weight.float() * full).to(self.params_dtype), requires_grad=False)
+            layer.weight = nn.Parameter(dequantize_blocks(weight, scale, self.block_size, self.params_dtype),
+                                        requires_grad=False)
             layer.weight_scale_inv = None
             self.dequantized = True
             return
@@ -240,3 +249,13 @@ class Fp8Config(QuantizationConfig):
         if self.block_size is not None:
             return Fp8BlockLinearMethod(self.block_size)
         return Fp8LinearMethod(self.serialized, "tensor", self.static_input)
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> MoEMethod:
+        from tokenmill.layers.fused_moe import UnquantizedMoEMethod
+        from tokenmill.layers.quantization.fp8_moe import Fp8MoEMethod
+
+        if is_ignored(prefix, self.ignored_layers):
+            return UnquantizedMoEMethod()
+        if self.block_size is not None:
+            return Fp8MoEMethod(True, "block", block_size=self.block_size)
+        return Fp8MoEMethod(self.serialized, "tensor" if self.serialized else "channel", self.static_input)
