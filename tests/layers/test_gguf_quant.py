@@ -1,6 +1,7 @@
-"""GGUF weights kept 4-bit on the CPU (layers/quantization/gguf.py): each type's unpacking against the `gguf`
-package's own dequantization, the packed product against float64, a model of every kept type against the same
-file dequantized, and the embedded model quantized against float32."""
+"""GGUF weights kept quantized (layers/quantization/gguf.py): each type's unpacking against the file's
+dequantization (gguf_file.dequantize, the `gguf` package's for the 5- and 6-bit types), the packed 4-bit product
+against float64, models of every kept type against the same file dequantized, and the embedded model quantized
+against float32."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
-from tokenmill.layers.quantization.gguf import GGUFBlocks, unpack_int4  # noqa: E402
+from tokenmill.layers.quantization.gguf import GGUFBlocks, unpack_codes  # noqa: E402
 from tokenmill.layers.quantization.int4_cpu import int4_linear, pack_int4  # noqa: E402
-from tokenmill.source.gguf_file import GGML_TYPES  # noqa: E402
+from tokenmill.source.gguf_file import GGML_TYPES, dequantize  # noqa: E402
 
-KEPT_TYPES = ["Q4_0", "Q4_1", "Q4_K"]
+INT4_TYPES = ["Q4_0", "Q4_1", "Q4_K"]
+KEPT_TYPES = INT4_TYPES + ["Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
+HALVES_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+             "Q8_0": [0]}  # the byte offsets of each block's fp16 scales (d, and m or dmin)
 
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0, scale: float = 0.02) -> np.ndarray:
@@ -25,9 +29,11 @@ def random_blocks(type_name: str, rows: int, cols: int, seed: int = 0, scale: fl
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     generator = np.random.default_rng(seed)
     raw = generator.integers(0, 256, size=(rows * cols // block, nbytes), dtype=np.uint8)
-    num_halves = {"Q4_0": 1, "Q4_1": 2, "Q4_K": 2}[type_name]
-    halves = generator.uniform(-scale, scale, size=(raw.shape[0], num_halves)).astype(np.float16)
-    raw[:, :2 * num_halves] = halves.view(np.uint8)
+    for offset in HALVES_AT[type_name]:
+        half = generator.uniform(-scale, scale, size=(raw.shape[0], 1)).astype(np.float16)
+        raw[:, offset:offset + 2] = half.view(np.uint8)
+    if type_name == "Q6_K":  # int8 sub-block scales within the 6-bit ones of the other K-quants
+        raw[:, 192:208] = generator.integers(-32, 32, size=(raw.shape[0], 16), dtype=np.int8).view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -36,13 +42,17 @@ def blocks_of(type_name: str, raw: np.ndarray, cols: int) -> GGUFBlocks:
 
 
 @pytest.mark.parametrize("type_name", KEPT_TYPES)
-def test_unpacked_int4_is_the_formats_dequantization(type_name):
+def test_unpacked_codes_are_the_formats_dequantization(type_name):
     rows, cols = 8, 512
     raw = random_blocks(type_name, rows, cols)
-    q, scale, zero = unpack_int4(blocks_of(type_name, raw, cols))
-    assert q.dtype == torch.uint8 and int(q.max()) <= 15
-    ours = (q.double() - 8) * scale.double().repeat_interleave(32, 1) + zero.double().repeat_interleave(32, 1)
-    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])).double()
+    blocks = blocks_of(type_name, raw, cols)
+    q, scale, zero = unpack_codes(blocks)
+    group = 16 if type_name == "Q6_K" else 32
+    assert q.dtype == torch.int8 and scale.shape == zero.shape == (rows, cols // group)
+    if type_name in INT4_TYPES:
+        assert -8 <= int(q.min()) and int(q.max()) <= 7  # the 4-bit kernel's range, once shifted by 8
+    ours = q.double() * scale.double().repeat_interleave(group, 1) + zero.double().repeat_interleave(group, 1)
+    reference = torch.from_numpy(dequantize(raw, GGML_TYPES[type_name], (rows, cols))).double()
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-9)
 
 
@@ -53,21 +63,21 @@ def test_narrowed_blocks_unpack_as_the_narrowed_matrix(type_name):
     whole = blocks_of(type_name, random_blocks(type_name, rows, cols), cols)
     cut_after = whole.narrow(2, 3, 256, 512)
     cut_before = GGUFBlocks(whole.ggml_type, whole.data, cols).unpack().narrow(2, 3, 256, 512)
-    for a, b in zip(unpack_int4(cut_after), cut_before.int4):
+    for a, b in zip(unpack_codes(cut_after), cut_before.codes):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="does not fall on"):
         whole.narrow(0, 1, 16, 512)
 
 
-@pytest.mark.parametrize("type_name", KEPT_TYPES)
+@pytest.mark.parametrize("type_name", INT4_TYPES)
 @pytest.mark.parametrize("num_tokens", [1, 5])
 def test_packed_product_against_float64(type_name, num_tokens):
     rows, cols = 96, 512
     raw = random_blocks(type_name, rows, cols, seed=3)
-    q, scale, zero = unpack_int4(blocks_of(type_name, raw, cols))
+    q, scale, zero = unpack_codes(blocks_of(type_name, raw, cols))
     x = torch.randn(num_tokens, cols)
     bias = torch.randn(rows)
-    out = int4_linear(x, pack_int4(q, scale, zero, 32), bias)
+    out = int4_linear(x, pack_int4((q + 8).to(torch.uint8), scale, zero, 32), bias)
     weight = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])).double()
     reference = x.double() @ weight.t() + bias.double()
     assert out.dtype == torch.float32 and out.shape == (num_tokens, rows)
@@ -159,7 +169,7 @@ def test_kept_types_through_the_gpu_kernel(tmp_path, monkeypatch):
                   **kwargs)
         if name == "kernel":
             layer = llm.llm_engine.core.worker.runner.model.model.layers[0].self_attn.qkv_proj
-            assert layer.linear_method.kernel is not None and layer.int4_weight.packed.shape == (512, 128)
+            assert layer.linear_method.kernel is not None and layer.quantized_weight.packed.shape == (512, 128)
             head = llm.llm_engine.core.worker.runner.model.lm_head.linear_method
             head.int8 = False  # the GPU's head (float); on the CPU it would be int8
         results[name] = [out.outputs[0].logprobs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
@@ -167,6 +177,39 @@ def test_kept_types_through_the_gpu_kernel(tmp_path, monkeypatch):
     for kernel, reference in zip(results["kernel"], results["float32"]):
         assert list(kernel) == list(reference)
         assert all(abs(kernel[t].logprob - reference[t].logprob) < 1e-4 for t in reference)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_model_of_every_int8_type_matches_the_dequantized_file(tmp_path, monkeypatch, backend):
+    """Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 kept as block int8, q/k/v merged across Q6_K's 16-weight blocks and 32-weight
+    ones: in float32, with a float head, a prompt's and a decode step's log-probabilities equal the dequantized
+    model's to float32's noise, on the CPU's path and through the Triton GEMM (the GPU's; here interpreted)."""
+    from tokenmill.layers.quantization import int4
+    from tokenmill.layers.quantization.block_int8 import BlockInt8Weight
+
+    monkeypatch.setattr(int4, "backend_for", lambda device_type: backend)
+    types = {"attn_q": "Q6_K", "attn_k": "Q4_K", "attn_v": "Q8_0", "attn_output": "Q5_0",
+             "ffn_gate": "Q5_1", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}
+    path = _write_llama_gguf(tmp_path / "tiny-llama.gguf", types)
+    prompts = [{"prompt_token_ids": [int(t) for t in np.random.default_rng(i).integers(3, 384, 12)]}
+               for i in range(4)]
+    params = SamplingParams(max_tokens=2, temperature=0, logprobs=5, ignore_eos=True)
+    results = {}
+    for name, kwargs in {"kept": {"quantization": "gguf"}, "float32": {}}.items():
+        llm = LLM(path, dtype="float32", max_model_len=256, kv_cache_memory_bytes=16 << 20, skip_tokenizer_init=True,
+                  **kwargs)
+        if name == "kept":
+            model = llm.llm_engine.core.worker.runner.model
+            qkv = model.model.layers[0].self_attn.qkv_proj.quantized_weight
+            assert isinstance(qkv, BlockInt8Weight) and qkv.group == 16 and qkv.codes.shape == (256, 512)
+            assert model.model.layers[0].mlp.gate_up_proj.quantized_weight.zero is not None
+            model.lm_head.linear_method.int8 = False
+        results[name] = [out.outputs[0].logprobs for out in llm.generate(prompts, params, use_tqdm=False)]
+        llm.llm_engine.shutdown()
+    for kept, reference in zip(results["kept"], results["float32"]):
+        for kept_step, reference_step in zip(kept, reference):
+            assert list(kept_step) == list(reference_step)
+            assert all(abs(kept_step[t].logprob - reference_step[t].logprob) < 1e-4 for t in reference_step)
 
 
 def test_embedded_model_quantized_agrees_with_float32():

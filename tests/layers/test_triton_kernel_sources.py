@@ -11,6 +11,7 @@ KERNEL_MODULES = [
     "tokenmill.attention.triton_paged",
     "tokenmill.layers.fp8_ops",
     "tokenmill.layers.fused_moe_triton",
+    "tokenmill.layers.quantization.block_int8_gpu",
     "tokenmill.layers.quantization.int4_gpu",
     "tokenmill.layers.triton_ops",
 ]

@@ -170,10 +170,12 @@ class GGUFFile:
 # Dequantization
 # ---------------------------------------------------------------------------------------------------------
 
-GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "BF16": 30}
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
+              "Q6_K": 14, "BF16": 30}
 _GGML_TYPE_NAMES = {type_id: name for name, type_id in GGML_TYPES.items()}
 # type id -> (elements per block, bytes per block)
-_BLOCK_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 30: (1, 2)}
+_BLOCK_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 12: (256, 144),
+                13: (256, 176), 14: (256, 210), 30: (1, 2)}
 
 
 def _blocks(raw: np.ndarray, type_size: int, num_scales: int) -> tuple[np.ndarray, np.ndarray]:
