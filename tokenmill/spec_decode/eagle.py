@@ -88,9 +88,10 @@ def load_eagle_head(config: EngineConfig, target: nn.Module, device: torch.devic
 class EagleProposer(DraftModelProposer):
     token_shift = 1
 
-    def __init__(self, config: EngineConfig, target: nn.Module, device: torch.device, dtype: torch.dtype,
+    def __init__(self, config: EngineConfig, target: nn.Module, head: nn.Module, device: torch.device,
                  kv_cache_dtype: torch.dtype, backend) -> None:
-        super().__init__(config, load_eagle_head(config, target, device, dtype), device, kv_cache_dtype, backend)
+        """head: load_eagle_head's."""
+        super().__init__(config, head, device, kv_cache_dtype, backend)
         self.target = target
         self.eagle3 = isinstance(self.model, Eagle3LlamaHead)
         # request -> (first position, the target's hidden states from there on [positions, D]) not yet read

@@ -53,7 +53,7 @@ from tokenmill.loader.model_loader import load_model
 from tokenmill.metrics import step_timer
 from tokenmill.source import ModelSource
 from tokenmill.spec_decode.draft_model import DraftModelProposer, load_draft_model
-from tokenmill.spec_decode.eagle import EagleProposer
+from tokenmill.spec_decode.eagle import EagleProposer, load_eagle_head
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.rejection_sampler import RejectionSampler
 from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_num_reqs
@@ -114,7 +114,8 @@ class ModelRunner:
             self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens,
                                           self.max_model_len)
         elif spec is not None and spec.method in ("eagle", "eagle3"):
-            self.proposer = EagleProposer(config, self.model, device, dtype, self.kv_cache.dtype, self.backend)
+            self.proposer = EagleProposer(config, self.model, load_eagle_head(config, self.model, device, dtype),
+                                          device, self.kv_cache.dtype, self.backend)
         elif spec is not None:
             self.proposer = DraftModelProposer(config, load_draft_model(config, self.vocab_size, device, dtype),
                                                device, self.kv_cache.dtype, self.backend)
