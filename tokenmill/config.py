@@ -27,8 +27,6 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 # Who runs the engine: the defaults of a few settings differ (vLLM's UsageContext).
 USAGE_CONTEXTS = ("llm", "serve")
-# Of spec_decode.config.METHODS, those the engine runs.
-SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -271,8 +269,6 @@ class EngineConfig:
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         spec = self.speculative_config
         if spec is not None:
-            _require(spec.method in SPECULATIVE_METHODS, "speculative_config",
-                     f"method {spec.method!r} is not supported yet; supported: {SPECULATIVE_METHODS}")
             _require(self.parallel.pipeline_parallel_size == 1, "speculative_config",
                      "does not work with pipeline_parallel_size > 1")
 

@@ -34,9 +34,10 @@ def test_draft_model_keys_are_kept():
     config.check_target(tensor_parallel_size=2, max_model_len=4096)
     with pytest.raises(ValueError, match="max_model_len"):
         config.check_target(tensor_parallel_size=2, max_model_len=1024)
-    with pytest.raises(ValueError, match="draft_tensor_parallel_size"):
-        SpeculativeConfig(method="eagle", model="e", num_speculative_tokens=1,
-                          draft_tensor_parallel_size=2).check_target(tensor_parallel_size=4, max_model_len=4096)
+    for method, model in (("eagle", "e"), ("mtp", None)):  # heads run on the target's ranks
+        with pytest.raises(ValueError, match=f"draft_tensor_parallel_size must be .* for method '{method}'"):
+            SpeculativeConfig(method=method, model=model, num_speculative_tokens=1,
+                              draft_tensor_parallel_size=1).check_target(tensor_parallel_size=2, max_model_len=4096)
 
 
 @pytest.mark.parametrize("config, key", [

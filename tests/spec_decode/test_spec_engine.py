@@ -157,7 +157,8 @@ def test_draft_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path):
     ({"method": "medusa", "num_speculative_tokens": 2}, "speculative_config.method must be one of"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "speculative_config.num_speculative_tokens must be"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "lookahead"),
-    ({"method": "mtp", "num_speculative_tokens": 2}, "'mtp' is not supported yet"),
+    ({"method": "mtp", "num_speculative_tokens": 2},
+     "speculative_config.method 'mtp' needs multi-token-prediction layers; .* num_nextn_predict_layers is None"),
     ('{"method": "ngram"', "speculative_config is not valid JSON"),
 ])
 def test_bad_speculative_config_is_refused_naming_the_key(spec, message, tiny_model_dir):

@@ -16,7 +16,8 @@ reads the token's embedding beside the target's hidden state at the position bef
         logits = lm_head(x)                           over draft_vocab_size tokens; draft id i is target
                                                       id i + d2t[i] (t2d, the inverse map, is not needed)
 
-Either head uses the target's embedding and LM head where its checkpoint has none. Its layer attends over its
+Either head uses the target's embedding and LM head where its checkpoint has none (DraftHead, which DeepSeek's
+MTP head shares). Its layer attends over its
 own one-layer KV cache (spec_decode/eagle.py).
 """
 
@@ -43,8 +44,9 @@ def aux_layer_ids(head_config: Any, num_target_layers: int) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
-class _EagleHead(nn.Module):
-    """What both heads share: the embedding and LM head (their own or the target's) and loading by name."""
+class DraftHead(nn.Module):
+    """What the draft heads share (both EAGLE heads here, DeepSeek's MTP head in models/deepseek_mtp.py): the
+    embedding and LM head (their own or the target's) and loading by name."""
 
     # Loading borrows the target's name mapping (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
     packed_modules = LlamaForCausalLM.packed_modules
@@ -93,7 +95,7 @@ class _EagleHead(nn.Module):
         raise ValueError("checkpoint tensor 'd2t' belongs to an EAGLE-3 head; use method 'eagle3'")
 
 
-class EagleLlamaHead(_EagleHead):
+class EagleLlamaHead(DraftHead):
     """EAGLE-1/2 (see the module docstring)."""
 
     def __init__(self, config: Any, max_position: int, quant_config: None, *, target: LlamaForCausalLM,
@@ -139,7 +141,7 @@ class Eagle3DecoderLayer(LlamaDecoderLayer):
         return self.mlp(x), residual
 
 
-class Eagle3LlamaHead(_EagleHead):
+class Eagle3LlamaHead(DraftHead):
     """EAGLE-3 (see the module docstring)."""
 
     layer_prefix = "midlayer."

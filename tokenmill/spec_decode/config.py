@@ -121,9 +121,9 @@ class SpeculativeConfig:
         _require(self.draft_tensor_parallel_size in (None, 1, tensor_parallel_size), "draft_tensor_parallel_size",
                  f"must be 1 or the target's tensor_parallel_size ({tensor_parallel_size}), "
                  f"got {self.draft_tensor_parallel_size}")
-        # An EAGLE head runs on the target's ranks, its layers split as the target's (it reads the target's
-        # hidden states and shares its embedding and LM head).
-        eagle = self.method in ("eagle", "eagle3")
+        # An EAGLE or MTP head runs on the target's ranks, its layers split as the target's (it reads the
+        # target's hidden states and may share its embedding and LM head).
+        eagle = self.method in ("eagle", "eagle3", "mtp")
         _require(not eagle or self.draft_tensor_parallel_size in (None, tensor_parallel_size),
                  "draft_tensor_parallel_size", f"must be the target's tensor_parallel_size ({tensor_parallel_size}) "
                  f"for method {self.method!r}, got {self.draft_tensor_parallel_size}")

@@ -17,6 +17,9 @@ that wrote the blocks (the blocks are shared, the head's pool with them).
 The target exposes what the head reads at no cost when speculation is off: EAGLE-1 reads the target's
 output (its last hidden state after the final norm, what its LM head reads); EAGLE-3 sets the target
 LlamaModel's aux_hidden_state_layers, whose forward then keeps those layers' inputs.
+
+DeepSeek-V3's MTP module (spec_decode/mtp.py) runs here as an EAGLE-1 head: it reads the same inputs (token
+t at position t - 1, the target's output there, its own output at later depths).
 """
 
 from __future__ import annotations
@@ -88,9 +91,10 @@ def load_eagle_head(config: EngineConfig, target: nn.Module, device: torch.devic
 class EagleProposer(DraftModelProposer):
     token_shift = 1
 
-    def __init__(self, config: EngineConfig, target: nn.Module, device: torch.device, dtype: torch.dtype,
+    def __init__(self, config: EngineConfig, target: nn.Module, head: nn.Module, device: torch.device,
                  kv_cache_dtype: torch.dtype, backend) -> None:
-        super().__init__(config, load_eagle_head(config, target, device, dtype), device, kv_cache_dtype, backend)
+        """head: load_eagle_head's, or spec_decode/mtp.py's MTP module (read as an EAGLE-1 head)."""
+        super().__init__(config, head, device, kv_cache_dtype, backend)
         self.target = target
         self.eagle3 = isinstance(self.model, Eagle3LlamaHead)
         # request -> (first position, the target's hidden states from there on [positions, D]) not yet read

@@ -21,10 +21,10 @@ A step, without waiting for the device until its end:
 With async scheduling the next step is executed before the previous one is finished: its tokens still
 in flight are fed to it on the device.
 
-Speculative decoding (n-gram, draft model, EAGLE): finish_step() proposes each request's drafts from its tokens
-so far and returns them; the scheduler sends them back with the request's next step, whose logits cover the next
-token and every draft, and sample_tokens() verifies them with the rejection sampler (accepted drafts plus one
-token). An EAGLE head also reads the target's hidden states of each step's rows, handed over after the forward
+Speculative decoding (n-gram, draft model, EAGLE, MTP): finish_step() proposes each request's drafts from its
+tokens so far and returns them; the scheduler sends them back with the request's next step, whose logits cover the
+next token and every draft, and sample_tokens() verifies them with the rejection sampler (accepted drafts plus one
+token). An EAGLE or MTP head also reads the target's hidden states of each step's rows, handed over after the forward
 pass (such steps run eagerly: the CUDA graphs return logits only).
 
 Pipeline stages (micro-batches in flight, each of other requests): every stage executes each step, the
@@ -53,7 +53,8 @@ from tokenmill.loader.model_loader import load_model
 from tokenmill.metrics import step_timer
 from tokenmill.source import ModelSource
 from tokenmill.spec_decode.draft_model import DraftModelProposer, load_draft_model
-from tokenmill.spec_decode.eagle import EagleProposer
+from tokenmill.spec_decode.eagle import EagleProposer, load_eagle_head
+from tokenmill.spec_decode.mtp import load_mtp_head
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.rejection_sampler import RejectionSampler
 from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_capture_sizes, mixed_num_reqs
@@ -113,8 +114,10 @@ class ModelRunner:
         if spec is not None and spec.method == "ngram":
             self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens,
                                           self.max_model_len)
-        elif spec is not None and spec.method in ("eagle", "eagle3"):
-            self.proposer = EagleProposer(config, self.model, device, dtype, self.kv_cache.dtype, self.backend)
+        elif spec is not None and spec.method in ("eagle", "eagle3", "mtp"):
+            head = load_mtp_head(config, source, self.model, device, dtype) if spec.method == "mtp" else \
+                load_eagle_head(config, self.model, device, dtype)
+            self.proposer = EagleProposer(config, self.model, head, device, self.kv_cache.dtype, self.backend)
         elif spec is not None:
             self.proposer = DraftModelProposer(config, load_draft_model(config, self.vocab_size, device, dtype),
                                                device, self.kv_cache.dtype, self.backend)
