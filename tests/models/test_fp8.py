@@ -158,6 +158,17 @@ def test_deepseek_block_fp8_checkpoints_match_hf(arch, tp, block, not_converted,
                                 torch.bfloat16)
 
 
+def test_a_format_without_dequantization_refuses_a_dense_weight_layer():
+    """kv_b_proj of an AWQ DeepSeek checkpoint: refused at construction, naming the layer, not run as 4-bit
+    views."""
+    from tokenmill.layers.linear import ColumnParallelLinear
+    from tokenmill.layers.quantization.awq import AWQConfig
+
+    awq = AWQConfig.from_config({"quant_method": "awq", "bits": 4, "group_size": 32})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.kv_b_proj: its weight is read as a matrix"):
+        ColumnParallelLinear(32, 112, quant_config=awq, prefix="model.layers.0.self_attn.kv_b_proj", dense_weight=True)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe", "deepseek_v3"])
 def test_online_fp8_quantizes_per_channel(arch, tiny_model_dir):
     """qwen3_moe: its experts too (HF stacks them, [E, out, in]: per channel is per last-dim row still);
