@@ -1,6 +1,7 @@
 """FP8 weights and the FP8 KV cache on the CPU: tiny random checkpoints written in each FP8 format, scales
 included (a MoE model's experts too), load and give HF transformers' greedy tokens on the same weights
-dequantized (the CPU dequantizes at load); block-scaled experts split over ranks only on whole blocks;
+dequantized (the CPU dequantizes at load), DeepSeek's MLA models among them; block-scaled experts split over
+ranks only on whole blocks;
 `quantization="fp8"` quantizes a 16-bit checkpoint per channel; an e4m3 cache round-trips its
 keys and values within e4m3's rounding. (The GPU's FP8 GEMMs and attention: tests/layers/test_fp8_ops.py,
 tests/attention, tests/gpu.)"""
@@ -46,7 +47,7 @@ def quantize(weight: torch.Tensor, fmt: str, block: tuple[int, int] = BLOCK
 
 
 QUANTIZATION_CONFIGS = {
-    "block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)},
+    "block": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)},
     "channel": {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
                 "config_groups": {"group_0": {"targets": ["Linear"],
                     "weights": {"type": "float", "num_bits": 8, "strategy": "channel", "dynamic": False,
@@ -60,15 +61,18 @@ QUANTIZATION_CONFIGS = {
 }
 
 
-def write_fp8_checkpoint(source: str, target, fmt: str, block: tuple[int, int] = BLOCK
-                         ) -> transformers.PreTrainedModel:
-    """`source`'s weights with every decoder linear layer (each MoE expert's included) in FP8 as `fmt` ships
-    it, saved to `target`; returns the HF model with those weights dequantized (the reference), loaded from
-    a copy of the checkpoint that holds them (HF's own MoE layers stack the experts' matrices)."""
+def write_fp8_checkpoint(source: str, target, fmt: str, block: tuple[int, int] = BLOCK,
+                         not_converted: tuple[str, ...] = ()) -> transformers.PreTrainedModel:
+    """`source`'s weights with every decoder linear layer (each MoE expert's included, DeepSeek's
+    kv_a_proj_with_mqa too) in FP8 as `fmt` ships it, saved to `target`; returns the HF model with those
+    weights dequantized (the reference), loaded from a copy of the checkpoint that holds them (HF's own MoE
+    layers stack the experts' matrices). `not_converted`: layer names (their last part) left in 16 bits and
+    listed as the config's modules_to_not_convert."""
     tensors, dequantized = {}, {}
     for name, weight in load_file(f"{source}/model.safetensors").items():
         dequantized[name] = tensors[name] = weight.contiguous()
-        if ".layers." in name and name.endswith("_proj.weight"):
+        if ".layers." in name and name.endswith(("_proj.weight", "_proj_with_mqa.weight")) \
+                and name.split(".")[-2] not in not_converted:
             tensors[name], scales, dequantized[name] = quantize(weight.float(), fmt, block)
             tensors.update({name[:-len("weight")] + suffix: s.float() for suffix, s in scales.items()})
     config = json.loads(open(f"{source}/config.json").read())
@@ -79,6 +83,8 @@ def write_fp8_checkpoint(source: str, target, fmt: str, block: tuple[int, int] =
     quantization_config = QUANTIZATION_CONFIGS[fmt]
     if fmt == "block":
         quantization_config = {**quantization_config, "weight_block_size": list(block)}
+    if not_converted:
+        quantization_config = {**quantization_config, "modules_to_not_convert": list(not_converted)}
     reference = target.parent / f"{target.name}-dequantized"
     for folder, weights, folder_config in ((reference, dequantized, config),
                                            (target, tensors, {**config, "quantization_config": quantization_config})):
@@ -115,14 +121,65 @@ def test_fp8_checkpoints_match_hf_on_the_dequantized_weights(arch, fmt, tiny_mod
     assert (float(attn.k_scale), float(attn.v_scale)) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+@pytest.mark.parametrize("arch, tp, block, not_converted", [("deepseek_v3", 1, (16, 16), ()),
+                                                          ("deepseek_v3", 2, (8, 8), ()),
+                                                          ("deepseek_v2", 1, (16, 16), ("kv_b_proj", "o_proj"))])
+def test_deepseek_block_fp8_checkpoints_match_hf(arch, tp, block, not_converted, tiny_model_dir, tmp_path):
+    """DeepSeek-V3's published form (`fmt` e4m3, `weight_block_size`; 16 x 16 blocks here): q_a_proj and
+    q_b_proj (V2: q_proj), kv_a_proj_with_mqa, kv_b_proj, o_proj, the dense MLP, the shared and the routed
+    experts FP8, partial blocks at kv_a's 40 rows and q_b's 24 columns; the router `gate` and the norms as they
+    were. kv_b_proj ends up the dequantized matrix exactly, in the model's dtype (MLA reads it as W_UK / W_UV).
+    At TP=2 (8 x 8 blocks: each rank's rows of kv_b, q_b and the experts are whole blocks) q_a and kv_a are
+    whole on both ranks and rank 0 holds kv_b's first two heads. V2 with kv_b_proj and o_proj in
+    modules_to_not_convert: they load as 16-bit."""
+    ckpt = tmp_path / "ckpt"
+    reference = write_fp8_checkpoint(tiny_model_dir(arch), ckpt, "block", block, not_converted)
+    stored = load_file(str(ckpt / "model.safetensors"))
+    assert stored["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    for name in ("self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "mlp.experts.3.down_proj"):
+        expected = torch.float32 if name.split(".")[-1] in not_converted else FP8_DTYPE
+        assert stored[f"model.layers.1.{name}.weight"].dtype == expected
+    expected_kv_b = [layer.self_attn.kv_b_proj.weight.detach() for layer in reference.model.layers]
+
+    def assert_kv_b_dequantized(llm: LLM, dtype: torch.dtype) -> None:
+        model = llm.llm_engine.core.worker.runner.model
+        for layer, expected in zip(model.model.layers, expected_kv_b):
+            rows = expected.shape[0] // tp
+            assert torch.equal(layer.self_attn.kv_b_proj.weight, expected[:rows].to(dtype))
+
+    llm = LLM(str(ckpt), tensor_parallel_size=tp, dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
+    try:
+        assert greedy(llm) == hf_greedy(reference)
+        assert_kv_b_dequantized(llm, torch.float32)
+    finally:
+        llm.llm_engine.shutdown()
+    if tp == 1:
+        assert_kv_b_dequantized(LLM(str(ckpt), dtype="bfloat16", kv_cache_memory_bytes=8 << 20, max_model_len=128),
+                                torch.bfloat16)
+
+
+def test_a_format_without_dequantization_refuses_a_dense_weight_layer():
+    """kv_b_proj of an AWQ DeepSeek checkpoint: refused at construction, naming the layer, not run as 4-bit
+    views."""
+    from tokenmill.layers.linear import ColumnParallelLinear
+    from tokenmill.layers.quantization.awq import AWQConfig
+
+    awq = AWQConfig.from_config({"quant_method": "awq", "bits": 4, "group_size": 32})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.kv_b_proj: its weight is read as a matrix"):
+        ColumnParallelLinear(32, 112, quant_config=awq, prefix="model.layers.0.self_attn.kv_b_proj", dense_weight=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe", "deepseek_v3"])
 def test_online_fp8_quantizes_per_channel(arch, tiny_model_dir):
-    """qwen3_moe: its experts too (HF stacks them, [E, out, in]: per channel is per last-dim row still)."""
+    """qwen3_moe: its experts too (HF stacks them, [E, out, in]: per channel is per last-dim row still);
+    deepseek_v3: its experts, shared experts and kv_a_proj_with_mqa too, while kv_b_proj, which MLA reads as a
+    matrix, keeps its 16-bit weight."""
     path = tiny_model_dir(arch)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         for name, param in reference.named_parameters():
-            if ".layers." in name and name.endswith(("_proj.weight", "experts.gate_up_proj", "experts.down_proj")):
+            if ".layers." in name and name.endswith(("_proj.weight", "_proj_with_mqa.weight", "experts.gate_up_proj",
+                                                     "experts.down_proj")) and not name.endswith("kv_b_proj.weight"):
                 param.copy_(quantize(param, "channel")[2])
     llm = LLM(path, quantization="fp8", dtype="float32", kv_cache_memory_bytes=8 << 20, max_model_len=128)
     assert greedy(llm) == hf_greedy(reference.eval())
@@ -147,10 +204,13 @@ def test_unknown_or_contradicting_quantization_is_refused(tiny_model_dir, tmp_pa
         LLM(tiny_model_dir("llama"), quantization="awq", kv_cache_memory_bytes=8 << 20, max_model_len=128)
     write_fp8_checkpoint(tiny_model_dir("llama"), tmp_path / "ckpt", "block")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    config["quantization_config"]["quant_method"] = "bitsandbytes"
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'bitsandbytes'.*supported: awq, compressed-tensors, fp8, gptq, mxfp4"):
-        LLM(str(tmp_path / "ckpt"), kv_cache_memory_bytes=8 << 20, max_model_len=128)
+    for key, value, error in (("quant_method", "bitsandbytes",
+                               r"'bitsandbytes'.*supported: awq, compressed-tensors, fp8, gptq, mxfp4"),
+                              ("fmt", "e5m2", "quantization_config.fmt must be e4m3.*'e5m2'")):
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps(
+            {**config, "quantization_config": {**config["quantization_config"], key: value}}))
+        with pytest.raises(ValueError, match=error):
+            LLM(str(tmp_path / "ckpt"), kv_cache_memory_bytes=8 << 20, max_model_len=128)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

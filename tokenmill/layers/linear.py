@@ -1,12 +1,16 @@
 """Linear layers that know their tensor-parallel shard. Each parameter's `weight_loader` takes the
 full checkpoint tensor and copies in this rank's slice, so loading is one lookup per checkpoint name.
 
+    ReplicatedLinear       the whole matrix on every rank: y = x @ W.T
     ColumnParallelLinear   splits the output dim:  y_shard = x @ W[rows of this rank].T
     RowParallelLinear      splits the input dim:   y = all_reduce(x_shard @ W[:, cols of this rank].T)
     MergedColumnParallelLinear / QKVParallelLinear  several column-parallel matrices in one
 
 What the weights are and how they multiply is the layer's `linear_method` (layers/quantization/base.py),
-chosen by the checkpoint's quantization config; without one, UnquantizedLinearMethod below.
+chosen by the checkpoint's quantization config; without one, UnquantizedLinearMethod below. A layer built
+with `dense_weight=True` is one whose weight its model reads as a matrix, not only through forward (MLA's
+kv_b_proj, whose rows are viewed as W_UK / W_UV): its method is the format's `dequantizing()` one, which
+leaves `weight` a plain [output, input] matrix of the model's dtype on every device once loaded.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear(x, layer.weight, bias, self.gemm_plans)
 
+    def dequantizing(self, prefix: str) -> LinearMethod:
+        return self
+
 
 def make_param(data: torch.Tensor, weight_loader: WeightLoader) -> nn.Parameter:
     param = nn.Parameter(data, requires_grad=False)
@@ -79,12 +86,14 @@ class LinearBase(nn.Module):
     splits_bias = True  # column-parallel layers hold their rows' bias; row-parallel ones the whole bias
 
     def __init__(self, input_size_per_partition: int, output_size_per_partition: int, bias: bool,
-                 quant_config: QuantizationConfig | None, prefix: str) -> None:
+                 quant_config: QuantizationConfig | None, prefix: str, dense_weight: bool = False) -> None:
         super().__init__()
         self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
         self.prefix = prefix
         self.linear_method = (quant_config.get_linear_method(self, prefix) if quant_config is not None
                               else UnquantizedLinearMethod())
+        if dense_weight:
+            self.linear_method = self.linear_method.dequantizing(prefix)
         self.linear_method.create_weights(self, input_size_per_partition, output_size_per_partition,
                                           torch.get_default_dtype(), self.weight_loader)
         self.bias = make_param(torch.empty(output_size_per_partition if self.splits_bias else self.output_size),
@@ -93,8 +102,9 @@ class LinearBase(nn.Module):
     num_output_shards = 1  # the checkpoint tensors packed into this layer's rows
 
     def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
-        """(first row in this rank's parameter, rows, first row in the checkpoint tensor) of a shard."""
-        raise NotImplementedError
+        """(first row in this rank's parameter, rows, first row in the checkpoint tensor) of a shard; by
+        default every row (a layer that does not split its output)."""
+        return 0, self.output_size, 0
 
     def shard_index(self, shard_id: int | str | None) -> int:
         """The shard's position among num_output_shards (for per-shard scalars, such as per-tensor scales)."""
@@ -115,7 +125,7 @@ class LinearBase(nn.Module):
         rows = -(-size // row_unit)
         target = param.data.narrow(0, offset // row_unit, rows)
         source = loaded.narrow(0, start // row_unit, rows)
-        if param.dim() == 2 and param.shape[1] > 1:
+        if source.dim() == 2 and source.shape[1] > 1:  # not a per-channel scale ([N, 1])
             in_start, in_size = self.input_shard()
             source = source.narrow(1, in_start // col_unit, -(-in_size // col_unit))
         if [d for d in target.shape if d != 1] != [d for d in source.shape if d != 1]:  # [N] takes [N, 1]
@@ -130,16 +140,30 @@ class LinearBase(nn.Module):
         self.load_sharded(param, loaded, shard_id)
 
 
+class ReplicatedLinear(LinearBase):
+    """The whole matrix on every rank, no communication (DeepSeek's q_a and kv_a projections: their small
+    outputs feed every head)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+        self.input_size, self.output_size = input_size, output_size
+        super().__init__(input_size, output_size, bias, quant_config, prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_method.apply(self, x, self.bias)
+
+
 class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, gather_output: bool = False,
-                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
+                 quant_config: QuantizationConfig | None = None, prefix: str = "", dense_weight: bool = False
+                 ) -> None:
         tp_size = get_tp_size()
         if output_size % tp_size:
             raise ValueError(f"output size {output_size} is not divisible by tensor_parallel_size {tp_size}")
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = output_size // tp_size
         self.gather_output = gather_output
-        super().__init__(input_size, self.output_size_per_partition, bias, quant_config, prefix)
+        super().__init__(input_size, self.output_size_per_partition, bias, quant_config, prefix, dense_weight)
 
     def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
         size = self.output_size_per_partition
@@ -211,9 +235,6 @@ class RowParallelLinear(LinearBase):
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = input_size // tp_size
         super().__init__(self.input_size_per_partition, output_size, bias, quant_config, prefix)
-
-    def output_shard(self, shard_id: int | str | None) -> tuple[int, int, int]:
-        return 0, self.output_size, 0
 
     def input_shard(self) -> tuple[int, int]:
         return self.tp_rank * self.input_size_per_partition, self.input_size_per_partition

@@ -12,6 +12,13 @@ Routers: V2 takes the softmax's top-k, limited to the `topk_group` best of `n_gr
 `e_score_correction_bias` within the best groups. Both renormalize per `norm_topk_prob` (vLLM's reading;
 HF's V2 code never renormalizes, and V2 checkpoints ship norm_topk_prob false) and scale by
 `routed_scaling_factor`. The router runs in float32, as HF keeps `gate.weight`.
+
+Quantized checkpoints (DeepSeek-V3's own, block-scaled FP8: `weight_block_size` [128, 128] with a
+`weight_scale_inv` beside each FP8 matrix): every linear layer takes the checkpoint's quant config, the
+replicated q_a / kv_a ones, the routed experts (FusedMoE) and the shared experts included; the router `gate` and
+the norms stay unquantized, as the checkpoints keep them. kv_b_proj is the exception: MLA reads W_UK / W_UV as
+views of its matrix, so it is built with `dense_weight` and dequantized to the model's dtype at load (vLLM
+dequantizes it too); it is [heads * (N + V), L], small beside the experts.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch import nn
 from tokenmill.distributed.parallel_state import get_tp_size
 from tokenmill.layers.fused_moe import FusedMoE
 from tokenmill.layers.layernorm import RMSNorm
-from tokenmill.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tokenmill.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from tokenmill.layers.mla import MLAAttention
 from tokenmill.layers.quantization import QuantizationConfig
 from tokenmill.layers.rotary import get_rope, rope_parameters, yarn_softmax_scale
@@ -46,16 +53,21 @@ class DeepseekV2Attention(nn.Module):
         latent, bias = config.kv_lora_rank, bool(getattr(config, "attention_bias", False))
         self.q_lora_rank = config.q_lora_rank
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(config.hidden_size, num_heads * (nope + rope), prefix=f"{prefix}.q_proj")
+            self.q_proj = ColumnParallelLinear(config.hidden_size, num_heads * (nope + rope),
+                                               quant_config=quant_config, prefix=f"{prefix}.q_proj")
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_proj = ReplicatedLinear(config.hidden_size, self.q_lora_rank, bias, quant_config,
+                                             f"{prefix}.q_a_proj")
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LORA_NORM_EPS)
             self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, num_heads * (nope + rope),
-                                                 prefix=f"{prefix}.q_b_proj")
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, latent + rope, bias=bias)
+                                                 quant_config=quant_config, prefix=f"{prefix}.q_b_proj")
+        self.kv_a_proj_with_mqa = ReplicatedLinear(config.hidden_size, latent + rope, bias, quant_config,
+                                                   f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(latent, LORA_NORM_EPS)
-        self.kv_b_proj = ColumnParallelLinear(latent, num_heads * (nope + v_dim), prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = RowParallelLinear(num_heads * v_dim, config.hidden_size, bias=bias, prefix=f"{prefix}.o_proj")
+        self.kv_b_proj = ColumnParallelLinear(latent, num_heads * (nope + v_dim), quant_config=quant_config,
+                                              prefix=f"{prefix}.kv_b_proj", dense_weight=True)
+        self.o_proj = RowParallelLinear(num_heads * v_dim, config.hidden_size, bias=bias, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
         self.num_local_heads, self.latent_dim, self.rope_dim = num_heads // tp_size, latent, rope
         theta, scaling = rope_parameters(config)
         rotary = get_rope(rope, max_position, theta, scaling, interleaved=getattr(config, "rope_interleave", True))
@@ -90,8 +102,6 @@ class DeepseekRouter(nn.Module):
 class DeepseekV2MoE(nn.Module):
     def __init__(self, config: Any, quant_config: QuantizationConfig | None, prefix: str, is_v3: bool) -> None:
         super().__init__()
-        if quant_config is not None:
-            raise ValueError(f"{prefix}: quantized experts are not supported ({quant_config.name})")
         num_experts = config.n_routed_experts
         grouped = is_v3 or getattr(config, "topk_method", "greedy") == "group_limited_greedy"
         self.gate = DeepseekRouter(num_experts, config.hidden_size, has_correction_bias=is_v3)
@@ -100,7 +110,8 @@ class DeepseekV2MoE(nn.Module):
                                 scoring_func="sigmoid" if is_v3 else "softmax",
                                 num_expert_group=config.n_group if grouped else None,
                                 topk_group=config.topk_group if grouped else None,
-                                routed_scaling_factor=float(config.routed_scaling_factor))
+                                routed_scaling_factor=float(config.routed_scaling_factor),
+                                quant_config=quant_config)
         num_shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = (LlamaMLP(config, quant_config, f"{prefix}.shared_experts",
                                         config.moe_intermediate_size * num_shared) if num_shared else None)
@@ -139,11 +150,6 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
     # Only the MLPs' gate/up are packed; the attention's projections load by their own names.
     packed_modules = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
     expert_shards = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-    def __init__(self, config: Any, max_position: int, quant_config: QuantizationConfig | None = None) -> None:
-        if quant_config is not None:
-            raise ValueError(f"quantized DeepSeek checkpoints are not supported ({quant_config.name})")
-        super().__init__(config, max_position, quant_config)
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

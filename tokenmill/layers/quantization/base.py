@@ -7,6 +7,9 @@ what the weights are and how they are used:
     process_weights_after_loading(layer) once the checkpoint is in: repack, transpose, fold scales
     apply(layer, x, bias)                y = x @ W.T (+ bias), however W is stored
 
+A layer whose model reads its weight as a matrix (MLA's kv_b_proj) takes its method's `dequantizing()`
+instead: the same checkpoint tensors, left as one matrix of the model's dtype once loaded, on every device.
+
 A QuantizationConfig, read from a checkpoint's `quantization_config`, picks the method of each layer
 (`get_linear_method`). Models never test for a format: they pass the config and each layer's prefix
 (its name in the checkpoint) to their linear layers.
@@ -41,6 +44,13 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [tokens, input_size_per_partition] -> [tokens, output_size_per_partition]."""
+
+    def dequantizing(self, prefix: str) -> LinearMethod:
+        """The method, for the layer named `prefix`, that reads the same checkpoint tensors and leaves
+        `layer.weight` a plain [output, input] matrix of the model's dtype after loading, on every device; a
+        format that cannot refuses, naming the layer."""
+        raise ValueError(f"{prefix}: its weight is read as a matrix of the model's dtype (e.g. MLA's W_UK / W_UV "
+                         f"views of kv_b_proj), and {type(self).__name__} weights are not dequantized at load")
 
 
 class MoEMethod(ABC):

@@ -12,8 +12,10 @@ After loading, a layer holds one of two forms:
 On the GPU (compute capability 8.9 or newer) a product quantizes its activations per token (per token group
 of bk columns for block scales) and runs on the FP8 tensor cores; a single row (batch-1 decode) streams the
 FP8 weights through a GEMV instead, its activations unquantized. On the CPU the weights are dequantized to
-the model's dtype at load: the same checkpoints run there, at 16- or 32-bit speed. A MoE layer's experts in
-these formats run through fp8_moe.py's method.
+the model's dtype at load: the same checkpoints run there, at 16- or 32-bit speed. A layer whose weight its
+model reads as a matrix (MLA's kv_b_proj) is dequantized at load on the GPU too (`dequantizing()`), as vLLM
+does; under `quantization="fp8"` such a layer keeps its 16-bit weight. A MoE layer's experts in these formats
+run through fp8_moe.py's method.
 """
 
 from __future__ import annotations
@@ -101,11 +103,14 @@ class Fp8LinearMethod(LinearMethod):
 
     `serialized`: the checkpoint holds e4m3 weights and `weight_scale`s (`weight_strategy` "tensor": one per
     matrix, "channel": one per row), and `input_scale`s if `static_input`; otherwise 16-bit weights are
-    quantized per channel once loaded."""
+    quantized per channel once loaded. `dequantize`: to the model's dtype at load on every device, not only
+    on the CPU."""
 
-    def __init__(self, serialized: bool, weight_strategy: str = "channel", static_input: bool = False) -> None:
+    def __init__(self, serialized: bool, weight_strategy: str = "channel", static_input: bool = False,
+                 dequantize: bool = False) -> None:
         self.serialized, self.weight_strategy, self.static_input = serialized, weight_strategy, static_input
-        self.dequantized = False  # on the CPU: weight is the dequantized matrix, used by F.linear
+        self.dequantize = dequantize
+        self.dequantized = False  # once loaded: weight is the dequantized matrix, used by F.linear
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
                        params_dtype: torch.dtype, weight_loader: WeightLoader) -> None:
@@ -139,7 +144,7 @@ class Fp8LinearMethod(LinearMethod):
         else:
             weight, scale = quantize_per_channel(layer.weight.data)
         input_scale = layer.input_scale.data.max() if self.static_input else None
-        if weight.device.type == "cpu":
+        if self.dequantize or weight.device.type == "cpu":
             layer.weight = nn.Parameter((weight.float() * scale[:, None]).to(self.params_dtype), requires_grad=False)
             layer.weight_scale = layer.input_scale = None
             self.dequantized = True
@@ -154,13 +159,22 @@ class Fp8LinearMethod(LinearMethod):
             return F.linear(x, layer.weight, bias)
         return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
 
+    def dequantizing(self, prefix: str) -> LinearMethod:
+        """A 16-bit checkpoint's weight stays as it is; an FP8 one's is dequantized with its scales."""
+        from tokenmill.layers.linear import UnquantizedLinearMethod
+
+        if not self.serialized:
+            return UnquantizedLinearMethod()
+        return Fp8LinearMethod(True, self.weight_strategy, self.static_input, dequantize=True)
+
 
 class Fp8BlockLinearMethod(LinearMethod):
     """Block-scaled FP8 weights from the checkpoint (`weight_scale_inv`: the multiplier of each bn x bk block),
-    activations quantized per token group of bk columns."""
+    activations quantized per token group of bk columns. `dequantize`: to the model's dtype at load on every
+    device, not only on the CPU."""
 
-    def __init__(self, block_size: tuple[int, int]) -> None:
-        self.block_size = block_size
+    def __init__(self, block_size: tuple[int, int], dequantize: bool = False) -> None:
+        self.block_size, self.dequantize = block_size, dequantize
         self.dequantized = False
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_size_per_partition: int,
@@ -178,7 +192,7 @@ class Fp8BlockLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight, scale = layer.weight.data, layer.weight_scale_inv.data
-        if weight.device.type == "cpu":
+        if self.dequantize or weight.device.type == "cpu":
             layer.weight = nn.Parameter(dequantize_blocks(weight, scale, self.block_size, self.params_dtype),
                                         requires_grad=False)
             layer.weight_scale_inv = None
@@ -198,6 +212,9 @@ class Fp8BlockLinearMethod(LinearMethod):
             q, x_scale = quant_fp8(x2, self.block_size[1])
             out = block_fp8_matmul(q, x_scale, layer.weight, layer.weight_scale_inv, self.block_size, x.dtype, bias)
         return out.reshape(*x.shape[:-1], layer.weight.shape[0])
+
+    def dequantizing(self, prefix: str) -> LinearMethod:
+        return Fp8BlockLinearMethod(self.block_size, dequantize=True)
 
 
 def is_ignored(prefix: str, ignored: list[str]) -> bool:
@@ -229,6 +246,9 @@ class Fp8Config(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        if (config.get("fmt") or "e4m3") != "e4m3":
+            raise ValueError(f"quantization_config.fmt must be e4m3 (the FP8 format tokenmill reads), got "
+                             f"{config['fmt']!r}")
         scheme = config.get("activation_scheme", "dynamic")
         if scheme not in ("dynamic", "static"):
             raise ValueError(f"quantization_config.activation_scheme must be dynamic or static, got {scheme!r}")

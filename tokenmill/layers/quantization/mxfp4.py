@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.layers.linear import UnquantizedLinearMethod
 from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -52,4 +51,6 @@ class Mxfp4Config(QuantizationConfig):
         return cls()
 
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod:
+        from tokenmill.layers.linear import UnquantizedLinearMethod  # layers/linear.py imports this package
+
         return UnquantizedLinearMethod()
