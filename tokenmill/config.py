@@ -117,6 +117,9 @@ class SchedulerConfig:
     # KV slots reserved past a step's tokens for a draft model's guesses (k with a draft model).
     num_speculative_tokens: int = 0
     num_lookahead_slots: int = 0
+    # The speculative_config's dynamic draft length (spec_decode/draft_policy.py), copied by EngineConfig.resolve.
+    spec_disable_by_batch_size: int | None = None
+    spec_disable_by_acceptance_rate: float | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1, "max_num_seqs",
@@ -306,11 +309,12 @@ class EngineConfig:
         spec = self.speculative_config
         k = spec.num_speculative_tokens if spec is not None else 0
         lookahead = k if spec is not None and spec.method != "ngram" else 0
-        # Speculation schedules a request's drafts from its last tokens, so its steps run one at a time.
-        scheduler = dataclasses.replace(self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget,
-                                        max_concurrent_batches=pp, num_speculative_tokens=k,
-                                        num_lookahead_slots=lookahead,
-                                        async_scheduling=self.scheduler.async_scheduling and pp == 1 and k == 0)
+        scheduler = dataclasses.replace(
+            self.scheduler, max_model_len=max_model_len, max_num_batched_tokens=budget, max_concurrent_batches=pp,
+            num_speculative_tokens=k, num_lookahead_slots=lookahead,
+            spec_disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None,
+            spec_disable_by_acceptance_rate=spec.disable_by_acceptance_rate if spec is not None else None,
+            async_scheduling=self.scheduler.async_scheduling and pp == 1)
         # A pipeline's stages hand activations over with send/recv between steps: no CUDA graphs there.
         return dataclasses.replace(self, model=model, scheduler=scheduler,
                                    device=device.type if self.device == "auto" else self.device,

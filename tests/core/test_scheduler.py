@@ -187,3 +187,78 @@ def test_rejects_overlong_prompt():
     scheduler = make_scheduler(num_blocks=16, max_model_len=8)
     with pytest.raises(ValueError, match="max_model_len=8"):
         scheduler.add_request(make_request("long", 9))
+
+
+def make_spec_scheduler(k: int, async_scheduling: bool = True, **policy) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64,
+                             async_scheduling=async_scheduling, num_speculative_tokens=k, **policy)
+    return Scheduler(config, KVCacheManager(32, BS, False))
+
+
+def spec_output(out, sampled: list[int], proposed: list[int], num_verified: int) -> ModelRunnerOutput:
+    """One request's runner output: its emitted tokens, the drafts proposed after them, drafts it verified."""
+    [request_id] = out.num_scheduled_tokens
+    return ModelRunnerOutput([request_id], [sampled], [None], spec_token_ids=[proposed],
+                             num_draft_tokens=[num_verified])
+
+
+def test_async_speculation_schedules_placeholders_and_rolls_back_the_rejected():
+    """Step n+1 is scheduled before step n's tokens are in: its drafts are placeholders and every draft in
+    flight counts as accepted; each update steps back over its step's rejected (or missing) drafts, so
+    num_computed_tokens ends one short of the tokens, the last one sampled, as without async scheduling."""
+    scheduler = make_spec_scheduler(k=3)
+    scheduler.add_request(make_request("r", 6, max_tokens=20))
+    request = scheduler.requests["r"]
+    prefill = scheduler.schedule()
+    assert prefill.num_scheduled_tokens == {"r": 6} and request.num_output_placeholders == 1
+    first = scheduler.schedule()  # the prefill's token is in flight: the drafts after it too
+    assert first.scheduled_spec_decode_tokens == {"r": [-1, -1, -1]} and first.num_scheduled_tokens == {"r": 4}
+    assert (request.num_computed_tokens, request.num_output_placeholders) == (10, 5)
+    scheduler.update_from_output(prefill, spec_output(prefill, [7], [1, 2, 3], 0))
+    assert (request.num_tokens, request.num_computed_tokens, request.num_output_placeholders) == (7, 10, 4)
+    second = scheduler.schedule()
+    assert second.num_scheduled_tokens == {"r": 4} and request.num_computed_tokens == 14
+    scheduler.update_from_output(first, spec_output(first, [1, 9], [4], 3))  # one of three drafts accepted
+    assert (request.num_tokens, request.num_computed_tokens, request.num_output_placeholders) == (9, 12, 4)
+    scheduler.update_from_output(second, spec_output(second, [4, 5], [], 1))  # a single draft, accepted
+    assert (request.num_tokens, request.num_computed_tokens, request.num_output_placeholders) == (11, 10, 0)
+    assert request.output_token_ids == [7, 1, 9, 4, 5]
+    stats = scheduler.stats()
+    assert (stats.spec_decode_num_draft_tokens, stats.spec_decode_num_accepted_tokens) == (4, 2)
+    third = scheduler.schedule()  # nothing in flight: the drafts proposed after the last step, real ones
+    assert third.scheduled_spec_decode_tokens == {} and third.num_scheduled_tokens == {"r": 1}
+    scheduler.check_integrity()
+
+
+def test_async_speculation_counts_drafts_in_flight_against_max_tokens():
+    """Placeholders never outrun max_tokens, counting the tokens in flight as if all their drafts were
+    accepted; a request whose last token may be in flight waits for it."""
+    scheduler = make_spec_scheduler(k=3)
+    scheduler.add_request(make_request("r", 6, max_tokens=4))
+    request = scheduler.requests["r"]
+    prefill = scheduler.schedule()
+    first = scheduler.schedule()
+    assert first.scheduled_spec_decode_tokens == {"r": [-1, -1]}  # 1 in flight + 1 + 2 drafts = max_tokens
+    assert scheduler.schedule().num_scheduled_tokens == {}
+    scheduler.update_from_output(prefill, spec_output(prefill, [7], [1, 2], 0))
+    scheduler.update_from_output(first, spec_output(first, [1, 8], [3], 2))
+    assert request.num_output_placeholders == 0 and request.num_computed_tokens == request.num_tokens - 1
+    last = scheduler.schedule()
+    assert last.num_scheduled_tokens == {"r": 1} and last.scheduled_spec_decode_tokens == {}
+    [result] = scheduler.update_from_output(last, spec_output(last, [3], [], 0))
+    assert result.finish_reason == "length" and request.output_token_ids == [7, 1, 8, 3]
+
+
+def test_draft_policy_stops_drafting_above_the_batch_size():
+    scheduler = make_spec_scheduler(k=2, async_scheduling=False, spec_disable_by_batch_size=2)
+    for name in "abc":
+        scheduler.add_request(make_request(name, 3, first_token=10 * len(scheduler.requests)))
+    prefill = scheduler.schedule()
+    scheduler.update_from_output(prefill, ModelRunnerOutput(list("abc"), [[7]] * 3, [None] * 3,
+                                                            spec_token_ids=[[1, 2]] * 3))
+    decode = scheduler.schedule()
+    assert decode.num_scheduled_tokens == dict.fromkeys("abc", 1)  # three running, more than two: no drafts
+    scheduler.finish_requests(["c"], RequestStatus.FINISHED_ABORTED)
+    scheduler.update_from_output(decode, ModelRunnerOutput(list("abc"), [[8]] * 3, [None] * 3,
+                                                           spec_token_ids=[[1, 2]] * 3, num_draft_tokens=[0] * 3))
+    assert scheduler.schedule().scheduled_spec_decode_tokens == {"a": [1, 2], "b": [1, 2]}

@@ -236,10 +236,12 @@ def test_greedy_tokens_equal_without_speculation(method, k, target, plain, heads
         assert metrics["vllm:spec_decode_num_accepted_tokens"] > metrics["vllm:spec_decode_num_draft_tokens"] / 2
 
 
-@pytest.mark.parametrize("method", ["eagle", "eagle3"])
-def test_mixed_batch_preempted_with_a_stop_string_inside_an_accepted_run(method, target, plain, heads):
+@pytest.mark.parametrize("method, async_scheduling", [("eagle", True), ("eagle", False), ("eagle3", True)])
+def test_mixed_batch_preempted_with_a_stop_string_inside_an_accepted_run(method, async_scheduling, target, plain,
+                                                                         heads):
     """Greedy requests (one stopping at a string a few tokens into its output) beside seeded sampled ones, in
-    a pool of 8 blocks that preempts: the greedy ones equal the run without speculation."""
+    a pool of 8 blocks that preempts: the greedy ones equal the run without speculation, with async scheduling
+    (placeholder drafts) and without."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(target)
     text = tokenizer.decode(plain[0])
     stop = text[len(tokenizer.decode(plain[0][:6])):][:3]
@@ -249,7 +251,8 @@ def test_mixed_batch_preempted_with_a_stop_string_inside_an_accepted_run(method,
     params = [stopping, GREEDY, GREEDY, GREEDY, sampled, sampled]
     base, _ = generate(target, None, prompts, params, max_model_len=64, kv_cache_memory_bytes=1 << 20)
     spec, metrics = generate(target, {"method": method, "model": heads[method], "num_speculative_tokens": 4},
-                             prompts, params, max_model_len=64, kv_cache_memory_bytes=288 << 10)  # 8 blocks
+                             prompts, params, max_model_len=64, kv_cache_memory_bytes=288 << 10,  # 8 blocks
+                             async_scheduling=async_scheduling)
     for a, b, p in zip(spec, base, params):
         if p.temperature == 0:
             assert a.outputs[0].token_ids == b.outputs[0].token_ids

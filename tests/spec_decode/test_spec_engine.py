@@ -118,16 +118,18 @@ def one_layer_draft(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
     return target, str(draft)
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_draft_model_greedy_tokens_equal_without_speculation(k, one_layer_draft):
-    """Mixed with a seeded sampled request, in a pool small enough to preempt."""
+@pytest.mark.parametrize("k, async_scheduling", [(2, True), (4, True), (4, False)])
+def test_draft_model_greedy_tokens_equal_without_speculation(k, async_scheduling, one_layer_draft):
+    """Mixed with a seeded sampled request, in a pool small enough to preempt; with async scheduling
+    (placeholder drafts) and without."""
     target, draft = one_layer_draft
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * len(REPETITIVE)
     params = params + [SamplingParams(temperature=0.7, seed=5, max_tokens=20, ignore_eos=True)]
     prompts = REPETITIVE + REPETITIVE[:1]
     plain, _ = generate(target, None, prompts, params)
     spec, metrics = generate(target, {"model": draft, "num_speculative_tokens": k}, prompts, params,
-                             max_model_len=64, kv_cache_memory_bytes=84 << 10)  # 7 blocks
+                             max_model_len=64, kv_cache_memory_bytes=84 << 10,  # 7 blocks
+                             async_scheduling=async_scheduling)
     assert [o.outputs[0].token_ids for o in spec[:-1]] == [o.outputs[0].token_ids for o in plain[:-1]]
     assert len(spec[-1].outputs[0].token_ids) == 20
     assert metrics["vllm:spec_decode_num_drafts"] > 0 and metrics["vllm:num_preemptions"] > 0

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from tokenmill.sampling_params import SamplingParams
 
+# Async scheduling with speculation: the drafts of a request whose previous step is still in flight are not
+# known when its next step is scheduled; the scheduler sends this many placeholders, slots reserved for them,
+# and the runner puts in their place the drafts proposed after that step (up to as many).
+DRAFT_PLACEHOLDER = -1
+
 # One position's logprobs: token ids and logprobs, the sampled (or prompt) token first, then the
 # top-k in descending order; and the rank of the first token among all tokens (1 = most likely).
 TokenLogprobs = tuple[list[int], list[float], int]
@@ -58,7 +63,7 @@ class SchedulerOutput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     # Speculative decoding: the draft tokens each request verifies after its next token (counted in
-    # num_scheduled_tokens, as 1 + len(drafts)).
+    # num_scheduled_tokens, as 1 + len(drafts)), or DRAFT_PLACEHOLDERs.
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +80,7 @@ class ModelRunnerOutput:
     logprobs: list[list[TokenLogprobs] | None]  # [num_reqs], for requests that asked: one per sampled token
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # new prompt positions
     spec_token_ids: list[list[int]] | None = None  # [num_reqs]: drafts proposed for each request's next step
+    num_draft_tokens: list[int] | None = None  # [num_reqs]: drafts each row verified (with speculation)
 
 
 @dataclass

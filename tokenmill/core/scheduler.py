@@ -13,7 +13,20 @@ Order of a step:
 Speculative decoding: a decoding request's drafts (proposed by the runner from its last step) are scheduled
 after its next token, within the budget, max_tokens and max_model_len; their slots are allocated like any
 others, and the rejected ones are rolled back from num_computed_tokens when the step's tokens come in (their
-blocks stay with the request; prefix caching hashes only tokens the request has, never drafts).
+blocks stay with the request; prefix caching hashes only tokens the request has, never drafts). The draft
+policy (spec_decode/draft_policy.py) may give a request no drafts this step.
+
+Async scheduling with speculation: a request whose previous step is still in flight is scheduled as if all
+of that step's drafts will be accepted. Its tokens in flight (num_output_placeholders) count 1 + drafts, and
+its next step gets DRAFT_PLACEHOLDERs (slots for up to k drafts, within the limits above counted with the
+tokens in flight) that the runner fills with the drafts proposed after that step. When the step's tokens come
+in, num_computed_tokens steps back over its rejected drafts, missing ones counted as rejected, and the
+placeholders over everything the step could have emitted; the next step, already scheduled, starts where
+the runner finds the request's true length:
+
+    step n scheduled    computed c          -> c + 1 + k        in flight 1 + k   (all assumed accepted)
+    step n+1 scheduled  computed c + 1 + k  -> c + 2 + 2k       in flight 2 + 2k  (k placeholders)
+    step n's a drafts accepted              -> c + 2 + k + a    in flight 1 + k, tokens + 1 + a
 
 Pipeline micro-batches (max_concurrent_batches > 1): several steps are in flight at once, so a step skips
 the requests of the steps still in flight (`busy` until their results are in), preempts none of them, and
@@ -27,6 +40,7 @@ from collections.abc import Iterable
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.core.interface import (
+    DRAFT_PLACEHOLDER,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -36,6 +50,7 @@ from tokenmill.core.interface import (
 )
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.request import Request, RequestStatus
+from tokenmill.spec_decode.draft_policy import DraftPolicy
 from tokenmill.spec_decode.metrics import SpecDecodingStats
 
 
@@ -49,7 +64,10 @@ class Scheduler:
         self.max_concurrent_batches = config.max_concurrent_batches
         self.busy: set[str] = set()  # requests of the steps in flight (pipeline micro-batches only)
         self.num_lookahead_slots = config.num_lookahead_slots
+        self.num_speculative_tokens = config.num_speculative_tokens
         self.spec_stats = SpecDecodingStats(config.num_speculative_tokens) if config.num_speculative_tokens else None
+        self.draft_policy = DraftPolicy(config.num_speculative_tokens, config.spec_disable_by_batch_size,
+                                        config.spec_disable_by_acceptance_rate)
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -96,6 +114,7 @@ class Scheduler:
         self.num_sync_only_requests -= request.needs_sync_scheduling
         self.num_structured_requests -= request.structured is not None
         self.kv.free(request)
+        self.draft_policy.forget(request.request_id)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)
 
@@ -123,6 +142,7 @@ class Scheduler:
         pipelined = self.max_concurrent_batches > 1
         max_reqs = -(-len(self.requests) // self.max_concurrent_batches)  # a micro-batch's share
 
+        num_running = len(self.running)
         index = 0
         while index < len(self.running) and budget > 0 and len(num_scheduled) < max_reqs:
             request = self.running[index]
@@ -138,10 +158,11 @@ class Scheduler:
                 index += 1
                 continue
             drafts, request.spec_token_ids = request.spec_token_ids, []
-            if drafts and num_new == 1:  # the drafts follow the next token, the last of the sequence
-                drafts = drafts[:max(0, min(budget, request.max_tokens - request.num_output_tokens,
-                                            self.max_model_len - request.num_tokens) - 1)]
+            if num_new == 1 and self.num_speculative_tokens:  # drafts follow the next token, the sequence's last
+                drafts = self._drafts(request, drafts, budget, num_running)
                 num_new += len(drafts)
+            else:
+                drafts = []
             while True:
                 new_blocks = self.kv.allocate_slots(request, num_new + self._lookahead(request, num_new))
                 if new_blocks is not None:
@@ -159,7 +180,7 @@ class Scheduler:
             if new_blocks is None:
                 break
             num_scheduled[request.request_id] = num_new
-            if drafts and num_new > 1:
+            if drafts:
                 spec_tokens[request.request_id] = drafts
             budget -= num_new
             cached = CachedRequestData(request.request_id, [b.block_id for b in new_blocks],
@@ -219,13 +240,24 @@ class Scheduler:
             request.num_computed_tokens += num_new
             if self.async_scheduling and request.num_computed_tokens >= request.num_tokens + \
                     request.num_output_placeholders:
-                request.num_output_placeholders += 1
+                request.num_output_placeholders += 1 + len(spec_tokens.get(request_id, ()))
         if pipelined:
             self.busy.update(num_scheduled)
         output = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
                                  preempted_ids, self.finished_req_ids, *self.kv.take_block_copies(), spec_tokens)
         self.finished_req_ids = set()
         return output
+
+    def _drafts(self, request: Request, proposed: list[int], budget: int, num_running: int) -> list[int]:
+        """The drafts a decoding request verifies after its next token: those proposed after its last step, or
+        placeholders while that step is in flight; none where the draft policy says so."""
+        in_flight = request.num_output_placeholders
+        if in_flight and request.structured is None:
+            proposed = [DRAFT_PLACEHOLDER] * self.num_speculative_tokens
+        room = min(budget, request.max_tokens - request.num_output_tokens - in_flight,
+                   self.max_model_len - request.num_tokens - in_flight) - 1
+        num_drafts = min(room, self.draft_policy.num_drafts(request.request_id, num_running))
+        return proposed[:max(0, num_drafts)]
 
     def _lookahead(self, request: Request, num_new: int) -> int:
         """Slots past the step's `num_new` tokens for a draft model's guesses, within max_model_len."""
@@ -260,10 +292,11 @@ class Scheduler:
             prompt_logprobs = runner_output.prompt_logprobs.get(request_id)
             if not new_token_ids and prompt_logprobs is None:
                 continue  # a prompt chunk that produced nothing to report
+            if new_token_ids and request.num_output_placeholders:  # all the step could have emitted
+                request.num_output_placeholders -= 1 + len(spec_tokens.get(request_id, ()))
             queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
             for num_kept, token_id in enumerate(new_token_ids, 1):
                 request.append_output_token(token_id)
-                request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
                 if self._check_stop(request, token_id):
                     new_token_ids = new_token_ids[:num_kept]  # accepted drafts after a stop are not the output's
                     break
@@ -283,7 +316,8 @@ class Scheduler:
 
     def _roll_back_rejected(self, spec_tokens: dict[str, list[int]], runner_output: ModelRunnerOutput) -> None:
         """Rejected drafts were computed but are not the sequence's: num_computed_tokens steps back over them
-        (their KV slots are overwritten by the tokens that take their places)."""
+        (their KV slots are overwritten by the tokens that take their places), unless the request was
+        preempted since (async scheduling). Placeholders the runner had no draft for count as rejected."""
         num_drafts, num_accepted = [], []
         for i, request_id in enumerate(runner_output.req_ids):
             drafts = spec_tokens.get(request_id)
@@ -291,9 +325,12 @@ class Scheduler:
             if drafts is None or request is None or not runner_output.sampled_token_ids[i]:
                 continue
             accepted = len(runner_output.sampled_token_ids[i]) - 1
-            request.num_computed_tokens -= len(drafts) - accepted
-            num_drafts.append(len(drafts))
+            if request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens -= len(drafts) - accepted
+            verified = len(drafts) if runner_output.num_draft_tokens is None else runner_output.num_draft_tokens[i]
+            num_drafts.append(verified)
             num_accepted.append(accepted)
+            self.draft_policy.observe(request_id, verified, accepted)
         self.spec_stats.observe(num_drafts, num_accepted)
 
     def _check_stop(self, request: Request, token_id: int) -> bool:

@@ -9,6 +9,8 @@ Torch-free, like tokenmill/config.py. What vLLM accepts in these keys is accepte
     "eagle3" or "eagle-" picks EAGLE as vLLM does, anything else is "draft_model".
   - method "mtp" (vLLM's older names such as "deepseek_mtp" mean the same): `model` None means the target's
     own checkpoint.
+The dynamic draft length (spec_decode/draft_policy.py): vLLM's disable_by_batch_size (an integer >= 2, as vLLM
+requires) and tokenmill's disable_by_acceptance_rate (in (0, 1]); both None (off) by default.
 Checks that need the target model (the draft's tensor-parallel size is 1 or the target's, max_model_len within
 the target's) are in `check_target`, called once the target's config is known.
 """
@@ -46,6 +48,8 @@ class SpeculativeConfig:
     draft_tensor_parallel_size: int | None = None  # None: the target's
     max_model_len: int | None = None  # the draft's; None: the smaller of the draft's and the target's
     quantization: str | None = None  # the draft's weight format (draft_model)
+    disable_by_batch_size: int | None = None  # no drafts in a step of more running requests than this
+    disable_by_acceptance_rate: float | None = None  # a request's drafts pause below this acceptance (average)
 
     def __post_init__(self) -> None:
         self.method = self._resolve_method()
@@ -63,6 +67,12 @@ class SpeculativeConfig:
             _require(value is None or _is_positive_int(value), name, f"must be an integer >= 1, got {value!r}")
         _require(self.quantization is None or isinstance(self.quantization, str), "quantization",
                  f"must be a format name, got {self.quantization!r}")
+        size = self.disable_by_batch_size
+        _require(size is None or _is_positive_int(size) and size >= 2, "disable_by_batch_size",
+                 f"must be an integer >= 2, got {size!r}")
+        rate = self.disable_by_acceptance_rate
+        _require(rate is None or isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate <= 1,
+                 "disable_by_acceptance_rate", f"must be a number in (0, 1], got {rate!r}")
 
     def _resolve_method(self) -> str:
         method, model = self.method, self.model

@@ -24,8 +24,13 @@ in flight are fed to it on the device.
 Speculative decoding (n-gram, draft model, EAGLE, MTP): finish_step() proposes each request's drafts from its
 tokens so far and returns them; the scheduler sends them back with the request's next step, whose logits cover the
 next token and every draft, and sample_tokens() verifies them with the rejection sampler (accepted drafts plus one
-token). An EAGLE or MTP head also reads the target's hidden states of each step's rows, handed over after the forward
-pass (such steps run eagerly: the CUDA graphs return logits only).
+token). With async scheduling the next step is scheduled before those drafts are verified, with placeholder
+drafts: execute_model() first collects the step in flight (waits for its tokens, records them and proposes;
+finish_step() later returns that output), then resumes each request from its true length and puts the new
+proposals in the placeholders' place (_place_drafts). The device waits for the host while a step's inputs are
+prepared, but the scheduling, the update and the output processing of the engine overlap its work. An EAGLE or
+MTP head also reads the target's hidden states of each step's rows, handed over after the forward pass (such
+steps run eagerly: the CUDA graphs return logits only).
 
 Pipeline stages (micro-batches in flight, each of other requests): every stage executes each step, the
 hidden states passing from stage to stage; sample_tokens() on the last stage samples, waits for the tokens
@@ -43,7 +48,7 @@ import torch
 
 from tokenmill.attention.backend import AttentionMetadata, default_backend_name, get_backend
 from tokenmill.config import EngineConfig
-from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from tokenmill.core.interface import DRAFT_PLACEHOLDER, ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from tokenmill.core.kv_cache_manager import cdiv
 from tokenmill.distributed.parallel_state import is_last_stage
 from tokenmill.forward_context import set_forward_context
@@ -141,6 +146,10 @@ class ModelRunner:
         self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
         self._unsampled: _Launched | None = None
         self._sampled: deque[_Launched] = deque()
+        # Speculation with async scheduling: steps collected early (execute_model needs their drafts), for
+        # finish_step to return in order, and the last collected step's proposals by request.
+        self._finished: deque[ModelRunnerOutput] = deque()
+        self._proposed: dict[str, list[int]] = {}
         # Set by calculate_kv_scales: the next step runs eagerly, its attention layers measuring the scales.
         self.kv_scales_pending = False
 
@@ -166,23 +175,21 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepInfo:
         """Queues the step's forward pass and returns at once; sample_tokens() queues its sampling."""
         assert self._unsampled is None, "the previous step was not sampled"
+        while self.proposer is not None and self._sampled:  # async scheduling: this step's drafts come from it
+            self._finished.append(self._collect(self._sampled.popleft()))
         update_states(self.batch, self.states, scheduler_output, self.device)
         if isinstance(self.proposer, DraftModelProposer):
             for req_id in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
                 self.proposer.forget(req_id)
-        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
-        for req_id, drafts in spec_tokens.items():  # after the last token, where the inputs are read from
-            row = self.batch.index[req_id]
-            self.batch.token_ids[row, self.batch.num_tokens[row]:self.batch.num_tokens[row] + len(drafts)] = drafts
+        spec_tokens, num_scheduled_tokens = self._place_drafts(scheduler_output)
         if scheduler_output.swap_out or scheduler_output.swap_in:
             self.kv_cache.copy_blocks(scheduler_output.swap_out, scheduler_output.swap_in)
         if scheduler_output.total_num_scheduled_tokens == 0:
             self._unsampled = _Launched(StepInfo([], np.zeros(0, dtype=bool)), {}, None, None)
             return self._unsampled.info
         batch = self.batch
-        rows = np.array(sorted(batch.index[r] for r in scheduler_output.num_scheduled_tokens), dtype=np.int64)
-        num_scheduled = np.array([scheduler_output.num_scheduled_tokens[batch.req_ids[r]] for r in rows],
-                                 dtype=np.int64)
+        rows = np.array(sorted(batch.index[r] for r in num_scheduled_tokens), dtype=np.int64)
+        num_scheduled = np.array([num_scheduled_tokens[batch.req_ids[r]] for r in rows], dtype=np.int64)
         if num_scheduled.max() > 1 and (num_scheduled == 1).any():  # one-token requests first (num_decodes)
             order = np.argsort(num_scheduled > 1, kind="stable")
             rows, num_scheduled = rows[order], num_scheduled[order]
@@ -206,8 +213,10 @@ class ModelRunner:
         with step_timer.phase("prepare"):
             if self.inputs_copied is not None:
                 self.inputs_copied.synchronize()
+            # With speculation every token is on the host by now (the step in flight was collected above).
+            in_flight = None if self.proposer is not None else self.last_sampled
             attn_metadata = self.inputs.prepare(batch, rows, num_scheduled, padded_reqs, padded_tokens,
-                                                self.last_sampled, self.last_sampled_index)
+                                                in_flight, self.last_sampled_index)
             sampling_metadata = self.sampling_inputs.build(batch, rows)
             if graph_size is None:
                 logits_indices = self.inputs.stage_logits_indices(num_reqs, num_drafts)
@@ -248,6 +257,29 @@ class ModelRunner:
             self._unsampled.draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64).to(self.device,
                                                                                             non_blocking=True)
         return self._unsampled.info
+
+    def _place_drafts(self, scheduler_output: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Writes each request's drafts after its last token (where the inputs are read from) and returns them
+        with the step's token counts. With async scheduling the scheduler counted the drafts of the step
+        collected at this one's start as all accepted: a request resumes from its true length, the token
+        that step sampled last (every token is on the host now), and its placeholder drafts become the
+        proposals of that step, as many as fit the slots reserved."""
+        spec_tokens, num_scheduled_tokens = {}, scheduler_output.num_scheduled_tokens
+        batch = self.batch
+        if self.proposer is not None and num_scheduled_tokens:
+            rows = np.fromiter((batch.index[r] for r in num_scheduled_tokens), np.int64, len(num_scheduled_tokens))
+            batch.num_computed_tokens[rows] = np.minimum(batch.num_computed_tokens[rows], batch.num_tokens[rows] - 1)
+        for req_id, drafts in scheduler_output.scheduled_spec_decode_tokens.items():
+            row = batch.index[req_id]
+            if drafts[0] == DRAFT_PLACEHOLDER:
+                if num_scheduled_tokens is scheduler_output.num_scheduled_tokens:
+                    num_scheduled_tokens = dict(num_scheduled_tokens)
+                drafts = self._proposed.get(req_id, [])[:len(drafts)]
+                num_scheduled_tokens[req_id] = 1 + len(drafts)
+            if drafts:
+                batch.token_ids[row, batch.num_tokens[row]:batch.num_tokens[row] + len(drafts)] = drafts
+                spec_tokens[req_id] = drafts
+        return spec_tokens, num_scheduled_tokens
 
     def _keep_hidden(self, rows: np.ndarray, num_scheduled: np.ndarray, hidden_states: torch.Tensor) -> None:
         """Hands the EAGLE head the target's hidden states of this step's rows (batch rows `rows`, in order)."""
@@ -342,10 +374,13 @@ class ModelRunner:
         return out
 
     def finish_step(self) -> ModelRunnerOutput:
-        """Waits for the oldest sampled step's tokens and records them in the batch (rows may have moved
-        since); requests whose prompt is not yet fully computed discard their sample. With speculative
-        decoding, then proposes each request's drafts for its next step."""
-        launched = self._sampled.popleft()
+        """The oldest sampled step's output (see _collect), collected now or already by execute_model."""
+        return self._finished.popleft() if self._finished else self._collect(self._sampled.popleft())
+
+    def _collect(self, launched: _Launched) -> ModelRunnerOutput:
+        """Waits for a sampled step's tokens and records them in the batch (rows may have moved since);
+        requests whose prompt is not yet fully computed discard their sample. With speculative decoding, then
+        proposes each request's drafts for its next step."""
         if not launched.info.req_ids:
             return ModelRunnerOutput([], [], [])
         host = launched.host
@@ -363,9 +398,13 @@ class ModelRunner:
             output = collect_sampled(self.batch, self.states, launched.info.req_ids, launched.info.samples, sampled,
                                      logprob_lists, launched.prompt_logprobs, record=not self.pipelined,
                                      logprob_starts=starts)
+            if self.proposer is not None:
+                output.num_draft_tokens = launched.num_drafts.tolist() if launched.num_drafts is not None \
+                    else [0] * len(launched.info.req_ids)
         if self.proposer is not None:
             with step_timer.phase("propose"):
                 output.spec_token_ids = self._propose(output)
+                self._proposed = dict(zip(output.req_ids, output.spec_token_ids))
         return output
 
     def _propose(self, output: ModelRunnerOutput) -> list[list[int]]:
