@@ -14,12 +14,14 @@ plain run's tokens)."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
+from test_spec_engine import generate as generate_checked
 
 from tokenmill import LLM, SamplingParams
 
@@ -104,15 +106,24 @@ def write_head(path, eagle3: bool, weights: dict, pickled: bool = False, **confi
     return str(path)
 
 
-def generate(model: str, spec: dict | None, prompts, params, **kwargs):
-    llm = LLM(model, dtype="float32", speculative_config=spec,
-              **{"max_model_len": 256, "kv_cache_memory_bytes": 16 << 20, **kwargs})
-    try:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        llm.llm_engine.core.scheduler.check_integrity()
-        return outputs, llm.get_metrics()
-    finally:
-        llm.llm_engine.shutdown()
+generate = functools.partial(generate_checked, max_model_len=256, kv_cache_memory_bytes=16 << 20)
+
+
+def first_proposals(monkeypatch) -> dict[str, list[int]]:
+    """Each request's first drafts, recorded as the runner proposes them (filled while the engine runs)."""
+    from tokenmill.worker.model_runner import ModelRunner
+
+    proposed: dict[str, list[int]] = {}
+    propose = ModelRunner._propose
+
+    def spy(runner, output):
+        found = propose(runner, output)
+        for req_id, drafts in zip(output.req_ids, found):
+            proposed.setdefault(req_id, drafts)
+        return found
+
+    monkeypatch.setattr(ModelRunner, "_propose", spy)
+    return proposed
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
@@ -193,21 +204,10 @@ def test_proposals_equal_a_float64_reference_of_the_head(method, target, tmp_pat
     """The first proposals after each prompt (a random head, k = 3) are the reference head's argmax chain over
     HF's float64 run of the target: its final hidden state (EAGLE-1, its head a pytorch_model.bin) or the inputs
     of layers 2, 4, 5."""
-    from tokenmill.worker.model_runner import ModelRunner
-
     eagle3, k = method == "eagle3", 3
     weights = head_weights(eagle3, seed=7)
     head = write_head(tmp_path / method, eagle3, weights, pickled=not eagle3)
-    proposed: dict[str, list[int]] = {}
-    propose = ModelRunner._propose
-
-    def spy(runner, output):
-        found = propose(runner, output)
-        for req_id, drafts in zip(output.req_ids, found):
-            proposed.setdefault(req_id, drafts)
-        return found
-
-    monkeypatch.setattr(ModelRunner, "_propose", spy)
+    proposed = first_proposals(monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     outputs, _ = generate(target, {"method": method, "model": head, "num_speculative_tokens": k}, PROMPTS, params)
     hf = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)

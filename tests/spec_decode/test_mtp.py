@@ -22,7 +22,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_eagle import GREEDY, PROMPTS, generate, rms_norm
+from test_eagle import GREEDY, PROMPTS, first_proposals, generate, rms_norm
 
 from tokenmill import LLM, SamplingParams
 
@@ -117,19 +117,8 @@ def mtp_chain(w, layer, rotary, tokens, features, k):
 def test_proposals_equal_a_float64_reference_of_the_module(checkpoints, monkeypatch):
     """The first proposals after each prompt (k = 3) are the reference module's argmax chain over HF's float64
     run of the target (its output after the final norm)."""
-    from tokenmill.worker.model_runner import ModelRunner
-
     k = 3
-    proposed: dict[str, list[int]] = {}
-    propose = ModelRunner._propose
-
-    def spy(runner, output):
-        found = propose(runner, output)
-        for req_id, drafts in zip(output.req_ids, found):
-            proposed.setdefault(req_id, drafts)
-        return found
-
-    monkeypatch.setattr(ModelRunner, "_propose", spy)
+    proposed = first_proposals(monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     outputs, _ = generate(checkpoints["random"], {"method": "mtp", "num_speculative_tokens": k}, PROMPTS, params)
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["full"], dtype=torch.float64,
