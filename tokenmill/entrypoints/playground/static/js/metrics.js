@@ -62,7 +62,7 @@ export function mountMetrics(root, isActive) {
     const seconds = (v) => `${Math.round(v)}s`;
     charts.replaceChildren(
       lineChart("Requests", [{name: "running", points: series("running")}, {name: "waiting",
-        points: series("waiting")}], {yMax: 1, yFormat: (v) => `${+v.toFixed(1)}`, xFormat: seconds}),
+        points: series("waiting")}], {yMax: 2, xFormat: seconds}),
       lineChart("KV cache usage (%)", [{name: "KV used", points: series("kv")}], {yMax: 10, xFormat: seconds}),
       lineChart("Prefix cache hit rate (%)", [{name: "hits / queried tokens", points: series("hitRate")}],
         {yMax: 100, xFormat: seconds}),
