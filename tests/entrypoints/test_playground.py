@@ -25,11 +25,13 @@ import httpx
 import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 API_KEY = "playground-key"
+KEY_STORAGE = "tokenmill-api-key"  # where the page keeps the key (static/js/api.js)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WAIT_S = 300  # a generous bound: a loaded 2-core machine decodes at a few tokens per second
 SCREENSHOTS = os.environ.get("TOKENMILL_PLAYGROUND_SCREENSHOTS")
@@ -66,8 +68,15 @@ def browser(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server):
-    """The browser, on the playground; afterwards its console must hold no errors but those the test expects
-    (`page.expected_errors`: substrings)."""
+    """The browser, on the playground with the key given (opened here if no test before did, so each test also
+    runs alone); afterwards its console must hold no errors but those the test expects (`page.expected_errors`:
+    substrings)."""
+    if not browser.current_url.startswith(server.url):
+        browser.get(f"{server.url}/playground/")
+        browser.execute_script(f"sessionStorage.setItem({KEY_STORAGE!r}, arguments[0])", API_KEY)
+        browser.refresh()
+        wait_for(browser, lambda d: d.find_element(By.ID, "model-name").text.strip())
+        browser.get_log("browser")  # the first load's 401s, before the key was stored
     browser.expected_errors = []
     yield browser
     errors = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
@@ -76,7 +85,10 @@ def page(browser, server):
 
 
 def wait_for(driver, condition, timeout: float = WAIT_S, message: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d), message)
+    """condition(driver)'s first truthy value; an element the page redrew meanwhile (the metrics charts are
+    redrawn every second) counts as not yet."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+                         ).until(lambda d: condition(d), message)
 
 
 def screenshot(driver, name: str) -> None:
@@ -151,6 +163,8 @@ def test_root_redirects_and_assets_are_served_by_the_package(server):
 
 def test_api_key_prompt(page, server):
     page.get(f"{server.url}/")
+    page.execute_script("sessionStorage.clear()")  # no key yet
+    page.refresh()
     page.expected_errors = ["401"]  # the first /v1/models and /metrics calls, before the key
     dialog = wait_for(page, lambda d: d.find_element(By.ID, "key-dialog").is_displayed()
                       and d.find_element(By.ID, "key-dialog"))
@@ -319,10 +333,12 @@ def test_completions_logprobs_hover(page, server):
 
 def test_metrics_charts_draw(page, server):
     open_tab(page, "metrics")
-    charts = wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#metrics-charts svg.chart")) == 4
-                      and d.find_elements(By.CSS_SELECTOR, "#metrics-charts svg.chart"))
-    assert [c.get_attribute("aria-label") for c in charts] == [
-        "Requests", "KV cache usage (%)", "Prefix cache hit rate (%)", "Throughput (tokens/s)"]
+    def chart_labels(driver) -> list[str] | None:
+        labels = [c.get_attribute("aria-label") for c in driver.find_elements(By.CSS_SELECTOR, "#metrics-charts svg")]
+        return labels if len(labels) == 4 else None
+
+    labels = wait_for(page, chart_labels)
+    assert labels == ["Requests", "KV cache usage (%)", "Prefix cache hit rate (%)", "Throughput (tokens/s)"]
     # after two reads every chart has a line
     wait_for(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#metrics-charts path.series")) == 6)
     # a request the page did not send shows up in the running count and the generation throughput
