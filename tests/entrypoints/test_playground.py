@@ -180,9 +180,10 @@ def test_api_key_prompt(page, server):
 
 def test_markdown_renders_code_and_escapes_model_text(page):
     """A model's text never becomes markup: the rendered DOM holds its characters, code fences become
-    highlighted <pre> blocks whose text is the code itself."""
+    highlighted <pre> blocks whose text is the code itself, and a GFM table a <table> of its cells."""
     code = 'def f(x):\n    return "<b>" + x  # done'
-    answer = f"**Hi** <img src=x onerror=alert(1)> and `a<b`\n\n```python\n{code}\n```\n- one\n- two"
+    answer = (f"**Hi** <img src=x onerror=alert(1)> and `a<b`\n\n```python\n{code}\n```\n- one\n- two\n\n"
+              "| name | value |\n|:---|---:|\n| `x<y` | **1** |\n| z | 2 |")
     rendered = page.execute_async_script("""
         const [text, done] = arguments;
         import("/playground/static/js/markdown.js").then((m) => {
@@ -191,11 +192,14 @@ def test_markdown_renders_code_and_escapes_model_text(page):
           done({images: box.querySelectorAll("img").length, strong: box.querySelector("strong")?.textContent,
                 inlineCode: box.querySelector("p code")?.textContent, code: box.querySelector("pre code")?.textContent,
                 keywords: [...box.querySelectorAll("pre .tok-kw")].map((e) => e.textContent),
-                items: [...box.querySelectorAll("li")].map((e) => e.textContent), text: box.textContent});
+                items: [...box.querySelectorAll("li")].map((e) => e.textContent), text: box.textContent,
+                table: [...box.querySelectorAll("table tr")].map((r) => [...r.children].map((c) => c.tagName + ":"
+                                                                                              + c.textContent))});
         });""", answer)
     assert rendered["images"] == 0 and "<img src=x onerror=alert(1)>" in rendered["text"]
     assert (rendered["strong"], rendered["inlineCode"], rendered["code"]) == ("Hi", "a<b", code)
     assert rendered["keywords"] == ["def", "return"] and rendered["items"] == ["one", "two"]
+    assert rendered["table"] == [["TH:name", "TH:value"], ["TD:x<y", "TD:1"], ["TD:z", "TD:2"]]
 
 
 def test_chat_streams_token_by_token(page, server):

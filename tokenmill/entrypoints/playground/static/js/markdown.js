@@ -1,5 +1,6 @@
-// A small Markdown renderer for model answers: fenced code (highlighted), headings, lists, block quotes,
-// paragraphs, and inline code, bold, italics and http(s) links. Every piece of text is escaped first, so
+// A small Markdown renderer for model answers: fenced code (highlighted), headings, lists (nested items
+// flattened into their list), tables (GFM: a header row, a |---| row, body rows), block quotes, paragraphs,
+// and inline code, bold, italics and http(s) links. Every piece of text is escaped first, so
 // nothing a model writes becomes markup of its own. An unclosed fence (a stream still coming) renders as code.
 
 import {escapeHtml} from "./dom.js";
@@ -15,6 +16,12 @@ function inline(text) {
     .replace(/(^|[^*\w])\*([^*\s][^*]*)\*/g, "$1<em>$2</em>")
     .replace(/\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g, '<a href="$2" target="_blank" rel="noopener">$1</a>');
   return html.replace(/\u0000(\d+)\u0000/g, (_, i) => codes[Number(i)]);
+}
+
+const TABLE_RULE = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;  // |---|:--:|
+
+function cells(line) {
+  return line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((cell) => inline(cell.trim()));
 }
 
 export function renderMarkdown(text) {
@@ -39,6 +46,17 @@ export function renderMarkdown(text) {
       for (i++; i < lines.length && !/^\s*```/.test(lines[i]); i++) code.push(lines[i]);
       const language = fence[1] || "";
       out.push(`<pre><code class="language-${escapeHtml(language)}">${highlight(code.join("\n"), language)}</code></pre>`);
+      continue;
+    }
+    if (line.trim().startsWith("|") && TABLE_RULE.test(lines[i + 1] || "")) {
+      flush();
+      const head = cells(line).map((cell) => `<th>${cell}</th>`).join("");
+      const rows = [];
+      for (i += 2; i < lines.length && lines[i].trim().startsWith("|"); i++) {
+        rows.push(`<tr>${cells(lines[i]).map((cell) => `<td>${cell}</td>`).join("")}</tr>`);
+      }
+      i--;
+      out.push(`<table><thead><tr>${head}</tr></thead><tbody>${rows.join("")}</tbody></table>`);
       continue;
     }
     const heading = line.match(/^(#{1,6})\s+(.*)$/);
