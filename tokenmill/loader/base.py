@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tokenmill.source import ModelSource
 
@@ -40,3 +44,38 @@ class CheckpointLoader(WeightLoader):
         if missing:
             raise ValueError(f"checkpoint {self.source.path!r} lacks weights for {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}")
+
+
+class ShardedCheckpointLoader(CheckpointLoader):
+    """Files of one kind in a HF directory: the shards an index's weight_map names, else every file matching
+    `patterns`; `file_tensors(path)` reads one file's (name, tensor) pairs."""
+
+    index_name: str
+    patterns: tuple[str, ...]
+    kind: str  # for messages and the progress bar
+
+    @staticmethod
+    @abstractmethod
+    def file_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """One file's tensors, as stored."""
+
+    def files(self) -> list[str]:
+        model_dir = self.source.path
+        index = os.path.join(model_dir, self.index_name)
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted({os.path.join(model_dir, name) for name in json.load(f)["weight_map"].values()})
+        else:
+            files = sorted(path for pattern in self.patterns for path in glob.glob(os.path.join(model_dir, pattern)))
+        if not files:
+            raise FileNotFoundError(f"no {self.kind} weights in {model_dir!r} (use load_format='dummy' for "
+                                    "random weights)")
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"shards named in the index are missing: {missing}")
+        return files
+
+    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        files = self.files()
+        for path in tqdm(files, desc=f"Loading {self.kind} shards", disable=len(files) == 1 and None):
+            yield from self.file_tensors(path)

@@ -5,30 +5,11 @@ hold nothing but tensors and plain containers (no code runs), and a page is read
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
-from tokenmill.loader.base import CheckpointLoader
-
-INDEX = "pytorch_model.bin.index.json"
-
-
-def pt_files(model_dir: str) -> list[str]:
-    index = os.path.join(model_dir, INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted({os.path.join(model_dir, name) for name in json.load(f)["weight_map"].values()})
-    else:
-        files = sorted(glob.glob(os.path.join(model_dir, "*.bin")) + glob.glob(os.path.join(model_dir, "*.pt")))
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        raise FileNotFoundError(f"shards named in the index are missing: {missing}")
-    return files
+from tokenmill.loader.base import ShardedCheckpointLoader
 
 
 def pt_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -43,10 +24,7 @@ def pt_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-class PtLoader(CheckpointLoader):
+class PtLoader(ShardedCheckpointLoader):
     source_formats = ("pt",)
-
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        files = pt_files(self.source.path)
-        for path in tqdm(files, desc="Loading PyTorch checkpoint shards", disable=len(files) == 1 and None):
-            yield from pt_tensors(path)
+    index_name, patterns, kind = "pytorch_model.bin.index.json", ("*.bin", "*.pt"), "PyTorch checkpoint"
+    file_tensors = staticmethod(pt_tensors)

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import mmap
 import os
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
-from tokenmill.loader.base import CheckpointLoader
-
-
-def safetensors_files(model_dir: str) -> list[str]:
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted({os.path.join(model_dir, name) for name in weight_map.values()})
-    else:
-        files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir!r} (use load_format='dummy' for "
-                                "random weights)")
-    missing = [f for f in files if not os.path.exists(f)]
-    if missing:
-        raise FileNotFoundError(f"shards named in the index are missing: {missing}")
-    return files
-
+from tokenmill.loader.base import ShardedCheckpointLoader
 
 # safetensors' dtype names
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,10 +38,7 @@ def mapped_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, flat.view(entry["shape"])
 
 
-class SafetensorsLoader(CheckpointLoader):
+class SafetensorsLoader(ShardedCheckpointLoader):
     source_formats = ("safetensors",)
-
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        files = safetensors_files(self.source.path)
-        for path in tqdm(files, desc="Loading safetensors shards", disable=len(files) == 1 and None):
-            yield from mapped_tensors(path)
+    index_name, patterns, kind = "model.safetensors.index.json", ("*.safetensors",), "safetensors"
+    file_tensors = staticmethod(mapped_tensors)
