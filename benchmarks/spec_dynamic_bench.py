@@ -4,7 +4,8 @@ decoding without speculation, with n-gram (k = 3), and with n-gram under the acc
 and on prompts whose continuations do not, after a warm-up generate; the acceptance rate is printed beside
 the speed. The configurations are measured in turn, round after round, and each one's median is reported.
 
-    OMP_NUM_THREADS=1 python benchmarks/spec_dynamic_bench.py --max-tokens 48 --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/spec_dynamic_bench.py --max-tokens 48 --rounds 3 \
+        --output-json benchmarks/results/cpu-<date>/spec_dynamic.json
 
 Run from the repository root. On a shared CPU, one thread: with two, a busy neighbour made the same run swing
 between 3 and 33 tok/s. Compare figures of one run only.
@@ -21,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenmill import LLM, SamplingParams  # noqa: E402
+from tokenmill.entrypoints.cli.bench.common import base_record, write_records  # noqa: E402
 
 REPEATING = [
     "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n    return a * b\n\ndef",
@@ -46,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     engines = {name: LLM(speculative_config=spec, max_model_len=512) for name, spec in CONFIGS.items()}
@@ -65,11 +68,18 @@ def main() -> None:
                     sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
                 counts[name, prompts_name] = tuple(after[key] - before[key] for key in (
                     "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"))
+    results = []
     for (name, prompts_name), values in speeds.items():
         drafts, accepted = counts[name, prompts_name]
         rate = f"{accepted / drafts:.2f}" if drafts else "-"
         print(f"{name:13s} {prompts_name:10s} median {statistics.median(values):6.1f} tok/s "
               f"(of {', '.join(f'{v:.1f}' for v in values)})  drafts {drafts:4d}  acceptance {rate}")
+        results.append({"config": name, "prompts": prompts_name, "median_tok_s": statistics.median(values),
+                        "rounds_tok_s": values, "draft_tokens": drafts, "accepted_tokens": accepted})
+    write_records({"workload": "spec-dynamic-draft-length", "model": "SmolLM2-135M-Instruct (embedded)",
+                   "configs": CONFIGS, "results": results, "peer": "the same engine without speculation",
+                   **base_record(), "command": "python benchmarks/spec_dynamic_bench.py " + " ".join(sys.argv[1:])},
+                  args.output_json)
 
 
 if __name__ == "__main__":
