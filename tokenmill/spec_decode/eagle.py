@@ -107,12 +107,15 @@ class EagleProposer(DraftModelProposer):
         compute them all; EAGLE-3 reads earlier layers'."""
         return not self.eagle3
 
+    def features(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the head reads of a target forward pass that returned hidden_states: those (the target's output)
+        or, for EAGLE-3, the aux hidden states the pass kept, side by side."""
+        return torch.cat(self.target.model.aux_hidden_states, dim=-1) if self.eagle3 else hidden_states
+
     def keep_hidden(self, req_ids: list[str], first_positions: np.ndarray, counts: np.ndarray,
-                    hidden_states: torch.Tensor) -> None:
+                    features: torch.Tensor) -> None:
         """After a target forward pass over requests req_ids, counts[i] rows each from position
-        first_positions[i], in that order: keeps the rows' hidden states (the target's output) or aux hidden
-        states for the head."""
-        features = torch.cat(self.target.model.aux_hidden_states, dim=-1) if self.eagle3 else hidden_states
+        first_positions[i], in that order: keeps the rows of its features() for the head."""
         offset = 0
         for req_id, first, count in zip(req_ids, first_positions.tolist(), counts.tolist()):
             rows = features[offset:offset + count]

@@ -5,7 +5,9 @@ into one memory pool (shared by both kinds):
   eagerly, on the real rows only;
 - small mixed steps (prefill chunks, prefix-cache hits, chunks with decodes), by token count: the model
   forward only; the LM head and sampling run eagerly on each request's last row. Without a graph such
-  a step costs more host time to launch (hundreds of kernels) than device time to run.
+  a step costs more host time to launch (hundreds of kernels) than device time to run. With an EAGLE head
+  (or MTP) they also return what the head reads (spec_decode/eagle.py's features), and the head's target
+  runs every step, decode-only ones too, in them: the decode graphs return logits only.
 
 A step is padded with tokens that belong to no request (slot -1) and requests with no tokens.
 """
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenmill.forward_context import set_forward_context
+from tokenmill.spec_decode.eagle import EagleProposer
 
 if TYPE_CHECKING:
     from tokenmill.worker.model_runner import ModelRunner
@@ -111,5 +114,11 @@ def capture_model_graphs(runner: ModelRunner) -> float:
     if graphs.sizes:
         seconds += graphs.capture(lambda n: runner.model.compute_logits(forward(n, n, 1)))
     if mixed.sizes:
-        seconds += mixed.capture(lambda n: forward(n, mixed_num_reqs(n, runner.max_num_reqs), n), pool=graphs.pool)
+        def mixed_forward(n: int):
+            hidden_states = forward(n, mixed_num_reqs(n, runner.max_num_reqs), n)
+            if isinstance(runner.proposer, EagleProposer):  # its head reads these too
+                return hidden_states, runner.proposer.features(hidden_states)
+            return hidden_states
+
+        seconds += mixed.capture(mixed_forward, pool=graphs.pool)
     return seconds

@@ -29,8 +29,8 @@ drafts: execute_model() first collects the step in flight (waits for its tokens,
 finish_step() later returns that output), then resumes each request from its true length and puts the new
 proposals in the placeholders' place (_place_drafts). The device waits for the host while a step's inputs are
 prepared, but the scheduling, the update and the output processing of the engine overlap its work. An EAGLE or
-MTP head also reads the target's hidden states of each step's rows, handed over after the forward pass (such
-steps run eagerly: the CUDA graphs return logits only).
+MTP head also reads the target's hidden states of each step's rows, handed over after the forward pass (such a
+target's steps replay the mixed-step graphs, which return them; the decode graphs return logits only).
 
 Pipeline stages (micro-batches in flight, each of other requests): every stage executes each step, the
 hidden states passing from stage to stage; sample_tokens() on the last stage samples, waits for the tokens
@@ -139,10 +139,11 @@ class ModelRunner:
         # The last sampled step's tokens on the device, and each request's row there (async scheduling).
         self.last_sampled: torch.Tensor | None = None
         self.last_sampled_index: dict[str, int] = {}
-        # An EAGLE head reads the target's hidden states of every row, which the graphs do not return.
-        use_graphs = device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs \
-            and not isinstance(self.proposer, EagleProposer)
-        self.graphs = CudaGraphs("decode", capture_sizes(self.max_num_reqs) if use_graphs else [])
+        use_graphs = device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs
+        # An EAGLE head reads the target's hidden states of every row, which the decode graphs do not return:
+        # its steps, decode-only ones too, replay the mixed graphs, which return them.
+        decode_graphs = use_graphs and not isinstance(self.proposer, EagleProposer)
+        self.graphs = CudaGraphs("decode", capture_sizes(self.max_num_reqs) if decode_graphs else [])
         self.mixed_graphs = CudaGraphs("mixed", mixed_capture_sizes(self.max_num_tokens) if use_graphs else [])
         self._unsampled: _Launched | None = None
         self._sampled: deque[_Launched] = deque()
@@ -202,7 +203,8 @@ class ModelRunner:
         decode_only = num_tokens == num_reqs and bool(
             (batch.num_computed_tokens[rows] >= batch.num_prompt_tokens[rows] - 1).all())
         graph_size = self.graphs.padded_size(num_reqs) if decode_only and not self.kv_scales_pending else None
-        mixed_size = None if decode_only or self.kv_scales_pending else self.mixed_graphs.padded_size(num_tokens)
+        mixed_size = None if graph_size is not None or self.kv_scales_pending \
+            else self.mixed_graphs.padded_size(num_tokens)
         self.kv_scales_pending = False
         if graph_size is not None:
             padded_reqs = padded_tokens = graph_size
@@ -232,6 +234,10 @@ class ModelRunner:
                 logits_rows, logits_metadata = None, None
                 if mixed_size is not None:
                     hidden_states = self.mixed_graphs.replay(mixed_size)
+                    if isinstance(self.proposer, EagleProposer):  # (hidden states, the head's features)
+                        hidden_states, features = hidden_states
+                        # the graph's output buffers are overwritten by its next replay
+                        self._keep_hidden(rows, num_scheduled, features[:num_tokens].clone())
                 else:
                     logits_rows, logits_metadata = (None, None) if num_drafts is not None else \
                         self._logits_only(rows, attn_metadata, logits_indices)
@@ -239,7 +245,7 @@ class ModelRunner:
                         hidden_states = self.model(self.inputs.input_ids.gpu[:num_tokens],
                                                    self.inputs.positions.gpu[:num_tokens])
                     if isinstance(self.proposer, EagleProposer):
-                        self._keep_hidden(rows, num_scheduled, hidden_states)
+                        self._keep_hidden(rows, num_scheduled, self.proposer.features(hidden_states))
                 if hidden_states is None:  # a pipeline stage before the last: the last samples
                     logits = None
                 else:
@@ -281,11 +287,11 @@ class ModelRunner:
                 spec_tokens[req_id] = drafts
         return spec_tokens, num_scheduled_tokens
 
-    def _keep_hidden(self, rows: np.ndarray, num_scheduled: np.ndarray, hidden_states: torch.Tensor) -> None:
-        """Hands the EAGLE head the target's hidden states of this step's rows (batch rows `rows`, in order)."""
+    def _keep_hidden(self, rows: np.ndarray, num_scheduled: np.ndarray, features: torch.Tensor) -> None:
+        """Hands the EAGLE head what it reads of this step's rows (batch rows `rows`, in order)."""
         batch = self.batch
         self.proposer.keep_hidden([batch.req_ids[r] for r in rows.tolist()], batch.num_computed_tokens[rows],
-                                  num_scheduled, hidden_states)
+                                  num_scheduled, features)
 
     def _logits_only(self, rows: np.ndarray, metadata: AttentionMetadata, logits_indices: torch.Tensor
                      ) -> tuple[torch.Tensor | None, AttentionMetadata | None]:
