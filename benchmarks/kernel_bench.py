@@ -3,6 +3,7 @@
     python benchmarks/kernel_bench.py            # check + time, about half a minute on an H100 or H200
     python benchmarks/kernel_bench.py --tune     # also sweep tile settings (slower)
     python benchmarks/kernel_bench.py --fp8      # an e4m3 KV cache, then the FP8 GEMMs of Llama-3.1-8B
+    python benchmarks/kernel_bench.py --moe      # only the fused MoE experts at three models' shapes
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16; block ids shuffled across a
 cache with twice the blocks needed. Decode rows are timed eagerly with triton.testing.do_bench (median,
@@ -17,6 +18,12 @@ keys, so the peer reads twice the bytes), and a second table times the FP8 linea
 shapes (per-channel weights, as `--quantization fp8` makes them) against bf16 cuBLAS: batch 1 through the FP8
 GEMV, 2-64 rows through fp8_small_m (floor: weight bytes / bandwidth), larger batches through torch._scaled_mm
 with per-token activation quantization included (floor: FLOPs / twice the bf16 rate).
+
+With --moe, the experts of one MoE layer (fused_moe_triton.fused_experts: routing sort, two grouped GEMMs, the
+activation, the sum over slots) of Qwen3-30B-A3B, GPT-OSS-20B and DeepSeek-V2-Lite, bf16, random routing, at
+1 to 4,096 tokens in a CUDA graph, against a float64 per-expert loop; the floor is the larger of the bytes of the
+experts the tokens touch (read once) / bandwidth and the FLOPs / the bf16 rate. The routing sort alone is
+timed beside it.
 """
 
 from __future__ import annotations
@@ -195,10 +202,50 @@ def fp8_gemm_rows(copy_bw: float) -> None:
                   f"{flops / ms / 1e9:8.1f} {floor_ms:9.4f} {ms / floor_ms:8.2f}")  # fmt: skip
 
 
+MOE_SHAPES = [("qwen3-30b-a3b", 128, 8, 2048, 768), ("gpt-oss-20b", 32, 4, 2880, 2880),
+              ("deepseek-v2-lite", 64, 6, 2048, 1408)]  # name, experts, top-k, hidden, expert intermediate
+
+
+def moe_rows(copy_bw: float) -> None:
+    """One MoE layer's experts (bf16) at each model's shapes and 1..4,096 tokens, against its floor."""
+    from tokenmill.layers.fused_moe import experts_loop
+    from tokenmill.layers.fused_moe_triton import fused_experts, moe_align_block_size
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"\n{'experts':18s} {'T':>5s} {'relerr':>8s} {'ms':>8s} {'align ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
+          f"{'floor ms':>9s} {'x floor':>8s}")  # fmt: skip
+    for name, num_experts, top_k, hidden, inter in MOE_SHAPES:
+        w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * 0.03).to(DTYPE)
+        w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * 0.03).to(DTYPE)
+        for tokens in (1, 8, 32, 256, 4096):
+            x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(DTYPE)
+            logits = torch.randn(tokens, num_experts, device="cuda", generator=gen)
+            topk_weights, topk_ids = logits.softmax(-1).topk(top_k, dim=-1)
+            got = fused_experts(x, w13, w2, topk_weights, topk_ids)
+            if tokens <= 32:
+                used, local_ids = topk_ids.unique(return_inverse=True)  # only the touched experts to the host
+                ref = experts_loop(x.double().cpu(), w13[used].double().cpu(), w2[used].double().cpu(),
+                                   topk_weights.double().cpu(), local_ids.cpu())
+                err = ((got.double().cpu() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"moe {name} T={tokens}: rel err {err:.2e}"
+            else:
+                err = float("nan")
+            ms = bench_graph(functools.partial(fused_experts, x, w13, w2, topk_weights, topk_ids))
+            block_m = 16 if tokens <= num_experts else 64
+            align_ms = bench_graph(functools.partial(moe_align_block_size, topk_ids, block_m, num_experts))
+            touched = int(topk_ids.unique().numel())
+            nbytes = touched * 3 * inter * hidden * 2 + tokens * hidden * 2 * 2
+            flops = 2 * tokens * top_k * 3 * inter * hidden
+            floor_ms = max(nbytes / copy_bw, flops / PEAK_FLOPS) * 1e3
+            print(f"{name:18s} {tokens:5d} {err:8.1e} {ms:8.4f} {align_ms:9.4f} {nbytes / ms / 1e6:7.0f} "
+                  f"{flops / ms / 1e9:8.1f} {floor_ms:9.4f} {ms / floor_ms:8.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true", help="sweep decode/prefill tile settings")
     parser.add_argument("--fp8", action="store_true", help="an e4m3 KV cache, then the FP8 GEMMs")
+    parser.add_argument("--moe", action="store_true", help="only the fused MoE experts")
     args = parser.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
@@ -207,6 +254,10 @@ def main() -> None:
     copy_bw = measure_copy_bandwidth()
     print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); roofline uses it and "
           f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s")  # fmt: skip
+    if args.moe:
+        moe_rows(copy_bw)
+        print(f"\n(total {time.time() - t0:.0f} s)")
+        return
 
     cases = decode_cases(args.fp8) + [
         Case("prefill 4096", [4096], [4096], fp8=args.fp8),
