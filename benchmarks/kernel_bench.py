@@ -4,6 +4,7 @@
     python benchmarks/kernel_bench.py --tune     # also sweep tile settings (slower)
     python benchmarks/kernel_bench.py --fp8      # an e4m3 KV cache, then the FP8 GEMMs of Llama-3.1-8B
     python benchmarks/kernel_bench.py --moe      # only the fused MoE experts at three models' shapes
+    python benchmarks/kernel_bench.py --moe --tune  # and their tile settings swept
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16; block ids shuffled across a
 cache with twice the blocks needed. Decode rows are timed eagerly with triton.testing.do_bench (median,
@@ -206,10 +207,20 @@ MOE_SHAPES = [("qwen3-30b-a3b", 128, 8, 2048, 768), ("gpt-oss-20b", 32, 4, 2880,
               ("deepseek-v2-lite", 64, 6, 2048, 1408)]  # name, experts, top-k, hidden, expert intermediate
 
 
-def moe_rows(copy_bw: float) -> None:
-    """One MoE layer's experts (bf16) at each model's shapes and 1..4,096 tokens, against its floor."""
+def moe_configs(tokens: int, num_experts: int) -> list:
+    """The grouped GEMM tiles --moe --tune sweeps at a step of `tokens`."""
+    from tokenmill.layers.fused_moe_triton import GemmConfig
+
+    rows = (16,) if tokens <= num_experts else (64, 128)
+    return [GemmConfig(m, n, k, w, st) for m in rows for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)
+            for st in (3, 4) if not (m == 128 and n == 128 and st == 4)]
+
+
+def moe_rows(copy_bw: float, tune: bool) -> None:
+    """One MoE layer's experts (bf16) at each model's shapes and 1..4,096 tokens, against its floor; with
+    `tune`, each tile setting of moe_configs, the best printed beside the default."""
     from tokenmill.layers.fused_moe import experts_loop
-    from tokenmill.layers.fused_moe_triton import fused_experts, moe_align_block_size
+    from tokenmill.layers.fused_moe_triton import fused_experts, gemm_config, moe_align_block_size
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"\n{'experts':18s} {'T':>5s} {'relerr':>8s} {'ms':>8s} {'align ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
@@ -239,6 +250,12 @@ def moe_rows(copy_bw: float) -> None:
             floor_ms = max(nbytes / copy_bw, flops / PEAK_FLOPS) * 1e3
             print(f"{name:18s} {tokens:5d} {err:8.1e} {ms:8.4f} {align_ms:9.4f} {nbytes / ms / 1e6:7.0f} "
                   f"{flops / ms / 1e9:8.1f} {floor_ms:9.4f} {ms / floor_ms:8.2f}")  # fmt: skip
+            if tune:
+                timed = sorted((bench_graph(functools.partial(fused_experts, x, w13, w2, topk_weights, topk_ids,
+                                                              config)), config)
+                               for config in moe_configs(tokens, num_experts))
+                print(f"    default {gemm_config(tokens, num_experts)}: {ms:.4f} ms; best: "
+                      + "; ".join(f"{c} {t:.4f} ms" for t, c in timed[:3]))
 
 
 def main() -> None:
@@ -255,7 +272,7 @@ def main() -> None:
     print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); roofline uses it and "
           f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s")  # fmt: skip
     if args.moe:
-        moe_rows(copy_bw)
+        moe_rows(copy_bw, args.tune)
         print(f"\n(total {time.time() - t0:.0f} s)")
         return
 

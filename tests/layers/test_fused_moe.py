@@ -43,6 +43,12 @@ def random_experts(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.T
     return w13.to(DEVICE, dtype), w2.to(DEVICE, dtype)
 
 
+def sixteen_row_blocks():
+    from tokenmill.layers.fused_moe_triton import GemmConfig
+
+    return GemmConfig(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("num_tokens", [1, 5, 17, 40])
@@ -54,7 +60,7 @@ def test_grouped_gemm_kernel_matches_float64_loop(num_tokens, top_k, dtype):
     x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     router_logits = torch.randn(num_tokens, NUM_EXPERTS, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     topk_weights, topk_ids = select_experts(router_logits, top_k, renormalize=top_k > 1)
-    out = fused_experts(x, w13, w2, topk_weights, topk_ids, block_m=16)
+    out = fused_experts(x, w13, w2, topk_weights, topk_ids, config=sixteen_row_blocks())
     assert out.shape == (num_tokens, HIDDEN) and out.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.double().cpu(), reference(x, w13, w2, topk_weights, topk_ids),
@@ -114,7 +120,7 @@ def test_biases_and_clamped_swiglu_match_float64_loop(num_tokens, dtype):
     gate_up = torch.stack([w13[e].double().cpu() @ x.double().cpu().T for e in range(NUM_EXPERTS)])
     assert (gate_up.abs() > 7).float().mean() > 0.05  # the clamps matter
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    out = fused_experts(x, w13, w2, topk_weights, topk_ids, block_m=16, w13_bias=b13, w2_bias=b2,
+    out = fused_experts(x, w13, w2, topk_weights, topk_ids, config=sixteen_row_blocks(), w13_bias=b13, w2_bias=b2,
                         activation="swigluoai")
     torch.testing.assert_close(out.double().cpu(), expected, rtol=tolerance, atol=tolerance)
     if dtype == torch.float32:
@@ -138,7 +144,7 @@ def test_expert_parallel_ranks_outputs_sum_to_the_whole_layer(ep_size, implement
     from tokenmill.layers.fused_moe_triton import fused_experts
 
     def grouped_gemm(*args) -> torch.Tensor:
-        return fused_experts(*args, block_m=16, some_held_elsewhere=True)
+        return fused_experts(*args, config=sixteen_row_blocks(), some_held_elsewhere=True)
 
     experts, device = (grouped_gemm, DEVICE) if implementation == "grouped_gemm" else (experts_loop, "cpu")
     w13, w2 = (w.to(device) for w in random_experts(torch.float32, seed=ep_size))
@@ -296,7 +302,7 @@ def test_fp8_grouped_gemm_matches_float64_loop_on_dequantized_experts(scheme, nu
     fp8 = [Fp8ExpertWeights(scale.to(DEVICE), block, rows, input_scale)
            for scale, rows in ((scale13, INTERMEDIATE), (scale2, HIDDEN))]
     out = fused_experts(x.to(DEVICE), q13.to(DEVICE), q2.to(DEVICE), topk_weights.to(DEVICE), topk_ids.to(DEVICE),
-                        block_m=16, w13_fp8=fp8[0], w2_fp8=fp8[1])
+                        config=sixteen_row_blocks(), w13_fp8=fp8[0], w2_fp8=fp8[1])
     expected = fp8_reference(x, deq13, deq2, topk_weights, topk_ids, block and block[1], static_scale)
     assert out.shape == (num_tokens, HIDDEN) and out.dtype == torch.float32
     # float32 sums under the interpreter; Hopper's FP8 MMA keeps fewer accumulator bits

@@ -66,6 +66,25 @@ class Fp8ExpertWeights:
         return quant_fp8(a, self.block_size[1] if self.block_size is not None else None)
 
 
+@dataclass(frozen=True)
+class GemmConfig:
+    """The grouped GEMM's tiles and launch: block_m rows per block (the routing's padding unit)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def gemm_config(num_tokens: int, num_experts: int) -> GemmConfig:
+    """Tiles by the step's size: while tokens are few (an expert gets about one row), 16-row blocks pad little
+    and the kernel streams weights; with many, 64-row tensor-core tiles."""
+    if num_tokens <= num_experts:
+        return GemmConfig(16, 64, 64, 4, 3)
+    return GemmConfig(64, 64, 64, 4, 3)
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] (an id of num_experts: held elsewhere) -> (sorted_pair_ids [max_rows] int32, padding
@@ -144,11 +163,11 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
 
 
 def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
-                 block_expert_ids: torch.Tensor, num_rows_padded: torch.Tensor, pairs_per_a_row: int, block_m: int,
-                 pair_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 block_expert_ids: torch.Tensor, num_rows_padded: torch.Tensor, pairs_per_a_row: int,
+                 config: GemmConfig, pair_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  fp8: Fp8ExpertWeights | None = None) -> None:
     """out[pair] = (a[pair // pairs_per_a_row] @ weight[expert of pair].T (+ bias[expert of pair]))
-    (x pair_weights[pair]), for the pairs of moe_align_block_size (its block_m). a [rows, K], weight [E, N, K],
+    (x pair_weights[pair]), for the pairs of moe_align_block_size (config.block_m). a [rows, K], weight [E, N, K],
     bias [E, N], out [num_pairs, N]; last dims contiguous. `fp8`: weight is e4m3 with these scales, and `a`
     is quantized here."""
     num_pairs, n = out.shape
@@ -157,7 +176,7 @@ def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorte
             or (bias is not None and (bias.shape != weight.shape[:2] or bias.stride(1) != 1)):
         raise ValueError(f"grouped_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)} and out "
                          f"{tuple(out.shape)} do not fit, or a last dim is strided")
-    block_n, block_k = 64, 64
+    block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
     scales, scale_block_n, segment_rows = NO_SCALES, 1, 1
     a_scale = b_scale = out  # (placeholders, unread)
     if fp8 is not None:
@@ -184,32 +203,31 @@ def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorte
                                segment_rows, PAIRS_PER_A_ROW=pairs_per_a_row, MUL_WEIGHT=pair_weights is not None,
                                HAS_BIAS=bias is not None, SCALES=scales, SCALE_BLOCK_N=scale_block_n,
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                               DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=4,
-                               num_stages=3)
+                               DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                               num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, block_m: int | None = None, *, w13_bias: torch.Tensor | None = None,
+                  topk_ids: torch.Tensor, config: GemmConfig | None = None, *, w13_bias: torch.Tensor | None = None,
                   w2_bias: torch.Tensor | None = None, activation: str = "silu", some_held_elsewhere: bool = False,
                   w13_fp8: Fp8ExpertWeights | None = None, w2_fp8: Fp8ExpertWeights | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] ->
-    [T, H] in x's dtype. block_m: rows per block (16 while tokens are few, so experts pad little; else 64).
+    [T, H] in x's dtype. config: the GEMMs' tiles (gemm_config's by default).
     w13_bias [E, 2I], w2_bias [E, H]: optional biases; activation: "silu" or "swigluoai" (fused_moe).
     some_held_elsewhere: ids of E may occur (expert parallelism); their pairs add nothing.
     w13_fp8 / w2_fp8: the scales of e4m3 experts."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
-    if block_m is None:
-        block_m = 16 if num_tokens <= num_experts else 64
-    sorted_pair_ids, block_expert_ids, num_rows_padded = moe_align_block_size(topk_ids, block_m, num_experts)
+    config = config or gemm_config(num_tokens, num_experts)
+    sorted_pair_ids, block_expert_ids, num_rows_padded = moe_align_block_size(topk_ids, config.block_m, num_experts)
     routing = (sorted_pair_ids, block_expert_ids, num_rows_padded)
     # No block writes the rows of pairs held elsewhere: zero, they add nothing to the sum (and the activation
     # never sees uninitialized memory).
     new_rows = torch.zeros if some_held_elsewhere else torch.empty
     gate_up = new_rows(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, block_m=block_m, bias=w13_bias, fp8=w13_fp8)
+    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, config=config, bias=w13_bias, fp8=w13_fp8)
     down = new_rows(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gated_activation(gate_up, activation)
-    grouped_gemm(hidden, w2, down, *routing, pairs_per_a_row=1, block_m=block_m,
+    grouped_gemm(hidden, w2, down, *routing, pairs_per_a_row=1, config=config,
                  pair_weights=topk_weights.flatten(), bias=w2_bias, fp8=w2_fp8)
     return down.view(num_tokens, top_k, -1).sum(dim=1)
