@@ -85,30 +85,74 @@ def gemm_config(num_tokens: int, num_experts: int) -> GemmConfig:
     return GemmConfig(64, 64, 64, 4, 3)
 
 
+ALIGN_CHUNK = 1024  # pairs per program of the routing sort's counting and scattering kernels
+
+
+@triton.jit
+def _count_pairs_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr):
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < num_pairs
+    ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+    tl.atomic_add(counts_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=mask)
+
+
+@triton.jit
+def _plan_blocks_kernel(counts_ptr, cursors_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_rows_padded_ptr,
+                        num_pairs, max_rows, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                        FILL_CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+    # Each expert's run padded to whole blocks, the pairs held elsewhere (id NUM_EXPERTS) after them unpadded;
+    # each run's first row becomes its cursor, every row the padding id, each block its expert.
+    e = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + e, mask=e <= NUM_EXPERTS, other=0)
+    runs = tl.where(e < NUM_EXPERTS, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, counts)
+    ends = tl.cumsum(runs, 0)
+    tl.store(cursors_ptr + e, ends - runs, mask=e <= NUM_EXPERTS)
+    padded_total = tl.sum(tl.where(e < NUM_EXPERTS, runs, 0), 0)
+    tl.store(num_rows_padded_ptr, padded_total)
+    for row0 in range(0, max_rows, FILL_CHUNK):
+        rows = row0 + tl.arange(0, FILL_CHUNK)
+        tl.store(sorted_pair_ids_ptr + rows, tl.full([FILL_CHUNK], 0, tl.int32) + num_pairs, mask=rows < max_rows)
+    for block0 in range(0, max_rows // BLOCK_M, BLOCK_CHUNK):
+        blocks = block0 + tl.arange(0, BLOCK_CHUNK)
+        # the block's expert: how many runs end at or before its first row (blocks past the total: the last)
+        passed = (ends[None, :] <= blocks[:, None] * BLOCK_M) & (e[None, :] < NUM_EXPERTS)
+        expert = tl.minimum(tl.sum(passed.to(tl.int32), 1), NUM_EXPERTS - 1)
+        tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < max_rows // BLOCK_M)
+
+
+@triton.jit
+def _scatter_pairs_kernel(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs, CHUNK: tl.constexpr):
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    mask = offs < num_pairs
+    ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+    rows = tl.atomic_add(cursors_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=mask)
+    tl.store(sorted_pair_ids_ptr + rows, offs, mask=mask)
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] (an id of num_experts: held elsewhere) -> (sorted_pair_ids [max_rows] int32, padding
-    rows = T * k; block_expert_ids [max_rows / block_m] int32; num_rows_padded [1], the rows in use), max_rows =
-    T * k + E * (block_m - 1) rounded up to block_m. Pairs keep their order within an expert."""
-    flat_ids = topk_ids.flatten()
+    rows = T * k; block_expert_ids [max_rows / block_m] int32; num_rows_padded [1] int32, the rows in use),
+    max_rows = T * k + E * (block_m - 1) rounded up to block_m. Four launches (counters zeroed, pairs counted
+    per expert, the blocks planned, pairs scattered to their runs' rows): the routing runs once per MoE layer
+    and step, where a sort built of torch ops took some 25 small kernels. The order of pairs within an
+    expert's run follows the atomics (each pair's row is computed alone, so outputs do not depend on it)."""
+    flat_ids = topk_ids.flatten().to(torch.int32)
     num_pairs = flat_ids.numel()
     device = flat_ids.device
     max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).index_add_(
-        0, flat_ids, torch.ones_like(flat_ids))  # not bincount: that reads the maximum back to the host
-    # Each expert's run padded to whole blocks; the pairs held elsewhere follow, unpadded and never computed.
-    run_rows = torch.cat([(counts[:-1] + block_m - 1) // block_m * block_m, counts[-1:]])
-    padded_ends = run_rows.cumsum(0)
-    padded_starts = padded_ends - run_rows
-    pairs_by_expert = flat_ids.argsort(stable=True)
-    experts_sorted = flat_ids[pairs_by_expert]
-    rank_in_expert = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[experts_sorted]
-    sorted_pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=device)
-    sorted_pair_ids[padded_starts[experts_sorted] + rank_in_expert] = pairs_by_expert.to(torch.int32)
-    block_starts = torch.arange(0, max_rows, block_m, device=device)
-    # Blocks past the padded total get a valid id; the kernel returns before using it.
-    block_expert_ids = torch.searchsorted(padded_ends[:-1], block_starts, right=True).clamp_max(num_experts - 1)
-    return sorted_pair_ids, block_expert_ids.to(torch.int32), padded_ends[-2:-1]
+    e_pad = triton.next_power_of_2(num_experts + 1)
+    counters = torch.zeros(2, e_pad, dtype=torch.int32, device=device)  # counts, then cursors
+    sorted_pair_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
+    num_rows_padded = torch.empty(1, dtype=torch.int32, device=device)
+    grid = (triton.cdiv(num_pairs, ALIGN_CHUNK),)
+    _count_pairs_kernel[grid](flat_ids, counters[0], num_pairs, CHUNK=ALIGN_CHUNK)
+    _plan_blocks_kernel[(1,)](counters[0], counters[1], sorted_pair_ids, block_expert_ids, num_rows_padded,
+                              num_pairs, max_rows, NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m,
+                              FILL_CHUNK=1024, BLOCK_CHUNK=max(8192 // e_pad, 1))
+    _scatter_pairs_kernel[grid](flat_ids, counters[1], sorted_pair_ids, num_pairs, CHUNK=ALIGN_CHUNK)
+    return sorted_pair_ids, block_expert_ids, num_rows_padded
 
 
 @triton.jit
