@@ -5,7 +5,7 @@
 # .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh). TOKENMILL_ARGS go to every tokenmill bench run of the
 # qwen, llama, latency and moe steps; TAG names their JSONs (nano-llama-3.1-8b-tokenmill-TAG.json). moe runs nano,
 # batch-1 decode and TTFT at 4,096 tokens for the MoE presets (MOE_MODELS, default all three). suite runs the
-# test folders that exercise the GPU; tests needing the embedded model find it in .gguf/ when carried there
+# test folders that exercise the GPU (SUITE_TESTS to choose); tests needing the embedded model find it in .gguf/ when carried there
 # (the GGUF split in two files part_aa and part_ab, each call carrying one: a call holds 64 MiB).
 set -u
 # The device's copy of the tree may carry stale git metadata, so the commit under test is named by the caller.
@@ -69,8 +69,9 @@ if want correctness; then
    timeout 90 python3 benchmarks/kernel_bench.py) 2>&1 | tee "$OUT/kernel_bench.txt" | tail -14
 fi
 if want suite; then
-  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -q -n 4 tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker"
-   timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -q -n 4 -p no:cacheprovider tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker 2>&1) \
+  SUITE_TESTS=${SUITE_TESTS:-tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker}
+  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -q -n 4 $SUITE_TESTS"
+   timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -q -n 4 -p no:cacheprovider $SUITE_TESTS 2>&1) \
     | tee "$OUT/gpu-tests.txt" | grep -E "passed|failed|FAILED|ERROR" | tail -40
 fi
 python3 - "$OUT" <<'PY'
