@@ -4,7 +4,7 @@
 # structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
 # .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh). TOKENMILL_ARGS go to every tokenmill bench run of the
 # qwen, llama, latency and moe steps; TAG names their JSONs (nano-llama-3.1-8b-tokenmill-TAG.json). moe runs nano,
-# batch-1 decode and TTFT at 4,096 tokens for the MoE presets (MOE_MODELS, default all three). suite runs the
+# batch-1 decode and TTFT at 4,096 tokens for the MoE presets (MOE_MODELS, default all four). suite runs the
 # test folders that exercise the GPU (SUITE_TESTS to choose); tests needing the embedded model find it in .gguf/ when carried there
 # (the GGUF split in two files part_aa and part_ab, each call carrying one: a call holds 64 MiB).
 set -u
@@ -35,7 +35,7 @@ if want latency; then
   timeout 80 $TM bench latency --model llama-3.1-8b --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 $X --output-json "$OUT/ttft-4096-llama-3.1-8b$T.json" 2>&1 | tail -4
 fi
 if want moe; then  # issue 23
-  for m in ${MOE_MODELS:-qwen3-30b-a3b gpt-oss-20b deepseek-v2-lite}; do
+  for m in ${MOE_MODELS:-qwen3-30b-a3b gpt-oss-20b gpt-oss-20b-mxfp4 deepseek-v2-lite}; do
     timeout 150 $TM bench throughput --model $m --load-format dummy --workload nano $X --output-json "$OUT/nano-$m-tokenmill$T.json" 2>&1 | tail -3
     timeout 100 $TM bench latency --model $m --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-$m$T.json" 2>&1 | tail -2
     timeout 80 $TM bench latency --model $m --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 $X --output-json "$OUT/ttft-4096-$m$T.json" 2>&1 | tail -2

@@ -204,6 +204,7 @@ def fp8_gemm_rows(copy_bw: float) -> None:
 
 
 MOE_SHAPES = [("qwen3-30b-a3b", 128, 8, 2048, 768), ("gpt-oss-20b", 32, 4, 2880, 2880),
+              ("gpt-oss-20b mxfp4", 32, 4, 2880, 2880),
               ("deepseek-v2-lite", 64, 6, 2048, 1408)]  # name, experts, top-k, hidden, expert intermediate
 
 
@@ -221,18 +222,31 @@ def moe_rows(copy_bw: float, tune: bool) -> None:
     `tune`, each tile setting of moe_configs, the best printed beside the default."""
     from tokenmill.layers.fused_moe import experts_loop
     from tokenmill.layers.fused_moe_triton import fused_experts, gemm_config, moe_align_block_size
+    from tokenmill.layers.quantization.mxfp4 import dequantize_mxfp4
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"\n{'experts':18s} {'T':>5s} {'relerr':>8s} {'ms':>8s} {'align ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
           f"{'floor ms':>9s} {'x floor':>8s}")  # fmt: skip
     for name, num_experts, top_k, hidden, inter in MOE_SHAPES:
-        w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * 0.03).to(DTYPE)
-        w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * 0.03).to(DTYPE)
+        mx = {}
+        if name.endswith("mxfp4"):  # codes and exponents as FusedMoE keeps them; w13 / w2 their values
+            for proj, rows, cols in (("w13", 2 * inter, hidden), ("w2", hidden, inter)):
+                codes = torch.randint(0, 256, (num_experts, rows, cols // 2), dtype=torch.uint8, device="cuda",
+                                      generator=gen)
+                exponents = torch.randint(118, 122, (num_experts, rows, cols // 32), dtype=torch.uint8,
+                                          device="cuda", generator=gen)
+                mx[proj] = (codes, exponents)
+            w13, w2 = (dequantize_mxfp4(c.unflatten(-1, (-1, 16)), e, DTYPE) for c, e in mx.values())
+        else:
+            w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * 0.03).to(DTYPE)
+            w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * 0.03).to(DTYPE)
+        weights = (mx["w13"][0], mx["w2"][0]) if mx else (w13, w2)
+        kwargs = dict(w13_mxfp4_scales=mx["w13"][1], w2_mxfp4_scales=mx["w2"][1]) if mx else {}
         for tokens in (1, 8, 32, 256, 4096):
             x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(DTYPE)
             logits = torch.randn(tokens, num_experts, device="cuda", generator=gen)
             topk_weights, topk_ids = logits.softmax(-1).topk(top_k, dim=-1)
-            got = fused_experts(x, w13, w2, topk_weights, topk_ids)
+            got = fused_experts(x, *weights, topk_weights, topk_ids, **kwargs)
             if tokens <= 32:
                 used, local_ids = topk_ids.unique(return_inverse=True)  # only the touched experts to the host
                 ref = experts_loop(x.double().cpu(), w13[used].double().cpu(), w2[used].double().cpu(),
@@ -241,19 +255,20 @@ def moe_rows(copy_bw: float, tune: bool) -> None:
                 assert err < 1e-2, f"moe {name} T={tokens}: rel err {err:.2e}"
             else:
                 err = float("nan")
-            ms = bench_graph(functools.partial(fused_experts, x, w13, w2, topk_weights, topk_ids))
+            ms = bench_graph(functools.partial(fused_experts, x, *weights, topk_weights, topk_ids, **kwargs))
             block_m = 16 if tokens <= num_experts else 64
             align_ms = bench_graph(functools.partial(moe_align_block_size, topk_ids, block_m, num_experts))
             touched = int(topk_ids.unique().numel())
-            nbytes = touched * 3 * inter * hidden * 2 + tokens * hidden * 2 * 2
+            nbytes = int(touched * 3 * inter * hidden * (0.5 + 1 / 32 if mx else 2)) + tokens * hidden * 2 * 2
             flops = 2 * tokens * top_k * 3 * inter * hidden
             floor_ms = max(nbytes / copy_bw, flops / PEAK_FLOPS) * 1e3
             print(f"{name:18s} {tokens:5d} {err:8.1e} {ms:8.4f} {align_ms:9.4f} {nbytes / ms / 1e6:7.0f} "
                   f"{flops / ms / 1e9:8.1f} {floor_ms:9.4f} {ms / floor_ms:8.2f}")  # fmt: skip
             if tune:
-                timed = sorted((bench_graph(functools.partial(fused_experts, x, w13, w2, topk_weights, topk_ids,
-                                                              config)), config)
-                               for config in moe_configs(tokens, num_experts))
+                timed = [(bench_graph(functools.partial(fused_experts, x, *weights, topk_weights, topk_ids, config,
+                                                        **kwargs)), config)
+                         for config in moe_configs(tokens, num_experts)]
+                timed.sort(key=lambda timed_config: timed_config[0])
                 print(f"    default {gemm_config(tokens, num_experts)}: {ms:.4f} ms; best: "
                       + "; ".join(f"{c} {t:.4f} ms" for t, c in timed[:3]))
 

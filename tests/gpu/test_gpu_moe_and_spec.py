@@ -66,6 +66,46 @@ def test_moe_families_match_hf_with_graphs_eagerly_and_chunked(arch, tmp_path):
     assert mismatches == {name: [] for name in runs}, mismatches
 
 
+def test_gpt_oss_mxfp4_experts_kept_4bit_match_hf_on_their_values(tmp_path):
+    """GPT-OSS with MXFP4 experts (kept 4-bit on the GPU) gives the greedy tokens HF gives from a float32 twin
+    holding the values those codes define."""
+    from tokenmill.layers.quantization.mxfp4 import dequantize_mxfp4
+
+    torch.manual_seed(0)
+    twin = transformers.AutoModelForCausalLM.from_config(moe_config("gpt_oss"), dtype=torch.float32)
+    tensors = {name: t.detach().contiguous() for name, t in twin.state_dict().items()}
+    quantized, generator = dict(tensors), torch.Generator().manual_seed(1)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        num_experts, rows, cols = tensors[name].shape  # [E, in, out]: MXFP4 stores [E, out, in / 32, 16]
+        blocks = torch.randint(0, 256, (num_experts, cols, rows // 32, 16), dtype=torch.uint8, generator=generator)
+        scales = torch.randint(120, 124, (num_experts, cols, rows // 32), dtype=torch.uint8, generator=generator)
+        del quantized[name]
+        quantized[f"{name}_blocks"], quantized[f"{name}_scales"] = blocks, scales
+        tensors[name] = dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2).contiguous()
+    twin.load_state_dict(tensors)
+    twin.save_pretrained(tmp_path / "twin")
+    twin.save_pretrained(tmp_path / "mxfp4")
+    save_file(quantized, str(tmp_path / "mxfp4" / "model.safetensors"))
+    config = json.loads((tmp_path / "mxfp4" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
+    hf = twin.cuda().eval()
+    expected = []
+    for p in prompts():
+        ids = torch.tensor([p], device="cuda")
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    llm = LLM(str(tmp_path / "mxfp4"), dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
+              gpu_memory_utilization=0.3, max_num_seqs=16)
+    assert llm.llm_engine.core.worker.runner.model.model.layers[0].mlp.experts.w13_weight.dtype == torch.uint8
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()],
+                        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    mismatches = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    assert mismatches == [], (mismatches, got, expected)
+
+
 def eagle_head(path, target_config: dict, eagle3: bool) -> str:
     """A random EAGLE-1 or EAGLE-3 head for the target, in the published layouts (EAGLE-3 with a draft
     vocabulary of half the target's)."""

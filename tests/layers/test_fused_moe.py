@@ -129,6 +129,43 @@ def test_biases_and_clamped_swiglu_match_float64_loop(num_tokens, dtype):
                                    atol=1e-5)
 
 
+MX_HIDDEN, MX_INTERMEDIATE = 96, 32  # MXFP4 blocks are 32 wide; 96 is no multiple of the 64-wide tiles
+
+
+def mxfp4_experts(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 experts [E, rows, cols] in the layout FusedMoE keeps: codes uint8 [E, rows, cols / 2] (every
+    code), exponents [E, rows, cols / 32] around 2^-3."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (NUM_EXPERTS, rows, cols // 2), dtype=torch.uint8, generator=generator)
+    exponents = torch.randint(122, 126, (NUM_EXPERTS, rows, cols // 32), dtype=torch.uint8, generator=generator)
+    return codes.to(DEVICE), exponents.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 17])
+def test_mxfp4_experts_match_float64_of_their_values(num_tokens, dtype):
+    """The grouped GEMM reading MXFP4 codes and exponents (GPT-OSS's experts: biases, the clamped SwiGLU) against
+    the float64 experts of the values the format defines (dequantize_mxfp4 is itself checked element by element
+    in tests/models/test_gpt_oss.py)."""
+    from tokenmill.layers.fused_moe_triton import fused_experts
+    from tokenmill.layers.quantization.mxfp4 import dequantize_mxfp4
+
+    (c13, e13), (c2, e2) = mxfp4_experts(2 * MX_INTERMEDIATE, MX_HIDDEN, num_tokens), \
+        mxfp4_experts(MX_HIDDEN, MX_INTERMEDIATE, num_tokens + 50)
+    w13, w2 = (dequantize_mxfp4(c.unflatten(-1, (-1, 16)), e, torch.float64) for c, e in ((c13, e13), (c2, e2)))
+    generator = torch.Generator().manual_seed(num_tokens + 100)
+    b13, b2 = (torch.randn(NUM_EXPERTS, n, generator=generator).to(DEVICE, dtype)
+               for n in (2 * MX_INTERMEDIATE, MX_HIDDEN))
+    x = torch.randn(num_tokens, MX_HIDDEN, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    router_logits = torch.randn(num_tokens, NUM_EXPERTS, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    topk_weights, topk_ids = select_experts(router_logits, 4, renormalize=True)
+    expected = reference(x, w13, w2, topk_weights, topk_ids, biases=(b13, b2))
+    out = fused_experts(x, c13, c2, topk_weights, topk_ids, config=sixteen_row_blocks(), w13_bias=b13, w2_bias=b2,
+                        activation="swigluoai", w13_mxfp4_scales=e13, w2_mxfp4_scales=e2)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
 def held_by_rank(topk_ids: torch.Tensor, rank: int, num_local: int) -> torch.Tensor:
     """Expert ids as rank `rank` of an expert-parallel group sees them: its own 0 .. num_local - 1, the others
     num_local (held elsewhere)."""

@@ -43,7 +43,7 @@ from tokenmill.layers.fused_moe import gated_activation
 from tokenmill.layers.triton_ops import silu_and_mul
 
 # How the kernel scales its products: not at all (16- or 32-bit operands), per channel, or per block.
-NO_SCALES, CHANNEL_SCALES, BLOCK_SCALES = 0, 1, 2
+NO_SCALES, CHANNEL_SCALES, BLOCK_SCALES, MXFP4_SCALES = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,18 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
 
 
 @triton.jit
+def _mxfp4_values(packed, offs_k, exponents):
+    """[K, N] bytes holding two e2m1 codes each (the low nibble the even k) and E8M0 exponents -> float32
+    values, exactly: code value (0, 0.5, 1, 1.5, 2, 3, 4, 6, signed by bit 3) x 2^(exponent - 127)."""
+    code = (packed.to(tl.int32) >> ((offs_k[:, None] % 2) * 4)) & 0xF
+    exp, mantissa = (code >> 1) & 3, (code & 1).to(tl.float32)
+    magnitude = tl.where(exp == 0, 0.5 * mantissa,
+                         (2.0 + mantissa) * tl.where(exp == 1, 0.5, tl.where(exp == 2, 1.0, 2.0)))
+    power = (exponents.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127) for e in 1..254
+    return tl.where(code >= 8, -magnitude, magnitude) * power
+
+
+@triton.jit
 def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr, b_scale_ptr, sorted_pair_ids_ptr,
                          block_expert_ids_ptr, num_rows_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn,
                          stride_cm, stride_bias_e, stride_as_m, stride_bs_e, stride_bs_n, segment_rows,
@@ -164,6 +176,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # C[pair, n] = (sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (x their scales, SCALES)
     #               (+ bias[expert, n] if HAS_BIAS)) (x weights[pair] if MUL_WEIGHT)
+    # MXFP4 (SCALES 3): B holds two e2m1 codes a byte along k, b_scale one E8M0 exponent per 32 of k.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_rows_padded_ptr):
@@ -176,9 +189,13 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # [K, N]
+    K_PER_B: tl.constexpr = 2 if SCALES == 3 else 1  # k per element of B
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] // K_PER_B
     a_scale_ptrs = a_scale_ptr + a_rows * stride_as_m
-    if SCALES == 2:  # this column's row of blocks, counted within its segment
+    if SCALES == 3:  # [K, N] tile of the exponents (32 k share one)
+        b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + offs_n[None, :].to(tl.int64) * stride_bs_n \
+            + offs_k[:, None] // 32
+    elif SCALES == 2:  # this column's row of blocks, counted within its segment
         scale_rows = (offs_n // segment_rows) * tl.cdiv(segment_rows, SCALE_BLOCK_N) \
             + (offs_n % segment_rows) // SCALE_BLOCK_N
         b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + scale_rows.to(tl.int64) * stride_bs_n
@@ -188,8 +205,11 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs + k0, mask=is_pair[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if SCALES == 2:  # BLOCK_K is the scales' block_k: tile k0 // BLOCK_K is one block
+        b = tl.load(b_ptrs + k0 // K_PER_B, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if SCALES == 3:
+            acc = tl.dot(a, _mxfp4_values(b, offs_k, tl.load(b_scale_ptrs + k0 // 32, mask=k_mask[:, None]
+                                                             & n_mask[None, :], other=127)).to(a.dtype), acc)
+        elif SCALES == 2:  # BLOCK_K is the scales' block_k: tile k0 // BLOCK_K is one block
             a_scale = tl.load(a_scale_ptrs + k0 // BLOCK_K, mask=is_pair, other=0.0)
             b_scale = tl.load(b_scale_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
             acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
@@ -209,20 +229,29 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
 def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorted_pair_ids: torch.Tensor,
                  block_expert_ids: torch.Tensor, num_rows_padded: torch.Tensor, pairs_per_a_row: int,
                  config: GemmConfig, pair_weights: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 fp8: Fp8ExpertWeights | None = None) -> None:
+                 fp8: Fp8ExpertWeights | None = None, mxfp4_scales: torch.Tensor | None = None) -> None:
     """out[pair] = (a[pair // pairs_per_a_row] @ weight[expert of pair].T (+ bias[expert of pair]))
     (x pair_weights[pair]), for the pairs of moe_align_block_size (config.block_m). a [rows, K], weight [E, N, K],
     bias [E, N], out [num_pairs, N]; last dims contiguous. `fp8`: weight is e4m3 with these scales, and `a`
-    is quantized here."""
+    is quantized here. `mxfp4_scales` uint8 [E, N, K / 32]: weight is MXFP4, uint8 [E, N, K / 2] (two codes a
+    byte, quantization/mxfp4.py's layout with its blocks flattened)."""
     num_pairs, n = out.shape
     k = a.shape[1]
-    if weight.shape[1:] != (n, k) or a.stride(1) != 1 or weight.stride(2) != 1 or out.stride(1) != 1 \
+    if mxfp4_scales is not None and (weight.dtype != torch.uint8 or k % 32 or weight.shape[2] * 2 != k
+                                     or mxfp4_scales.shape != (*weight.shape[:2], k // 32)
+                                     or mxfp4_scales.stride(2) != 1):
+        raise ValueError(f"grouped_gemm: MXFP4 weight {weight.dtype} {tuple(weight.shape)} with scales "
+                         f"{tuple(mxfp4_scales.shape)} do not fit K = {k} (uint8 [E, N, K / 2] and [E, N, K / 32])")
+    if weight.shape[1:] != (n, k if mxfp4_scales is None else k // 2) or a.stride(1) != 1 or weight.stride(2) != 1 \
+            or out.stride(1) != 1 \
             or (bias is not None and (bias.shape != weight.shape[:2] or bias.stride(1) != 1)):
         raise ValueError(f"grouped_gemm: a {tuple(a.shape)}, weight {tuple(weight.shape)} and out "
                          f"{tuple(out.shape)} do not fit, or a last dim is strided")
     block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
     scales, scale_block_n, segment_rows = NO_SCALES, 1, 1
     a_scale = b_scale = out  # (placeholders, unread)
+    if mxfp4_scales is not None:
+        scales, b_scale = MXFP4_SCALES, mxfp4_scales
     if fp8 is not None:
         a, a_scale = fp8.quantize_input(a)
         b_scale = fp8.weight_scale
@@ -254,12 +283,15 @@ def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorte
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, config: GemmConfig | None = None, *, w13_bias: torch.Tensor | None = None,
                   w2_bias: torch.Tensor | None = None, activation: str = "silu", some_held_elsewhere: bool = False,
-                  w13_fp8: Fp8ExpertWeights | None = None, w2_fp8: Fp8ExpertWeights | None = None) -> torch.Tensor:
+                  w13_fp8: Fp8ExpertWeights | None = None, w2_fp8: Fp8ExpertWeights | None = None,
+                  w13_mxfp4_scales: torch.Tensor | None = None, w2_mxfp4_scales: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights / topk_ids [T, k] ->
     [T, H] in x's dtype. config: the GEMMs' tiles (gemm_config's by default).
     w13_bias [E, 2I], w2_bias [E, H]: optional biases; activation: "silu" or "swigluoai" (fused_moe).
     some_held_elsewhere: ids of E may occur (expert parallelism); their pairs add nothing.
-    w13_fp8 / w2_fp8: the scales of e4m3 experts."""
+    w13_fp8 / w2_fp8: the scales of e4m3 experts; w13_mxfp4_scales / w2_mxfp4_scales: those of MXFP4 experts
+    (w13 [E, 2I, H / 2], w2 [E, H, I / 2] uint8, see grouped_gemm)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     config = config or gemm_config(num_tokens, num_experts)
@@ -269,9 +301,10 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     # never sees uninitialized memory).
     new_rows = torch.zeros if some_held_elsewhere else torch.empty
     gate_up = new_rows(num_tokens * top_k, w13.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, config=config, bias=w13_bias, fp8=w13_fp8)
+    grouped_gemm(x, w13, gate_up, *routing, pairs_per_a_row=top_k, config=config, bias=w13_bias, fp8=w13_fp8,
+                 mxfp4_scales=w13_mxfp4_scales)
     down = new_rows(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
     hidden = silu_and_mul(gate_up) if activation == "silu" else gated_activation(gate_up, activation)
     grouped_gemm(hidden, w2, down, *routing, pairs_per_a_row=1, config=config,
-                 pair_weights=topk_weights.flatten(), bias=w2_bias, fp8=w2_fp8)
+                 pair_weights=topk_weights.flatten(), bias=w2_bias, fp8=w2_fp8, mxfp4_scales=w2_mxfp4_scales)
     return down.view(num_tokens, top_k, -1).sum(dim=1)

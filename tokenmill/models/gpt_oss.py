@@ -9,8 +9,8 @@
 Checkpoints store all experts of a layer stacked, in HF's layout: gate_up_proj [E, H, 2I] with gate and up in
 alternate columns (x @ gate_up_proj), down_proj [E, I, H], biases gate_up_proj_bias [E, 2I] (interleaved too)
 and down_proj_bias [E, H]. The published checkpoints hold the two matrices as MXFP4 instead
-(`*_blocks`/`*_scales`, output rows first, see layers/quantization/mxfp4.py), dequantized here as they load.
-Either way each expert's gate and up rows go into FusedMoE's w13 [E, 2I, H] (gate rows, then up rows).
+(`*_blocks`/`*_scales`, output rows first, see layers/quantization/mxfp4.py), loaded as they are (codes and
+exponents). Either way each expert's gate and up rows go into FusedMoE's w13 (gate rows, then up rows).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from tokenmill.distributed.parallel_state import get_tp_rank
 from tokenmill.layers.fused_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, FusedMoE
 from tokenmill.layers.quantization import QuantizationConfig
-from tokenmill.layers.quantization.mxfp4 import Mxfp4Config, dequantize_mxfp4
+from tokenmill.layers.quantization.mxfp4 import Mxfp4Config
 from tokenmill.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 # A checkpoint's stacked experts: "<layer>.mlp.experts.<gate_up_proj|down_proj>[_bias|_blocks|_scales]"
@@ -61,7 +61,7 @@ class GptOssMoE(nn.Module):
         self.router = nn.Linear(config.hidden_size, num_experts, bias=True)
         self.experts = FusedMoE(num_experts, config.num_experts_per_tok, config.hidden_size,
                                 config.intermediate_size, True, f"{prefix}.experts", has_bias=True,
-                                activation="swigluoai")
+                                activation="swigluoai", quant_config=quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.router(x))
@@ -105,32 +105,32 @@ class GptOssForCausalLM(LlamaForCausalLM):
                 pair[part] = tensor
                 if len(pair) == 2:
                     del halves[base]
-                    loaded.add(self._load_experts(params, base, pair["blocks"], pair["scales"]))
+                    loaded |= self._load_experts(params, base, pair["blocks"], pair["scales"])
             else:
-                loaded.add(self._load_experts(params, name, tensor))
+                loaded |= self._load_experts(params, name, tensor)
         if halves:
             raise ValueError(f"MXFP4 tensors without their blocks or scales: {sorted(halves)}")
 
     @staticmethod
     def _load_experts(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor,
-                      mxfp4_scales: torch.Tensor | None = None) -> str:
+                      mxfp4_scales: torch.Tensor | None = None) -> set[str]:
         """Loads checkpoint tensor `name`, all experts of one layer's projection or bias, into FusedMoE's
-        parameter (returning its name): a 16-bit matrix [E, in, out], a bias [E, out], or, with
-        `mxfp4_scales`, MXFP4 blocks of [E, out, in], dequantized expert by expert on the parameter's device
-        (the whole stack's codes would take gigabytes)."""
+        parameters (returning their names): a 16-bit matrix [E, in, out], a bias [E, out], or, with
+        `mxfp4_scales` [E, out, in / 32], MXFP4 codes [E, out, in / 32, 16], expert by expert (a memory-mapped
+        checkpoint's pages of another rank's experts stay untouched)."""
         prefix, _, projection = name.rpartition(".")
         kind = "bias" if projection.endswith("_bias") else "weight"
         target = f"{prefix}.{'w2' if projection.startswith('down_proj') else 'w13'}_{kind}"
-        param = LlamaForCausalLM._param(params, target, name)
         if mxfp4_scales is not None:
-            experts = (dequantize_mxfp4(blocks.to(param.device), scales.to(param.device), param.dtype)
-                       for blocks, scales in zip(tensor, mxfp4_scales))
+            stacks = ((target, tensor.flatten(-2)), (f"{target}_scale", mxfp4_scales))
         else:
-            experts = tensor if kind == "bias" else tensor.transpose(1, 2)
-        for expert_id, rows in enumerate(experts):  # rows: [out, in] or [out]
-            if projection.startswith("down_proj"):
-                param.weight_loader(param, rows, "w2", expert_id)
-            else:  # gate and up interleaved: even rows gate, odd rows up
-                param.weight_loader(param, rows[0::2], "w1", expert_id)
-                param.weight_loader(param, rows[1::2], "w3", expert_id)
-        return target
+            stacks = ((target, tensor if kind == "bias" else tensor.transpose(1, 2)),)
+        for target_name, stack in stacks:
+            param = LlamaForCausalLM._param(params, target_name, name)
+            for expert_id, rows in enumerate(stack):  # rows: [out, ...] or [out]
+                if projection.startswith("down_proj"):
+                    param.weight_loader(param, rows, "w2", expert_id)
+                else:  # gate and up interleaved: even rows gate, odd rows up
+                    param.weight_loader(param, rows[0::2], "w1", expert_id)
+                    param.weight_loader(param, rows[1::2], "w3", expert_id)
+        return {target_name for target_name, _ in stacks}

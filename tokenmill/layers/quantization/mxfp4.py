@@ -11,8 +11,13 @@ per expert when stacked ([E, N, ...]):
 
 An e2m1 code is a sign bit over 3 magnitude bits: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0-7), negated for 8-15.
 For GPT-OSS, gate_up_proj_blocks is [E, 2I, H / 32, 16], its 2I rows interleaving gate and up (as the 16-bit
-checkpoints' gate_up_proj [E, H, 2I] does its columns), and down_proj_blocks is [E, H, I / 32, 16]. Keeping
-the weights in MXFP4 (and its kernels) is not done: they take four times the memory of the 4-bit form.
+checkpoints' gate_up_proj [E, H, 2I] does its columns), and down_proj_blocks is [E, H, I / 32, 16].
+
+On the GPU the experts stay MXFP4 (a quarter of bf16's memory, GPT-OSS-120B's experts fitting one GPU): FusedMoE's
+w13_weight [E, 2I, H / 2] and w2_weight [E, H, I / 2] hold the codes with each row's blocks flattened, and
+w13_weight_scale / w2_weight_scale [E, rows, K / 32] the exponents; fused_moe_triton's grouped GEMM widens each
+tile to the activations' dtype as it loads it (exactly: a code value times a power of two). On the CPU they
+are dequantized to the model's dtype once loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmill.layers.quantization.base import LinearMethod, QuantizationConfig
+from tokenmill.layers.quantization.base import LinearMethod, MoEMethod, QuantizationConfig
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 SCALE_BIAS = 127
@@ -54,3 +59,8 @@ class Mxfp4Config(QuantizationConfig):
         from tokenmill.layers.linear import UnquantizedLinearMethod  # layers/linear.py imports this package
 
         return UnquantizedLinearMethod()
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> MoEMethod:
+        from tokenmill.layers.quantization.mxfp4_moe import Mxfp4MoEMethod  # (fused_moe imports this package)
+
+        return Mxfp4MoEMethod()

@@ -69,6 +69,11 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# GPT-OSS-20B as published: its experts MXFP4 (kept 4-bit on the GPU)
+PRESETS["gpt-oss-20b-mxfp4"] = {**PRESETS["gpt-oss-20b"], "quantization_config": {
+    "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                        "model.embed_tokens", "lm_head"]}}
+
 
 def model_path(model: str) -> str:
     """A preset name becomes a directory holding its config.json and a synthetic tokenizer; anything
