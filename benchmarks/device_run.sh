@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness, then the issue-3 benchmarks. Results land in $OUT (JSON + log).
-# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> [TOKENMILL_ARGS="--kv-cache-dtype fp8"] [TAG=fp8kv] bash benchmarks/device_run.sh [qwen] [llama] [latency] [moe] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness] [suite]
+# Usage (device tool, repo root): TOKENMILL_COMMIT=<sha> [TOKENMILL_ARGS="--kv-cache-dtype fp8"] [TAG=fp8kv] bash benchmarks/device_run.sh [qwen] [llama] [latency] [moe] [spec] [prefix] [structured] [serve] [hf|hf-qwen3-0.6b|hf-llama-3.1-8b] [correctness] [suite]
 # structured and serve need the wheels of benchmarks/fetch_server_wheels.sh carried as .whl; structured also
 # .bench-tokenizer (benchmarks/fetch_bench_tokenizer.sh). TOKENMILL_ARGS go to every tokenmill bench run of the
 # qwen, llama, latency and moe steps; TAG names their JSONs (nano-llama-3.1-8b-tokenmill-TAG.json). moe runs nano,
 # batch-1 decode and TTFT at 4,096 tokens for the MoE presets (MOE_MODELS, default all four). suite runs the
 # test folders that exercise the GPU (SUITE_TESTS to choose); tests needing the embedded model find it in .gguf/ when carried there
-# (the GGUF split in two files part_aa and part_ab, each call carrying one: a call holds 64 MiB).
+# (the GGUF split in two files part_aa and part_ab, each call carrying one: a call holds 64 MiB). spec (issue 22)
+# writes seeded random Llama-3.1-8B weights, their 2-layer draft and EAGLE heads, then times batch-1 decode
+# without and with each method (SPEC_NGRAM_K, SPEC_DRAFT_K) and throughput at 8, 32, 128 concurrent requests.
 set -u
 # The device's copy of the tree may carry stale git metadata, so the commit under test is named by the caller.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:?set TOKENMILL_COMMIT to the commit under test}
@@ -39,6 +41,31 @@ if want moe; then  # issue 23
     timeout 150 $TM bench throughput --model $m --load-format dummy --workload nano $X --output-json "$OUT/nano-$m-tokenmill$T.json" 2>&1 | tail -3
     timeout 100 $TM bench latency --model $m --load-format dummy --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8 $X --output-json "$OUT/latency-$m$T.json" 2>&1 | tail -2
     timeout 80 $TM bench latency --model $m --load-format dummy --input-len 4096 --output-len 1 --num-iters 9 --max-num-seqs 8 $X --output-json "$OUT/ttft-4096-$m$T.json" 2>&1 | tail -2
+  done
+fi
+if want spec; then  # issue 22
+  timeout 150 python3 benchmarks/write_spec_checkpoints.py --model llama-3.1-8b --out /tmp/spec --eagle-head 2>&1 | tail -1
+  B1="timeout 90 $TM bench latency --model /tmp/spec/target --input-len 128 --output-len 512 --num-iters 3 --max-num-seqs 8"
+  $B1 --output-json "$OUT/spec-b1-none.json" 2>&1 | tail -1
+  for k in ${SPEC_NGRAM_K:-2 3 5}; do
+    $B1 --speculative-config "{\"method\": \"ngram\", \"num_speculative_tokens\": $k, \"prompt_lookup_max\": 4}" \
+      --output-json "$OUT/spec-b1-ngram-k$k.json" 2>&1 | tail -1
+  done
+  for k in ${SPEC_DRAFT_K:-1 3 5}; do
+    $B1 --speculative-config "{\"model\": \"/tmp/spec/draft\", \"num_speculative_tokens\": $k}" \
+      --output-json "$OUT/spec-b1-draft-k$k.json" 2>&1 | tail -1
+  done
+  for m in eagle eagle3; do
+    $B1 --speculative-config "{\"method\": \"$m\", \"model\": \"/tmp/spec/$m\", \"num_speculative_tokens\": 3}" \
+      --output-json "$OUT/spec-b1-$m-k3.json" 2>&1 | tail -1
+  done
+  for c in 8 32 128; do
+    for spec in none '{"model": "/tmp/spec/draft", "num_speculative_tokens": 3}'; do
+      name=none; args=()
+      [ "$spec" = none ] || { name=draft-k3; args=(--speculative-config "$spec"); }
+      timeout 120 $TM bench throughput --model /tmp/spec/target --workload fixed --num-prompts $((4 * c)) --input-len 512 \
+        --output-len 256 --max-num-seqs $c "${args[@]}" --output-json "$OUT/spec-tput-c$c-$name.json" 2>&1 | tail -1
+    done
   done
 fi
 if want prefix; then  # issue 5: cold vs cached vs host-tier TTFT; caching on vs off on nano
