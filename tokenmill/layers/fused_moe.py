@@ -93,7 +93,7 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, *
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * routed_scaling_factor, ids
+    return (weights * routed_scaling_factor if routed_scaling_factor != 1.0 else weights), ids
 
 
 SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0
