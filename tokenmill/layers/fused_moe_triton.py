@@ -97,14 +97,43 @@ def _count_pairs_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _plan_blocks_kernel(counts_ptr, cursors_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_rows_padded_ptr,
-                        num_pairs, max_rows, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                        FILL_CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+def _scatter_pairs(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, offs, num_pairs):
+    """Each pair to its expert's next row (the cursors advance by atomics)."""
+    mask = offs < num_pairs
+    ids = tl.load(ids_ptr + offs, mask=mask, other=0)
+    rows = tl.atomic_add(cursors_ptr + ids, tl.full(offs.shape, 1, tl.int32), mask=mask)
+    tl.store(sorted_pair_ids_ptr + rows, offs, mask=mask)
+
+
+@triton.jit
+def _scatter_pairs_kernel(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs, CHUNK: tl.constexpr):
+    _scatter_pairs(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK),
+                   num_pairs)
+
+
+@triton.jit
+def _plan_blocks_kernel(ids_ptr, counts_ptr, cursors_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
+                        num_rows_padded_ptr, num_pairs, max_rows, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
+                        BLOCK_M: tl.constexpr, FILL_CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
+                        ALONE: tl.constexpr):
     # Each expert's run padded to whole blocks, the pairs held elsewhere (id NUM_EXPERTS) after them unpadded;
-    # each run's first row becomes its cursor, every row the padding id, each block its expert.
+    # each run's first row becomes its cursor, every row the padding id, each block its expert. ALONE (every
+    # pair fits one program of ALONE pairs): this program also counts the pairs first and scatters them last,
+    # the cursors' memory holding the counts until they are read.
     e = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + e, mask=e <= NUM_EXPERTS, other=0)
-    runs = tl.where(e < NUM_EXPERTS, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, counts)
+    if ALONE:
+        tl.store(cursors_ptr + e, tl.zeros([E_PAD], tl.int32))
+        tl.debug_barrier()
+        offs = tl.arange(0, ALONE)
+        tl.atomic_add(cursors_ptr + tl.load(ids_ptr + offs, mask=offs < num_pairs, other=0),
+                      tl.full([ALONE], 1, tl.int32), mask=offs < num_pairs)
+        tl.debug_barrier()
+        counts = tl.load(cursors_ptr + e)
+        tl.debug_barrier()
+    else:
+        counts = tl.load(counts_ptr + e, mask=e <= NUM_EXPERTS, other=0)
+    runs = tl.where(e < NUM_EXPERTS, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.where(e == NUM_EXPERTS,
+                                                                                           counts, 0))
     ends = tl.cumsum(runs, 0)
     tl.store(cursors_ptr + e, ends - runs, mask=e <= NUM_EXPERTS)
     padded_total = tl.sum(tl.where(e < NUM_EXPERTS, runs, 0), 0)
@@ -118,40 +147,39 @@ def _plan_blocks_kernel(counts_ptr, cursors_ptr, sorted_pair_ids_ptr, block_expe
         passed = (ends[None, :] <= blocks[:, None] * BLOCK_M) & (e[None, :] < NUM_EXPERTS)
         expert = tl.minimum(tl.sum(passed.to(tl.int32), 1), NUM_EXPERTS - 1)
         tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < max_rows // BLOCK_M)
-
-
-@triton.jit
-def _scatter_pairs_kernel(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs, CHUNK: tl.constexpr):
-    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < num_pairs
-    ids = tl.load(ids_ptr + offs, mask=mask, other=0)
-    rows = tl.atomic_add(cursors_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=mask)
-    tl.store(sorted_pair_ids_ptr + rows, offs, mask=mask)
+    if ALONE:
+        tl.debug_barrier()
+        _scatter_pairs(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, tl.arange(0, ALONE), num_pairs)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] (an id of num_experts: held elsewhere) -> (sorted_pair_ids [max_rows] int32, padding
     rows = T * k; block_expert_ids [max_rows / block_m] int32; num_rows_padded [1] int32, the rows in use),
-    max_rows = T * k + E * (block_m - 1) rounded up to block_m. Four launches (counters zeroed, pairs counted
-    per expert, the blocks planned, pairs scattered to their runs' rows): the routing runs once per MoE layer
+    max_rows = T * k + E * (block_m - 1) rounded up to block_m. Up to ALIGN_CHUNK pairs (decode steps) one
+    program counts the pairs per expert, plans the padded blocks and scatters the pairs to their runs' rows;
+    more take four launches (counters zeroed, counted, planned, scattered). The routing runs once per MoE layer
     and step, where a sort built of torch ops took some 25 small kernels. The order of pairs within an
     expert's run follows the atomics (each pair's row is computed alone, so outputs do not depend on it)."""
-    flat_ids = topk_ids.flatten().to(torch.int32)
+    flat_ids = topk_ids.flatten()
     num_pairs = flat_ids.numel()
     device = flat_ids.device
     max_rows = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     e_pad = triton.next_power_of_2(num_experts + 1)
-    counters = torch.zeros(2, e_pad, dtype=torch.int32, device=device)  # counts, then cursors
     sorted_pair_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(max_rows // block_m, dtype=torch.int32, device=device)
     num_rows_padded = torch.empty(1, dtype=torch.int32, device=device)
+    alone = num_pairs <= ALIGN_CHUNK
+    counters = (torch.empty if alone else torch.zeros)(2, e_pad, dtype=torch.int32, device=device)  # counts, cursors
     grid = (triton.cdiv(num_pairs, ALIGN_CHUNK),)
-    _count_pairs_kernel[grid](flat_ids, counters[0], num_pairs, CHUNK=ALIGN_CHUNK)
-    _plan_blocks_kernel[(1,)](counters[0], counters[1], sorted_pair_ids, block_expert_ids, num_rows_padded,
+    if not alone:
+        _count_pairs_kernel[grid](flat_ids, counters[0], num_pairs, CHUNK=ALIGN_CHUNK)
+    _plan_blocks_kernel[(1,)](flat_ids, counters[0], counters[1], sorted_pair_ids, block_expert_ids, num_rows_padded,
                               num_pairs, max_rows, NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m,
-                              FILL_CHUNK=1024, BLOCK_CHUNK=max(8192 // e_pad, 1))
-    _scatter_pairs_kernel[grid](flat_ids, counters[1], sorted_pair_ids, num_pairs, CHUNK=ALIGN_CHUNK)
+                              FILL_CHUNK=1024, BLOCK_CHUNK=max(8192 // e_pad, 1),
+                              ALONE=triton.next_power_of_2(num_pairs) if alone else 0)
+    if not alone:
+        _scatter_pairs_kernel[grid](flat_ids, counters[1], sorted_pair_ids, num_pairs, CHUNK=ALIGN_CHUNK)
     return sorted_pair_ids, block_expert_ids, num_rows_padded
 
 
