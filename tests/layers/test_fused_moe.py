@@ -67,6 +67,42 @@ def test_grouped_gemm_kernel_matches_float64_loop(num_tokens, top_k, dtype):
                                rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("top_k, renormalize, scale", [(1, False, 1.0), (2, True, 1.0), (6, False, 1.0),
+                                                        (8, True, 2.5)])
+def test_softmax_topk_kernel_routes_as_select_experts(top_k, renormalize, scale):
+    """The one-launch softmax routing against select_experts (torch): the same experts, weights within float32."""
+    from tokenmill.layers.fused_moe_triton import softmax_topk
+
+    num_experts = 20  # no power of two
+    logits = torch.randn(7, num_experts, generator=torch.Generator().manual_seed(top_k)).to(DEVICE, torch.float16)
+    weights, ids = softmax_topk(logits, top_k, renormalize, scale)
+    expected_weights, expected_ids = select_experts(logits, top_k, renormalize, routed_scaling_factor=scale)
+    assert ids.dtype == torch.int64 and ids.tolist() == expected_ids.tolist()
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_experts, block_m", [(1, 8, 128, 16), (130, 8, 128, 16),
+                                                                     (300, 6, 64, 64), (50, 4, 32, 64)])
+def test_alignment_invariants_in_one_program_and_in_four(num_tokens, top_k, num_experts, block_m):
+    """Up to 1,024 pairs one program sorts them, above four launches: either way each pair has one row in a block
+    of its expert, blocks come in expert order, and pairs held elsewhere (id E) follow the padded blocks."""
+    from tokenmill.layers.fused_moe_triton import moe_align_block_size
+
+    generator = torch.Generator().manual_seed(num_tokens)
+    topk_ids = torch.stack([torch.randperm(num_experts + 1, generator=generator)[:top_k] for _ in range(num_tokens)])
+    sorted_pair_ids, block_expert_ids, num_rows_padded = moe_align_block_size(topk_ids.to(DEVICE), block_m,
+                                                                              num_experts)
+    flat, sorted_pair_ids, block_expert_ids = topk_ids.flatten(), sorted_pair_ids.cpu(), block_expert_ids.cpu()
+    num_pairs, used = flat.numel(), int(num_rows_padded.item())
+    assert sorted(p for p in sorted_pair_ids.tolist() if p < num_pairs) == list(range(num_pairs))
+    for block in range(used // block_m):
+        rows = sorted_pair_ids[block * block_m:(block + 1) * block_m]
+        assert (flat[rows[rows < num_pairs].long()] == block_expert_ids[block]).all()
+    assert block_expert_ids[:used // block_m].tolist() == sorted(block_expert_ids[:used // block_m].tolist())
+    tail = sorted_pair_ids[used:]
+    assert (flat[tail[tail < num_pairs].long()] == num_experts).all()
+
+
 def test_alignment_gives_each_block_one_expert_and_each_pair_one_row():
     from tokenmill.layers.fused_moe_triton import moe_align_block_size
 

@@ -1,6 +1,7 @@
-"""The MoE kernels compiled for a Hopper GPU (sm_90) on this machine, no GPU needed: Triton's compiler runs on the
-CPU down to the cubin, and refuses what the interpreter (the CPU tests' path) lets through, such as a tensor-core
-dot over a tile too small or of mixed dtypes. Each variant the engine launches is compiled once."""
+"""The MoE kernels (routing, sort, grouped GEMM) compiled for a Hopper GPU (sm_90) on this machine, no GPU
+needed: Triton's compiler runs on the CPU down to the cubin, and refuses what the interpreter (the CPU tests' path)
+lets through, such as a tensor-core dot over a tile too small or of mixed dtypes. Each variant the engine
+launches is compiled once."""
 
 import os
 import subprocess
@@ -27,6 +28,8 @@ for alone in (0, 1024):
 compile_kernel(m._count_pairs_kernel, {"ids_ptr": "*i64", "counts_ptr": "*i32"}, dict(CHUNK=1024))
 compile_kernel(m._scatter_pairs_kernel, {"ids_ptr": "*i64", "cursors_ptr": "*i32", "sorted_pair_ids_ptr": "*i32"},
                dict(CHUNK=1024))
+compile_kernel(m._softmax_topk_kernel, {"logits_ptr": "*bf16", "weights_ptr": "*fp32", "ids_ptr": "*i64",
+                                        "scale": "fp32"}, dict(TOP_K=6, K_PAD=8, E_PAD=128, RENORMALIZE=True))
 variants = {  # SCALES: (A, B, B's scales, BLOCK_K)
     m.NO_SCALES: ("*bf16", "*bf16", "*fp32", 64),
     m.CHANNEL_SCALES: ("*fp8e4nv", "*fp8e4nv", "*fp32", 64),

@@ -235,8 +235,16 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
                 e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
-        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
-                                                e_score_correction_bias=e_score_correction_bias, **self.routing)
+        if router_logits.is_cuda and e_score_correction_bias is None and router_logits.stride(1) == 1 \
+                and self.routing.get("scoring_func", "softmax") == "softmax" \
+                and (self.routing.get("num_expert_group") or 1) == 1:  # softmax top-k in one launch
+            from tokenmill.layers.fused_moe_triton import softmax_topk
+
+            topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize,
+                                                  self.routing.get("routed_scaling_factor", 1.0))
+        else:
+            topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
+                                                    e_score_correction_bias=e_score_correction_bias, **self.routing)
         if self.expert_parallel:
             topk_ids = self.local_expert_ids(topk_ids)
         return tp_all_reduce(self.quant_method.apply(self, x, topk_weights, topk_ids))

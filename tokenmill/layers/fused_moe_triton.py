@@ -85,6 +85,45 @@ def gemm_config(num_tokens: int, num_experts: int) -> GemmConfig:
     return GemmConfig(64, 64, 64, 4, 3)
 
 
+@triton.jit
+def _softmax_topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_l, scale, TOP_K: tl.constexpr,
+                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):
+    # One token: softmax over its experts' logits in float32, the TOP_K largest (the lowest id first among equal
+    # scores), renormalized to sum to 1 if RENORMALIZE, times `scale`.
+    token = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, E_PAD)
+    logits = tl.load(logits_ptr + token * stride_l + e, mask=e < num_experts, other=-float("inf")).to(tl.float32)
+    exp = tl.exp(logits - tl.max(logits, 0))
+    remaining = tl.where(e < num_experts, exp / tl.sum(exp, 0), -1.0)
+    slots = tl.arange(0, K_PAD)
+    chosen = tl.zeros([K_PAD], tl.float32)
+    chosen_ids = tl.zeros([K_PAD], tl.int64)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(remaining, 0)
+        best_id = tl.min(tl.where(remaining == best, e, E_PAD), 0)
+        chosen = tl.where(slots == slot, best, chosen)
+        chosen_ids = tl.where(slots == slot, best_id.to(tl.int64), chosen_ids)
+        remaining = tl.where(e == best_id, -1.0, remaining)
+    if RENORMALIZE:
+        chosen = chosen / tl.sum(chosen, 0)
+    tl.store(weights_ptr + token * TOP_K + slots, chosen * scale, mask=slots < TOP_K)
+    tl.store(ids_ptr + token * TOP_K + slots, chosen_ids, mask=slots < TOP_K)
+
+
+def softmax_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scale: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_experts' softmax routing in one launch: router_logits [T, E] (last dim contiguous) -> (weights
+    [T, k] float32, ids [T, k] int64)."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if num_tokens:
+        _softmax_topk_kernel[(num_tokens,)](router_logits, weights, ids, num_experts, router_logits.stride(0), scale,
+                                            TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+                                            E_PAD=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize)
+    return weights, ids
+
+
 ALIGN_CHUNK = 1024  # pairs per program of the routing sort's counting and scattering kernels
 
 
