@@ -97,9 +97,10 @@ if want correctness; then
 fi
 if want suite; then
   SUITE_TESTS=${SUITE_TESTS:-tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker}
-  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -q -n 4 $SUITE_TESTS"
-   timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -q -n 4 -p no:cacheprovider $SUITE_TESTS 2>&1) \
-    | tee "$OUT/gpu-tests.txt" | grep -E "passed|failed|FAILED|ERROR" | tail -40
+  # -v names each test as it ends (a run cut by the timeout still says which failed); -rfE sums them up at the end
+  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -v -n 8 --tb=short -rfE $SUITE_TESTS"
+   timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -v -n 8 --tb=short -rfE -p no:cacheprovider -W ignore $SUITE_TESTS 2>&1) \
+    | tee "$OUT/gpu-tests.txt" | grep -E "^(FAILED|ERROR)|(FAILED|ERROR) tests/| passed| failed" | cut -c1-300 | tail -40
 fi
 python3 - "$OUT" <<'PY'
 import glob, json, sys

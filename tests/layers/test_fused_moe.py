@@ -8,10 +8,13 @@ import multiprocessing
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from tokenmill.distributed.parallel_state import destroy_distributed, init_distributed
 from tokenmill.layers.fp8_format import FP8_DTYPE, FP8_MAX
 from tokenmill.layers.fused_moe import FusedMoE, select_experts
+from tokenmill.layers.fused_moe_triton import _e2m1_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 8, 48, 40  # neither a multiple of the kernel's 64-wide tiles
@@ -163,6 +166,23 @@ def test_biases_and_clamped_swiglu_match_float64_loop(num_tokens, dtype):
         cpu = (t.cpu() for t in (x, w13, w2, topk_weights, topk_ids, b13, b2))
         torch.testing.assert_close(experts_loop(*cpu, activation="swigluoai").double(), expected, rtol=1e-5,
                                    atol=1e-5)
+
+
+@triton.jit
+def _decode_e2m1(codes_ptr, out_ptr):
+    i = tl.arange(0, 16)
+    tl.store(out_ptr + i, _e2m1_values(tl.load(codes_ptr + i), out_ptr.dtype.element_ty))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_e2m1_codes_become_their_values_bit_by_bit(dtype):
+    """The grouped GEMM's e2m1 decoding (built from bits in the activations' dtype) against the format's table."""
+    from tokenmill.layers.quantization.mxfp4 import E2M1_VALUES
+
+    out = torch.empty(16, dtype=dtype, device=DEVICE)
+    _decode_e2m1[(1,)](torch.arange(16, dtype=torch.int32, device=DEVICE), out)
+    assert out.tolist() == list(E2M1_VALUES)
+    assert torch.signbit(out[8]).item()  # -0.0
 
 
 MX_HIDDEN, MX_INTERMEDIATE = 96, 32  # MXFP4 blocks are 32 wide; 96 is no multiple of the 64-wide tiles

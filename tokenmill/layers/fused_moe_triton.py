@@ -223,15 +223,42 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
 
 
 @triton.jit
-def _mxfp4_values(packed, offs_k, exponents):
-    """[K, N] bytes holding two e2m1 codes each (the low nibble the even k) and E8M0 exponents -> float32
-    values, exactly: code value (0, 0.5, 1, 1.5, 2, 3, 4, 6, signed by bit 3) x 2^(exponent - 127)."""
-    code = (packed.to(tl.int32) >> ((offs_k[:, None] % 2) * 4)) & 0xF
-    exp, mantissa = (code >> 1) & 3, (code & 1).to(tl.float32)
-    magnitude = tl.where(exp == 0, 0.5 * mantissa,
-                         (2.0 + mantissa) * tl.where(exp == 1, 0.5, tl.where(exp == 2, 1.0, 2.0)))
-    power = (exponents.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2^(e - 127) for e in 1..254
-    return tl.where(code >= 8, -magnitude, magnitude) * power
+def _e2m1_values(codes, dtype: tl.constexpr):
+    """e2m1 codes (int32, 0..15: a sign bit over 2 exponent bits and 1 mantissa bit) -> their values 0, 0.5, 1,
+    1.5, 2, 3, 4, 6 (negated from 8 on) in `dtype`, built from their bits."""
+    exp, mantissa, sign = (codes >> 1) & 3, codes & 1, codes >> 3
+    if dtype == tl.float32:
+        bits = tl.where(exp > 0, ((exp + 126) << 23) | (mantissa << 22), mantissa * (126 << 23)) | (sign << 31)
+        values = bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.bfloat16:
+        bits = tl.where(exp > 0, ((exp + 126) << 7) | (mantissa << 6), mantissa * (126 << 7)) | (sign << 15)
+        values = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        bits = tl.where(exp > 0, ((exp + 14) << 10) | (mantissa << 9), mantissa * (14 << 10)) | (sign << 15)
+        values = bits.to(tl.int16).to(tl.float16, bitcast=True)
+    return values
+
+
+@triton.jit
+def _mxfp4_tile(acc, a_row_ptrs, b_col_ptrs, exponent_ptrs, k0, K, is_pair, n_mask, BLOCK_K: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """acc + A[:, k0:k0 + BLOCK_K] @ the MXFP4 weights' values there, 32 k (one exponent, 16 bytes a column) at a
+    time: the bytes' low nibbles (even k) meet A's even columns, the high ones its odd columns, and the group's
+    power of two scales the sum."""
+    j = tl.arange(0, 16)
+    for group in tl.static_range(BLOCK_K // 32):
+        kg = k0 + group * 32
+        in_k = (kg + 2 * j) < K  # [16]: the group lies inside K or past it
+        packed = tl.load(b_col_ptrs + (kg // 2 + j)[:, None], mask=in_k[:, None] & n_mask[None, :], other=0)
+        packed = packed.to(tl.int32)
+        a_even = tl.load(a_row_ptrs + (kg + 2 * j)[None, :], mask=is_pair[:, None] & in_k[None, :], other=0.0)
+        a_odd = tl.load(a_row_ptrs + (kg + 2 * j + 1)[None, :], mask=is_pair[:, None] & in_k[None, :], other=0.0)
+        part = tl.dot(a_even, _e2m1_values(packed & 15, a_even.dtype), input_precision=DOT_PRECISION)
+        part = tl.dot(a_odd, _e2m1_values(packed >> 4, a_odd.dtype), part, input_precision=DOT_PRECISION)
+        group_in_k = (n_mask.to(tl.int32) * 0 + kg) < K  # [N]
+        exponents = tl.load(exponent_ptrs + kg // 32, mask=n_mask & group_in_k, other=0).to(tl.int32)
+        acc += part * (exponents << 23).to(tl.float32, bitcast=True)[None, :]  # 2^(e - 127), e in 1..254
+    return acc
 
 
 @triton.jit
@@ -243,7 +270,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # C[pair, n] = (sum_k A[pair // PAIRS_PER_A_ROW, k] * B[expert, n, k] (x their scales, SCALES)
     #               (+ bias[expert, n] if HAS_BIAS)) (x weights[pair] if MUL_WEIGHT)
-    # MXFP4 (SCALES 3): B holds two e2m1 codes a byte along k, b_scale one E8M0 exponent per 32 of k.
+    # MXFP4 (SCALES 3): B holds two e2m1 codes a byte along k, b_scale one E8M0 exponent per 32 of k (BLOCK_K a
+    # multiple of 32).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_rows_padded_ptr):
@@ -256,12 +284,11 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    K_PER_B: tl.constexpr = 2 if SCALES == 3 else 1  # k per element of B
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None] // K_PER_B
+    b_cols = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+    b_ptrs = b_cols + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
     a_scale_ptrs = a_scale_ptr + a_rows * stride_as_m
-    if SCALES == 3:  # [K, N] tile of the exponents (32 k share one)
-        b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + offs_n[None, :].to(tl.int64) * stride_bs_n \
-            + offs_k[:, None] // 32
+    if SCALES == 3:  # each column's exponents
+        b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + offs_n.to(tl.int64) * stride_bs_n
     elif SCALES == 2:  # this column's row of blocks, counted within its segment
         scale_rows = (offs_n // segment_rows) * tl.cdiv(segment_rows, SCALE_BLOCK_N) \
             + (offs_n % segment_rows) // SCALE_BLOCK_N
@@ -270,18 +297,19 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, bias_ptr, a_scale_ptr
         b_scale_ptrs = b_scale_ptr + expert * stride_bs_e + offs_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        a = tl.load(a_ptrs + k0, mask=is_pair[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs + k0 // K_PER_B, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if SCALES == 3:
-            acc = tl.dot(a, _mxfp4_values(b, offs_k, tl.load(b_scale_ptrs + k0 // 32, mask=k_mask[:, None]
-                                                             & n_mask[None, :], other=127)).to(a.dtype), acc)
-        elif SCALES == 2:  # BLOCK_K is the scales' block_k: tile k0 // BLOCK_K is one block
-            a_scale = tl.load(a_scale_ptrs + k0 // BLOCK_K, mask=is_pair, other=0.0)
-            b_scale = tl.load(b_scale_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+            acc = _mxfp4_tile(acc, a_ptr + a_rows[:, None] * stride_am, b_cols, b_scale_ptrs, k0, K, is_pair, n_mask,
+                              BLOCK_K, DOT_PRECISION)
         else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptrs + k0, mask=is_pair[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if SCALES == 2:  # BLOCK_K is the scales' block_k: tile k0 // BLOCK_K is one block
+                a_scale = tl.load(a_scale_ptrs + k0 // BLOCK_K, mask=is_pair, other=0.0)
+                b_scale = tl.load(b_scale_ptrs + k0 // BLOCK_K, mask=n_mask, other=0.0)
+                acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if SCALES == 1:
         acc = acc * tl.load(a_scale_ptrs, mask=is_pair, other=0.0)[:, None] \
             * tl.load(b_scale_ptrs, mask=n_mask, other=0.0)[None, :]
@@ -317,8 +345,8 @@ def grouped_gemm(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, sorte
     block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
     scales, scale_block_n, segment_rows = NO_SCALES, 1, 1
     a_scale = b_scale = out  # (placeholders, unread)
-    if mxfp4_scales is not None:
-        scales, b_scale = MXFP4_SCALES, mxfp4_scales
+    if mxfp4_scales is not None:  # whole groups of 32 k a tile
+        scales, b_scale, block_k = MXFP4_SCALES, mxfp4_scales, max(32, block_k // 32 * 32)
     if fp8 is not None:
         a, a_scale = fp8.quantize_input(a)
         b_scale = fp8.weight_scale
