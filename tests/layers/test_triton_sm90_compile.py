@@ -24,7 +24,7 @@ def compile_kernel(kernel, types, constexprs):
 align = {name: "*i32" for name in m._plan_blocks_kernel.arg_names if name.endswith("_ptr")}
 for alone in (0, 1024):
     compile_kernel(m._plan_blocks_kernel, {**align, "ids_ptr": "*i64"},
-                   dict(NUM_EXPERTS=128, E_PAD=256, BLOCK_M=16, FILL_CHUNK=1024, BLOCK_CHUNK=32, ALONE=alone))
+                   dict(NUM_EXPERTS=128, E_PAD=256, BLOCK_M=16, FILL_CHUNK=1024, ALONE=alone))
 compile_kernel(m._count_pairs_kernel, {"ids_ptr": "*i64", "counts_ptr": "*i32"}, dict(CHUNK=1024))
 compile_kernel(m._scatter_pairs_kernel, {"ids_ptr": "*i64", "cursors_ptr": "*i32", "sorted_pair_ids_ptr": "*i32"},
                dict(CHUNK=1024))

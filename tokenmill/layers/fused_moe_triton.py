@@ -152,9 +152,8 @@ def _scatter_pairs_kernel(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, num_pairs, 
 
 @triton.jit
 def _plan_blocks_kernel(ids_ptr, counts_ptr, cursors_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr,
-                        num_rows_padded_ptr, num_pairs, max_rows, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, FILL_CHUNK: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
-                        ALONE: tl.constexpr):
+                        num_rows_padded_ptr, num_pairs, NUM_EXPERTS: tl.constexpr, E_PAD: tl.constexpr,
+                        BLOCK_M: tl.constexpr, FILL_CHUNK: tl.constexpr, ALONE: tl.constexpr):
     # Each expert's run padded to whole blocks, the pairs held elsewhere (id NUM_EXPERTS) after them unpadded;
     # each run's first row becomes its cursor, every row the padding id, each block its expert. ALONE (every
     # pair fits one program of ALONE pairs): this program also counts the pairs first and scatters them last,
@@ -171,21 +170,20 @@ def _plan_blocks_kernel(ids_ptr, counts_ptr, cursors_ptr, sorted_pair_ids_ptr, b
         tl.debug_barrier()
     else:
         counts = tl.load(counts_ptr + e, mask=e <= NUM_EXPERTS, other=0)
-    runs = tl.where(e < NUM_EXPERTS, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.where(e == NUM_EXPERTS,
-                                                                                           counts, 0))
+    is_expert = e < NUM_EXPERTS
+    runs = tl.where(is_expert, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, tl.where(e == NUM_EXPERTS, counts, 0))
     ends = tl.cumsum(runs, 0)
-    tl.store(cursors_ptr + e, ends - runs, mask=e <= NUM_EXPERTS)
-    padded_total = tl.sum(tl.where(e < NUM_EXPERTS, runs, 0), 0)
+    starts = ends - runs
+    tl.store(cursors_ptr + e, starts, mask=e <= NUM_EXPERTS)
+    padded_total = tl.sum(tl.where(is_expert, runs, 0), 0)
     tl.store(num_rows_padded_ptr, padded_total)
-    for row0 in range(0, max_rows, FILL_CHUNK):
+    # Only rows and blocks before the padded total are read (the GEMM's later blocks return at once).
+    for row0 in range(0, padded_total, FILL_CHUNK):
         rows = row0 + tl.arange(0, FILL_CHUNK)
-        tl.store(sorted_pair_ids_ptr + rows, tl.full([FILL_CHUNK], 0, tl.int32) + num_pairs, mask=rows < max_rows)
-    for block0 in range(0, max_rows // BLOCK_M, BLOCK_CHUNK):
-        blocks = block0 + tl.arange(0, BLOCK_CHUNK)
-        # the block's expert: how many runs end at or before its first row (blocks past the total: the last)
-        passed = (ends[None, :] <= blocks[:, None] * BLOCK_M) & (e[None, :] < NUM_EXPERTS)
-        expert = tl.minimum(tl.sum(passed.to(tl.int32), 1), NUM_EXPERTS - 1)
-        tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < max_rows // BLOCK_M)
+        tl.store(sorted_pair_ids_ptr + rows, tl.full([FILL_CHUNK], 0, tl.int32) + num_pairs, mask=rows < padded_total)
+    num_blocks = tl.where(is_expert, runs // BLOCK_M, 0)
+    for block in range(0, tl.max(num_blocks, 0)):  # every expert's block-th block at once
+        tl.store(block_expert_ids_ptr + starts // BLOCK_M + block, e, mask=block < num_blocks)
     if ALONE:
         tl.debug_barrier()
         _scatter_pairs(ids_ptr, cursors_ptr, sorted_pair_ids_ptr, tl.arange(0, ALONE), num_pairs)
@@ -195,11 +193,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] (an id of num_experts: held elsewhere) -> (sorted_pair_ids [max_rows] int32, padding
     rows = T * k; block_expert_ids [max_rows / block_m] int32; num_rows_padded [1] int32, the rows in use),
-    max_rows = T * k + E * (block_m - 1) rounded up to block_m. Up to ALIGN_CHUNK pairs (decode steps) one
-    program counts the pairs per expert, plans the padded blocks and scatters the pairs to their runs' rows;
-    more take four launches (counters zeroed, counted, planned, scattered). The routing runs once per MoE layer
-    and step, where a sort built of torch ops took some 25 small kernels. The order of pairs within an
-    expert's run follows the atomics (each pair's row is computed alone, so outputs do not depend on it)."""
+    max_rows = T * k + E * (block_m - 1) rounded up to block_m. Rows and blocks past num_rows_padded are left
+    unwritten, but for the pairs held elsewhere that follow it (nothing reads them). Up to ALIGN_CHUNK pairs
+    (decode steps) one program counts the pairs per expert, plans the padded blocks and scatters the pairs to
+    their runs' rows; more take four launches (counters zeroed, counted, planned, scattered). The routing runs
+    once per MoE layer and step, where a sort built of torch ops took some 25 small kernels. The order of pairs
+    within an expert's run follows the atomics (each pair's row is computed alone, so outputs do not depend on
+    it)."""
     flat_ids = topk_ids.flatten()
     num_pairs = flat_ids.numel()
     device = flat_ids.device
@@ -214,9 +214,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
     if not alone:
         _count_pairs_kernel[grid](flat_ids, counters[0], num_pairs, CHUNK=ALIGN_CHUNK)
     _plan_blocks_kernel[(1,)](flat_ids, counters[0], counters[1], sorted_pair_ids, block_expert_ids, num_rows_padded,
-                              num_pairs, max_rows, NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m,
-                              FILL_CHUNK=1024, BLOCK_CHUNK=max(8192 // e_pad, 1),
-                              ALONE=triton.next_power_of_2(num_pairs) if alone else 0)
+                              num_pairs, NUM_EXPERTS=num_experts, E_PAD=e_pad, BLOCK_M=block_m,
+                              FILL_CHUNK=1024, ALONE=triton.next_power_of_2(num_pairs) if alone else 0)
     if not alone:
         _scatter_pairs_kernel[grid](flat_ids, counters[1], sorted_pair_ids, num_pairs, CHUNK=ALIGN_CHUNK)
     return sorted_pair_ids, block_expert_ids, num_rows_padded
