@@ -26,9 +26,10 @@ browser:
 			|| echo "could not install chromium: the browser tests will skip"; \
 	fi
 
+# TOKENMILL_SM90_COMPILE: every Triton kernel variant the tests launch is also compiled for sm_90 (tests/triton_sm90.py)
 test: install browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -ra tests
+	TOKENMILL_SM90_COMPILE=1 $(PY) -m pytest -q -ra tests
 
 # logs the playground's URL (http://HOST:PORT/playground/) once the engine is up
 serve: install

@@ -18,6 +18,22 @@ def _silence_interpreter_teardown() -> None:
 
 atexit.register(_silence_interpreter_teardown)
 
+if os.environ.get("TOKENMILL_SM90_COMPILE") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+    from triton_sm90 import compile_recorded, start_recording
+
+    start_recording()
+
+    def pytest_sessionfinish(session, exitstatus) -> None:
+        """Every kernel variant the tests launched, compiled for sm_90 (tests/triton_sm90.py)."""
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        count, failures = compile_recorded()
+        reporter.write_line(f"sm_90 compilation of the {count} Triton kernel variants the tests launched: "
+                            f"{len(failures)} failed")
+        for failure in failures:
+            reporter.write_line(f"  {failure}", red=True)
+        if failures:
+            session.exitstatus = 1
+
 
 import json  # noqa: E402
 import re  # noqa: E402
