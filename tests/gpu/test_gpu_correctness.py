@@ -54,14 +54,20 @@ def engine_greedy(path: str, dtype: str, enforce_eager: bool, num_new: int = 48,
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_float32_greedy_matches_hf_and_graphs_match_eager(model_dir):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+def hf_greedy(model, num_new: int = 48) -> list[list[int]]:
+    """HF transformers' greedy tokens for prompts(), each prompt alone (no padding)."""
     expected = []
     for p in prompts():
         ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, min_new_tokens=48,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new,
+                             min_new_tokens=num_new, do_sample=False, eos_token_id=None, pad_token_id=0)
         expected.append(out[0, len(p):].tolist())
+    return expected
+
+
+def test_float32_greedy_matches_hf_and_graphs_match_eager(model_dir):
+    expected = hf_greedy(transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
+                         .eval())
     graphs = engine_greedy(model_dir, "float32", enforce_eager=False)
     eager = engine_greedy(model_dir, "float32", enforce_eager=True)
     chunked = engine_greedy(model_dir, "float32", enforce_eager=False, max_num_batched_tokens=64,

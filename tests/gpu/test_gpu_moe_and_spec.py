@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
-from test_gpu_correctness import engine_greedy, prompts
+from test_gpu_correctness import engine_greedy, hf_greedy, prompts
 
 from tokenmill import LLM, SamplingParams
 
@@ -50,14 +50,8 @@ def moe_config(arch: str) -> transformers.PretrainedConfig:
 def test_moe_families_match_hf_with_graphs_eagerly_and_chunked(arch, tmp_path):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(moe_config(arch), dtype=torch.float32).save_pretrained(tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
-    expected = []
-    for p in prompts():
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, min_new_tokens=48,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
-    del hf
+    expected = hf_greedy(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda()
+                         .eval())
     runs = {"graphs": engine_greedy(str(tmp_path), "float32", enforce_eager=False),
             "eager": engine_greedy(str(tmp_path), "float32", enforce_eager=True),
             "chunked": engine_greedy(str(tmp_path), "float32", enforce_eager=False, max_num_batched_tokens=64,
@@ -89,13 +83,7 @@ def test_gpt_oss_mxfp4_experts_kept_4bit_match_hf_on_their_values(tmp_path):
     config = json.loads((tmp_path / "mxfp4" / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4"}
     (tmp_path / "mxfp4" / "config.json").write_text(json.dumps(config))
-    hf = twin.cuda().eval()
-    expected = []
-    for p in prompts():
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
+    expected = hf_greedy(twin.cuda().eval(), num_new=32)
     llm = LLM(str(tmp_path / "mxfp4"), dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
               gpu_memory_utilization=0.3, max_num_seqs=16)
     assert llm.llm_engine.core.worker.runner.model.model.layers[0].mlp.experts.w13_weight.dtype == torch.uint8
