@@ -26,7 +26,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--num-iters", type=int, default=5)
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after the timed runs, one more under torch.profiler: its device kernels by time (and "
+                             "their launches per decode step) written to FILE and printed")
     parser.set_defaults(func=run)
+
+
+def profile_generation(llm, prompt: dict, params, num_decode_steps: int, path: str) -> None:
+    """One generation under torch.profiler: the device kernels (CPU ops where there is no GPU) by their total
+    time, with the launches per decode step, to `path` and stdout. The engine runs in this process (one rank),
+    so the profiler sees its kernels, those replayed in CUDA graphs too."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if llm.llm_engine.config.parallel.world_size > 1:
+        raise SystemExit("bench latency --profile profiles one rank (the others run in processes of their own); "
+                         "run it without tensor or pipeline parallelism")
+    llm.reset_prefix_cache()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        llm.generate([prompt], params, use_tqdm=False)
+    averages = prof.key_averages()
+    on_device = [e for e in averages if e.device_type.name == "CUDA"] or list(averages)
+    launches = sum(e.count for e in on_device)
+    total_us = sum(e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total
+                   for e in on_device)
+    lines = [f"{'kernel' if torch.cuda.is_available() else 'op':80s} {'calls':>7s} {'per step':>8s} "
+             f"{'total ms':>9s} {'share':>6s}"]
+    for e in sorted(on_device, key=lambda e: -(e.self_device_time_total if torch.cuda.is_available()
+                                               else e.self_cpu_time_total))[:40]:
+        us = e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total
+        lines.append(f"{e.key[:80]:80s} {e.count:7d} {e.count / num_decode_steps:8.1f} {us / 1e3:9.2f} "
+                     f"{us / max(total_us, 1):6.1%}")
+    lines.append(f"{launches} launches, {launches / num_decode_steps:.0f} per decode step; "
+                 f"{total_us / 1e3:.1f} ms in them over {num_decode_steps} decode steps")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         decode_rates.append((args.output_len - 1) / max(total - ttft, 1e-9))
         print(f"bench: iteration {i + 1} of {args.num_iters}: TTFT {ttft * 1e3:.1f} ms, "
               f"{decode_rates[-1]:.1f} tok/s", file=sys.stderr, flush=True)
+    if args.profile:
+        profile_generation(llm, prompt, full, args.output_len - 1, args.profile)
     record = {"workload": f"latency-{args.input_len}-{args.output_len}", "model": model_name, "backend": "tokenmill",
               "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms": statistics.median(ttfts) * 1e3, "decode_tokens_per_s": statistics.median(decode_rates),
