@@ -81,14 +81,25 @@ class Step:
         return torch.cat(out)
 
 
-def test_absorbed_path_matches_expanded_attention_in_float64():
+def absorbed_only(monkeypatch) -> None:
+    """Every token through the absorbed path, as a CUDA graph's replay computes it (eager steps expand prompts)."""
+    monkeypatch.setattr(MLAAttention, "_expands_prompts", staticmethod(lambda q, metadata: False))
+
+
+@pytest.mark.parametrize("path", ["absorbed", "expanded prompts"])
+def test_both_paths_match_expanded_attention_in_float64(path, monkeypatch):
+    """The absorbed path (every token), and the eager steps' mix: the first requests (one token each, decodes)
+    absorbed, the others expanded through kv_b_proj, over a prefix or not."""
+    if path == "absorbed":
+        absorbed_only(monkeypatch)
     step = Step()
     torch.testing.assert_close(step.layer_output(torch.float64, "torch"), step.expanded_reference(),
                                rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_latent_kernel_matches_expanded_attention(dtype):
+def test_triton_latent_kernel_matches_expanded_attention(dtype, monkeypatch):
+    absorbed_only(monkeypatch)
     step = Step(seed=1)
     out, ref = step.layer_output(dtype, "triton"), step.expanded_reference()
     err = ((out - ref).norm() / ref.norm()).item()

@@ -9,11 +9,14 @@ k_pe [R] shared by every head; kv_b_proj expands c per head into k_nope [N] and 
     out_h(t)      = sum_s p_h(t, s) W_UV_h c(s) = W_UV_h (sum_s p_h(t, s) c(s))
 
 So the cache holds only [c | k_pe] per token (L + R values, one "head", attention/backend.py's one-plane
-layout), and every step, prefill and decode alike, takes the absorbed path: q_nope goes through W_UK into
-the latent space, attention is MQA over the cache with keys [c | k_pe] (head dim L + R) and values c (L),
-and the output goes through W_UV. One path for every step keeps chunked prefill, prefix hits and
-preemption the same as decode; a prefill then costs more FLOPs than expanding per-head K/V would (L + R
-against N + R per score), which matters on a GPU only for long prompts.
+layout). Decoding takes the absorbed path: q_nope goes through W_UK into the latent space, attention is MQA
+over the cache with keys [c | k_pe] (head dim L + R) and values c (L), and the output goes through W_UV.
+A prompt's tokens, in a step that runs eagerly (not replaying a CUDA graph: long prefills, and every step on
+the CPU), take the expanded path instead, as vLLM's MLA does: the request's cached latents go through
+kv_b_proj once to per-head k_nope and v, and it is ordinary causal attention over head dim N + R with values of
+V (torch's SDPA), L + R against N + R per score and L against V per output, a quarter of the absorbed path's
+FLOPs at DeepSeek's sizes. Chunked prefill and prefix hits read the whole cached context either way; the
+one-token requests of a mixed step (the first num_decodes) stay absorbed.
 
 The rope dims use the model's rotary (DeepSeek's interleaved pairs, YaRN's attention factor in cos/sin);
 the softmax scale is the caller's (qk_head_dim ** -0.5, times YaRN's mscale squared where configured).
@@ -23,8 +26,11 @@ parallelism (heads split over ranks, the latent replicated) needs nothing here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from tokenmill.attention.backend import AttentionMetadata
 from tokenmill.forward_context import get_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.rotary import RotaryEmbedding
@@ -58,7 +64,63 @@ class MLAAttention(Attention):
         metadata = ctx.attn_metadata
         if self.is_last_layer and ctx.logits_rows is not None:
             q_nope, q_pe, metadata = q_nope[ctx.logits_rows], q_pe[ctx.logits_rows], ctx.logits_metadata
+        if self._expands_prompts(q, metadata):
+            return self._with_expanded_prompts(q_nope, q_pe, metadata, kv_b_weight)
+        return self._absorbed(q_nope, q_pe, metadata, kv_b_weight)
+
+    @staticmethod
+    def _expands_prompts(q: torch.Tensor, metadata: AttentionMetadata) -> bool:
+        """Whether this step's prompt tokens take the expanded path: the step has some, and it is not being
+        captured in a CUDA graph (the per-request path depends on the step's lengths)."""
+        return metadata.max_query_len > 1 and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, metadata, kv_b_weight: torch.Tensor
+                  ) -> torch.Tensor:
         w_uk, w_uv = self.split_kv_b(kv_b_weight)
         query = torch.cat([torch.einsum("thn,hnl->thl", q_nope, w_uk), q_pe], dim=-1)
-        out = ctx.backend.forward(query, self.kv_cache, metadata, self.scale, value_dim=self.kv_lora_rank)
+        out = get_forward_context().backend.forward(query, self.kv_cache, metadata, self.scale,
+                                                    value_dim=self.kv_lora_rank)
         return torch.einsum("thl,hvl->thv", out, w_uv).reshape(out.shape[0], self.num_heads * self.v_head_dim)
+
+    def _with_expanded_prompts(self, q_nope: torch.Tensor, q_pe: torch.Tensor, metadata: AttentionMetadata,
+                               kv_b_weight: torch.Tensor) -> torch.Tensor:
+        """The step's first num_decodes requests (one token each) absorbed, every later one expanded."""
+        out = q_nope.new_zeros(q_nope.shape[0], self.num_heads * self.v_head_dim)
+        decodes = metadata.num_decodes
+        if decodes:
+            out[:decodes] = self._absorbed(q_nope[:decodes], q_pe[:decodes], _first_requests(metadata, decodes),
+                                           kv_b_weight)
+        starts, seq_lens = metadata.query_start_loc_cpu.tolist(), metadata.seq_lens_cpu.tolist()
+        block_size = self.kv_cache.shape[2]
+        latent_dim, heads, nope, v_dim = self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim, self.v_head_dim
+        for i in range(decodes, metadata.num_reqs):
+            first, last, context = starts[i], starts[i + 1], seq_lens[i]
+            if first == last:
+                continue
+            blocks = metadata.block_table[i, :-(-context // block_size)].long()
+            cached = self.kv_cache[0, blocks].reshape(-1, self.kv_cache.shape[-1])[:context]  # [S, L + R]
+            latent, k_pe = cached.split([latent_dim, cached.shape[-1] - latent_dim], dim=-1)
+            k_nope, value = torch.nn.functional.linear(latent, kv_b_weight).view(context, heads, nope + v_dim) \
+                .split([nope, v_dim], dim=-1)
+            key = torch.cat([k_nope, k_pe[:, None, :].expand(context, heads, k_pe.shape[-1])], dim=-1)
+            query = torch.cat([q_nope[first:last], q_pe[first:last]], dim=-1)
+            num_new = last - first
+            # query j sits at position context - num_new + j and sees keys 0 .. that position
+            mask = None if num_new == context else torch.ones(num_new, context, dtype=torch.bool,
+                                                              device=query.device).tril(context - num_new)
+            attended = torch.nn.functional.scaled_dot_product_attention(
+                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask,
+                is_causal=mask is None, scale=self.scale)
+            out[first:last] = attended.transpose(0, 1).reshape(num_new, heads * v_dim)
+        return out
+
+
+def _first_requests(metadata: AttentionMetadata, count: int) -> AttentionMetadata:
+    """The metadata of a step's first `count` requests, one token each (a mixed step's decodes)."""
+    return dataclasses.replace(
+        metadata, num_actual_tokens=count, num_reqs=count, max_query_len=1,
+        max_seq_len=int(metadata.seq_lens_cpu[:count].max()), query_start_loc=metadata.query_start_loc[:count + 1],
+        seq_lens=metadata.seq_lens[:count], block_table=metadata.block_table[:count],
+        slot_mapping=metadata.slot_mapping[:count], query_start_loc_cpu=metadata.query_start_loc_cpu[:count + 1],
+        seq_lens_cpu=metadata.seq_lens_cpu[:count], num_decodes=0, decode_order=metadata.decode_order,
+        derived={})
