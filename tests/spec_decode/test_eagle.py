@@ -110,16 +110,18 @@ generate = functools.partial(generate_checked, max_model_len=256, kv_cache_memor
 
 
 def first_proposals(monkeypatch) -> dict[str, list[int]]:
-    """Each request's first drafts, recorded as the runner proposes them (filled while the engine runs)."""
+    """Each request's first drafts, recorded as the runner proposes them (filled while the engine runs; under
+    async scheduling only for requests whose next step verifies drafts)."""
     from tokenmill.worker.model_runner import ModelRunner
 
     proposed: dict[str, list[int]] = {}
     propose = ModelRunner._propose
 
-    def spy(runner, output):
-        found = propose(runner, output)
+    def spy(runner, output, drafting=None):
+        found = propose(runner, output, drafting)
         for req_id, drafts in zip(output.req_ids, found):
-            proposed.setdefault(req_id, drafts)
+            if drafting is None or req_id in drafting:  # (the others were not asked for drafts)
+                proposed.setdefault(req_id, drafts)
         return found
 
     monkeypatch.setattr(ModelRunner, "_propose", spy)
@@ -209,7 +211,8 @@ def test_proposals_equal_a_float64_reference_of_the_head(method, target, tmp_pat
     head = write_head(tmp_path / method, eagle3, weights, pickled=not eagle3)
     proposed = first_proposals(monkeypatch)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    outputs, _ = generate(target, {"method": method, "model": head, "num_speculative_tokens": k}, PROMPTS, params)
+    outputs, _ = generate(target, {"method": method, "model": head, "num_speculative_tokens": k}, PROMPTS, params,
+                          async_scheduling=False)  # (async: the second token's step has no room for drafts)
     hf = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float64)
     embed, lm_head = hf.model.embed_tokens.weight.detach(), hf.lm_head.weight.detach()
     w = {name: t.double() if t.is_floating_point() else t for name, t in weights.items()}

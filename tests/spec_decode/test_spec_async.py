@@ -58,20 +58,29 @@ def test_dynamic_draft_length_keeps_greedy_tokens(async_scheduling, target, plai
     assert metrics["vllm:spec_decode_num_accepted_tokens"] > 0
 
 
-def test_a_request_whose_drafts_are_always_rejected_stops_drafting(target, tiny_model_dir):
+def test_a_request_whose_drafts_are_always_rejected_stops_drafting(target, tiny_model_dir, monkeypatch):
     """A draft model of another architecture (random, with the target's vocabulary) whose drafts the target
     rejects: without the policy it drafts at every step; with it, two steps take the acceptance average below
-    0.5 (1 -> 0.5 -> 0.25), one more runs ahead under async scheduling, then one probe every PROBE_INTERVAL steps."""
+    0.5 (1 -> 0.5 -> 0.25), one more runs ahead under async scheduling, then one probe every PROBE_INTERVAL steps.
+    Under async scheduling the draft model runs only for the steps that verify its drafts."""
+    from tokenmill.spec_decode.draft_model import DraftModelProposer
+
+    proposals = []
+    propose = DraftModelProposer.propose
+    monkeypatch.setattr(DraftModelProposer, "propose",
+                        lambda self, batch, rows, meta: proposals.append(len(rows)) or propose(self, batch, rows, meta))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    counts = {}
+    counts, proposed = {}, {}
     for rate in (None, 0.5):
         spec = {"model": tiny_model_dir("qwen3"), "num_speculative_tokens": 3, "disable_by_acceptance_rate": rate}
+        proposals.clear()
         outputs, metrics = generate(target, spec, REPETITIVE[:1], params)
         assert metrics["vllm:spec_decode_num_accepted_tokens"] == 0
-        counts[rate] = metrics["vllm:spec_decode_num_drafts"]
+        counts[rate], proposed[rate] = metrics["vllm:spec_decode_num_drafts"], sum(proposals)
     num_decode_steps = 39
     assert counts[None] >= num_decode_steps - 4  # the last steps have no room for drafts
     assert 0 < counts[0.5] <= 3 + num_decode_steps // PROBE_INTERVAL
+    assert proposed == counts  # (without the skip, 37 proposals for 7 verified with the policy)
 
 
 @pytest.mark.parametrize("spec, message", [

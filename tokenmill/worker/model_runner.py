@@ -176,8 +176,11 @@ class ModelRunner:
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepInfo:
         """Queues the step's forward pass and returns at once; sample_tokens() queues its sampling."""
         assert self._unsampled is None, "the previous step was not sampled"
-        while self.proposer is not None and self._sampled:  # async scheduling: this step's drafts come from it
-            self._finished.append(self._collect(self._sampled.popleft()))
+        # Async scheduling: this step's drafts come from the step in flight, whose proposals are made now, only
+        # for the requests this step gives drafts (the draft policy may have paused the others).
+        drafting = set(scheduler_output.scheduled_spec_decode_tokens)
+        while self.proposer is not None and self._sampled:
+            self._finished.append(self._collect(self._sampled.popleft(), drafting))
         update_states(self.batch, self.states, scheduler_output, self.device)
         if isinstance(self.proposer, DraftModelProposer):
             for req_id in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
@@ -383,10 +386,11 @@ class ModelRunner:
         """The oldest sampled step's output (see _collect), collected now or already by execute_model."""
         return self._finished.popleft() if self._finished else self._collect(self._sampled.popleft())
 
-    def _collect(self, launched: _Launched) -> ModelRunnerOutput:
+    def _collect(self, launched: _Launched, drafting: set[str] | None = None) -> ModelRunnerOutput:
         """Waits for a sampled step's tokens and records them in the batch (rows may have moved since);
         requests whose prompt is not yet fully computed discard their sample. With speculative decoding, then
-        proposes each request's drafts for its next step."""
+        proposes each request's drafts for its next step (only for those in `drafting`, when the next step is
+        already scheduled)."""
         if not launched.info.req_ids:
             return ModelRunnerOutput([], [], [])
         host = launched.host
@@ -409,16 +413,20 @@ class ModelRunner:
                     else [0] * len(launched.info.req_ids)
         if self.proposer is not None:
             with step_timer.phase("propose"):
-                output.spec_token_ids = self._propose(output)
+                output.spec_token_ids = self._propose(output, drafting)
                 self._proposed = dict(zip(output.req_ids, output.spec_token_ids))
         return output
 
-    def _propose(self, output: ModelRunnerOutput) -> list[list[int]]:
+    def _propose(self, output: ModelRunnerOutput, drafting: set[str] | None = None) -> list[list[int]]:
         """Drafts for the requests that just sampled, from their tokens so far (none for a grammar-constrained
-        request, whose drafts the scheduler would drop, nor while a request still reports prompt logprobs)."""
+        request, whose drafts the scheduler would drop, nor while a request still reports prompt logprobs, nor
+        for one outside `drafting` if given: a draft model or head catches up on its tokens when it drafts
+        again)."""
         batch = self.batch
         rows, positions = [], []
         for i, (req_id, tokens) in enumerate(zip(output.req_ids, output.sampled_token_ids)):
+            if drafting is not None and req_id not in drafting:
+                continue
             row = batch.index.get(req_id)
             params = batch.states[row].sampling_params if row is not None else None
             if tokens and params is not None and params.prompt_logprobs is None and params.structured_outputs is None:
