@@ -86,12 +86,15 @@ def absorbed_only(monkeypatch) -> None:
     monkeypatch.setattr(MLAAttention, "_expands_prompts", staticmethod(lambda q, metadata: False))
 
 
-@pytest.mark.parametrize("path", ["absorbed", "expanded prompts"])
+@pytest.mark.parametrize("path", ["absorbed", "expanded prompts", "expanded up to 8 keys"])
 def test_both_paths_match_expanded_attention_in_float64(path, monkeypatch):
     """The absorbed path (every token), and the eager steps' mix: the first requests (one token each, decodes)
-    absorbed, the others expanded through kv_b_proj, over a prefix or not."""
+    absorbed, the others expanded through kv_b_proj, over a prefix or not; a prompt over a context longer than
+    EXPANDED_MAX_CONTEXT absorbed on its own (here the chunk over 13 keys, beside an expanded prompt)."""
     if path == "absorbed":
         absorbed_only(monkeypatch)
+    if path == "expanded up to 8 keys":
+        monkeypatch.setattr("tokenmill.layers.mla.EXPANDED_MAX_CONTEXT", 8)
     step = Step()
     torch.testing.assert_close(step.layer_output(torch.float64, "torch"), step.expanded_reference(),
                                rtol=1e-10, atol=1e-10)

@@ -35,6 +35,10 @@ from tokenmill.forward_context import get_forward_context
 from tokenmill.layers.attention import Attention
 from tokenmill.layers.rotary import RotaryEmbedding
 
+# The longest context a prompt's tokens expand over: its keys and values per head (DeepSeek-V3: 128 heads x 256
+# values x 2 bytes, 64 KiB a token) are a transient the start-up memory profile sized for one batch of tokens.
+EXPANDED_MAX_CONTEXT = 8192
+
 
 class MLAAttention(Attention):
     """forward(positions, q [T, H, N + R], latent [T, L], k_pe [T, R], kv_b_weight [H * (N + V), L])
@@ -84,18 +88,27 @@ class MLAAttention(Attention):
 
     def _with_expanded_prompts(self, q_nope: torch.Tensor, q_pe: torch.Tensor, metadata: AttentionMetadata,
                                kv_b_weight: torch.Tensor) -> torch.Tensor:
-        """The step's first num_decodes requests (one token each) absorbed, every later one expanded."""
+        """The step's first num_decodes requests (one token each) absorbed, every later one expanded, but for one
+        whose context passes EXPANDED_MAX_CONTEXT (its per-head keys and values would take memory the start-up
+        profile never saw): absorbed too."""
         out = q_nope.new_zeros(q_nope.shape[0], self.num_heads * self.v_head_dim)
+        starts, seq_lens = metadata.query_start_loc_cpu.tolist(), metadata.seq_lens_cpu.tolist()
+
+        def absorb(lo: int, hi: int) -> None:  # requests lo .. hi - 1
+            rows = slice(starts[lo], starts[hi])
+            out[rows] = self._absorbed(q_nope[rows], q_pe[rows], _request_range(metadata, lo, hi), kv_b_weight)
+
         decodes = metadata.num_decodes
         if decodes:
-            out[:decodes] = self._absorbed(q_nope[:decodes], q_pe[:decodes], _first_requests(metadata, decodes),
-                                           kv_b_weight)
-        starts, seq_lens = metadata.query_start_loc_cpu.tolist(), metadata.seq_lens_cpu.tolist()
+            absorb(0, decodes)
         block_size = self.kv_cache.shape[2]
         latent_dim, heads, nope, v_dim = self.kv_lora_rank, self.num_heads, self.qk_nope_head_dim, self.v_head_dim
         for i in range(decodes, metadata.num_reqs):
             first, last, context = starts[i], starts[i + 1], seq_lens[i]
             if first == last:
+                continue
+            if context > EXPANDED_MAX_CONTEXT:
+                absorb(i, i + 1)
                 continue
             blocks = metadata.block_table[i, :-(-context // block_size)].long()
             cached = self.kv_cache[0, blocks].reshape(-1, self.kv_cache.shape[-1])[:context]  # [S, L + R]
@@ -115,12 +128,16 @@ class MLAAttention(Attention):
         return out
 
 
-def _first_requests(metadata: AttentionMetadata, count: int) -> AttentionMetadata:
-    """The metadata of a step's first `count` requests, one token each (a mixed step's decodes)."""
+def _request_range(metadata: AttentionMetadata, lo: int, hi: int) -> AttentionMetadata:
+    """The metadata of a step's requests lo .. hi - 1 alone (their tokens first to last)."""
+    starts_cpu = metadata.query_start_loc_cpu[lo:hi + 1]
+    first, last = int(starts_cpu[0]), int(starts_cpu[-1])
+    decodes_only = lo == 0 and hi == metadata.num_decodes  # the decode order covers exactly these
     return dataclasses.replace(
-        metadata, num_actual_tokens=count, num_reqs=count, max_query_len=1,
-        max_seq_len=int(metadata.seq_lens_cpu[:count].max()), query_start_loc=metadata.query_start_loc[:count + 1],
-        seq_lens=metadata.seq_lens[:count], block_table=metadata.block_table[:count],
-        slot_mapping=metadata.slot_mapping[:count], query_start_loc_cpu=metadata.query_start_loc_cpu[:count + 1],
-        seq_lens_cpu=metadata.seq_lens_cpu[:count], num_decodes=0, decode_order=metadata.decode_order,
-        derived={})
+        metadata, num_actual_tokens=last - first, num_reqs=hi - lo,
+        max_query_len=int((starts_cpu[1:] - starts_cpu[:-1]).max()),
+        max_seq_len=int(metadata.seq_lens_cpu[lo:hi].max()),
+        query_start_loc=metadata.query_start_loc[lo:hi + 1] - first, seq_lens=metadata.seq_lens[lo:hi],
+        block_table=metadata.block_table[lo:hi], slot_mapping=metadata.slot_mapping[first:last],
+        query_start_loc_cpu=starts_cpu - first, seq_lens_cpu=metadata.seq_lens_cpu[lo:hi], num_decodes=0,
+        decode_order=metadata.decode_order if decodes_only else None, derived={})
