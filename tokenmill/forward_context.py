@@ -20,6 +20,9 @@ class ForwardContext:
     # as one query each over all the request's keys.
     logits_rows: torch.Tensor | None = None
     logits_metadata: AttentionMetadata | None = None
+    # Set around the forward passes a CUDA graph captures, and their warm-up: a layer takes only paths whose
+    # launches depend on tensor shapes alone (a replay reruns them with other lengths).
+    graphed: bool = False
 
 
 _context: ForwardContext | None = None
@@ -28,11 +31,11 @@ _context: ForwardContext | None = None
 @contextmanager
 def set_forward_context(attn_metadata: AttentionMetadata, backend: AttentionBackend,
                         logits_rows: torch.Tensor | None = None,
-                        logits_metadata: AttentionMetadata | None = None) -> Iterator[None]:
+                        logits_metadata: AttentionMetadata | None = None, graphed: bool = False) -> Iterator[None]:
     global _context
     if _context is not None:
         raise RuntimeError("forward contexts do not nest")
-    _context = ForwardContext(attn_metadata, backend, logits_rows, logits_metadata)
+    _context = ForwardContext(attn_metadata, backend, logits_rows, logits_metadata, graphed)
     try:
         yield
     finally:

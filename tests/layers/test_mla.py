@@ -83,7 +83,7 @@ class Step:
 
 def absorbed_only(monkeypatch) -> None:
     """Every token through the absorbed path, as a CUDA graph's replay computes it (eager steps expand prompts)."""
-    monkeypatch.setattr(MLAAttention, "_expands_prompts", staticmethod(lambda q, metadata: False))
+    monkeypatch.setattr(MLAAttention, "_expands_prompts", staticmethod(lambda ctx, metadata: False))
 
 
 @pytest.mark.parametrize("path", ["absorbed", "expanded prompts", "expanded up to 8 keys"])

@@ -68,15 +68,15 @@ class MLAAttention(Attention):
         metadata = ctx.attn_metadata
         if self.is_last_layer and ctx.logits_rows is not None:
             q_nope, q_pe, metadata = q_nope[ctx.logits_rows], q_pe[ctx.logits_rows], ctx.logits_metadata
-        if self._expands_prompts(q, metadata):
+        if self._expands_prompts(ctx, metadata):
             return self._with_expanded_prompts(q_nope, q_pe, metadata, kv_b_weight)
         return self._absorbed(q_nope, q_pe, metadata, kv_b_weight)
 
     @staticmethod
-    def _expands_prompts(q: torch.Tensor, metadata: AttentionMetadata) -> bool:
-        """Whether this step's prompt tokens take the expanded path: the step has some, and it is not being
-        captured in a CUDA graph (the per-request path depends on the step's lengths)."""
-        return metadata.max_query_len > 1 and not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    def _expands_prompts(ctx, metadata: AttentionMetadata) -> bool:
+        """Whether this step's prompt tokens take the expanded path: the step has some, and it is not a CUDA
+        graph's capture (the per-request path depends on the step's lengths)."""
+        return metadata.max_query_len > 1 and not ctx.graphed
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, metadata, kv_b_weight: torch.Tensor
                   ) -> torch.Tensor:

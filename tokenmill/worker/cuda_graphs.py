@@ -107,7 +107,7 @@ def capture_model_graphs(runner: ModelRunner) -> float:
 
     def forward(num_tokens: int, num_reqs: int, max_query_len: int) -> torch.Tensor:
         metadata = inputs.capture_metadata(num_tokens, num_reqs, max_query_len, runner.max_model_len)
-        with set_forward_context(metadata, runner.backend):
+        with set_forward_context(metadata, runner.backend, graphed=True):
             return runner.model(inputs.input_ids.gpu[:num_tokens], inputs.positions.gpu[:num_tokens])
 
     seconds = 0.0
