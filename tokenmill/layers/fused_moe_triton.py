@@ -166,7 +166,7 @@ def _plan_blocks_kernel(ids_ptr, counts_ptr, cursors_ptr, sorted_pair_ids_ptr, b
         tl.atomic_add(cursors_ptr + tl.load(ids_ptr + offs, mask=offs < num_pairs, other=0),
                       tl.full([ALONE], 1, tl.int32), mask=offs < num_pairs)
         tl.debug_barrier()
-        counts = tl.load(cursors_ptr + e)
+        counts = tl.load(cursors_ptr + e, cache_modifier=".cg")  # the atomics' sums, from L2 (not a stale L1 line)
         tl.debug_barrier()
     else:
         counts = tl.load(counts_ptr + e, mask=e <= NUM_EXPERTS, other=0)
