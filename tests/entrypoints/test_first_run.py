@@ -175,7 +175,7 @@ def test_ctrl_c_in_chat_stops_the_reply_and_keeps_the_conversation():
         assert "[stopped]" in _read_until(proc, "[stopped]", 60)
         _read_until(proc, "> ", 10)
         proc.stdin.write(b"Thanks. Say hi.\n")
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 30  # then a long answer is stopped like the first
         proc.stdin.flush()
         second = _read_until(proc, " ", 120)
         assert second.strip() and proc.poll() is None  # answering: the conversation went on
