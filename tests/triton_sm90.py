@@ -9,6 +9,8 @@ process without the interpreter; one that does not compile fails the run, naming
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import subprocess
@@ -50,15 +52,18 @@ def _constexpr_value(value):
     raise TypeError(f"constexpr of type {type(value).__name__}")
 
 
-def _record(kernel, args: tuple, kwargs: dict) -> None:
-    import inspect
+@functools.cache
+def _parameters(fn) -> dict:
+    return dict(inspect.signature(fn).parameters)
 
+
+def _record(kernel, args: tuple, kwargs: dict) -> None:
     fn = kernel.fn
     if not fn.__module__.startswith("tokenmill."):  # tests' own kernels are not importable by module name
         return
     name = f"{fn.__module__}.{fn.__name__}"
     try:
-        parameters = inspect.signature(fn).parameters
+        parameters = _parameters(fn)
         bound = dict(zip(kernel.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
         signature, constexprs = {}, {}
         for arg, parameter in parameters.items():
@@ -116,14 +121,15 @@ if __name__ == "__main__":
 """
 
 
-def compile_recorded() -> tuple[int, list[str]]:
-    """Compiles every recorded variant for sm_90: (variants compiled, failures, each naming its kernel)."""
-    if not _specs:
-        return 0, []
+def compile_specs(specs: list[dict]) -> list[str]:
+    """Compiles each spec (module, kernel, signature, constexprs, options) for sm_90 in a process without the
+    interpreter; the failures, each naming its kernel and variant."""
+    if not specs:
+        return []
     with tempfile.TemporaryDirectory() as folder:
         specs_path, script = os.path.join(folder, "specs.json"), os.path.join(folder, "compile_sm90.py")
         with open(specs_path, "w") as f:
-            json.dump(list(_specs.values()), f)
+            json.dump(specs, f)
         with open(script, "w") as f:
             f.write(_COMPILE)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -132,6 +138,10 @@ def compile_recorded() -> tuple[int, list[str]]:
         result = subprocess.run([sys.executable, script, specs_path], env=env, capture_output=True, text=True,
                                 timeout=1800)
     if result.returncode != 0:
-        return len(_specs), [f"the compiling process failed: {result.stderr[-2000:]}"]
-    return len(_specs), json.loads(result.stdout.strip().splitlines()[-1]) + sorted(
-        f"not recorded: {u}" for u in _unrecorded)
+        return [f"the compiling process failed: {result.stderr[-2000:]}"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compile_recorded() -> tuple[int, list[str]]:
+    """Compiles every recorded variant for sm_90: (variants compiled, failures, each naming its kernel)."""
+    return len(_specs), compile_specs(list(_specs.values())) + sorted(f"not recorded: {u}" for u in _unrecorded)

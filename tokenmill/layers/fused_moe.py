@@ -72,7 +72,13 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool, *
     """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64): the k largest scores (softmax
     or sigmoid, in float32 as HF computes them), rescaled to sum to 1 when `renormalize` (Mixtral always,
     Qwen3-MoE and DeepSeek per `norm_topk_prob`), then times routed_scaling_factor. With a correction bias the
-    experts are chosen by score + bias; with groups, only among the topk_group best groups."""
+    experts are chosen by score + bias; with groups, only among the topk_group best groups. On the GPU, softmax
+    top-k without groups or bias is one launch (fused_moe_triton.softmax_topk), not five."""
+    if router_logits.is_cuda and scoring_func == "softmax" and (num_expert_group or 1) == 1 \
+            and e_score_correction_bias is None and router_logits.stride(1) == 1:
+        from tokenmill.layers.fused_moe_triton import softmax_topk
+
+        return softmax_topk(router_logits, top_k, renormalize, routed_scaling_factor)
     if scoring_func == "softmax":
         scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     elif scoring_func == "sigmoid":
@@ -235,16 +241,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
                 e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
-        if router_logits.is_cuda and e_score_correction_bias is None and router_logits.stride(1) == 1 \
-                and self.routing.get("scoring_func", "softmax") == "softmax" \
-                and (self.routing.get("num_expert_group") or 1) == 1:  # softmax top-k in one launch
-            from tokenmill.layers.fused_moe_triton import softmax_topk
-
-            topk_weights, topk_ids = softmax_topk(router_logits, self.top_k, self.renormalize,
-                                                  self.routing.get("routed_scaling_factor", 1.0))
-        else:
-            topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
-                                                    e_score_correction_bias=e_score_correction_bias, **self.routing)
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
+                                                e_score_correction_bias=e_score_correction_bias, **self.routing)
         if self.expert_parallel:
             topk_ids = self.local_expert_ids(topk_ids)
         return tp_all_reduce(self.quant_method.apply(self, x, topk_weights, topk_ids))

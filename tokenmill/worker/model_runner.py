@@ -178,9 +178,10 @@ class ModelRunner:
         assert self._unsampled is None, "the previous step was not sampled"
         # Async scheduling: this step's drafts come from the step in flight, whose proposals are made now, only
         # for the requests this step gives drafts (the draft policy may have paused the others).
-        drafting = set(scheduler_output.scheduled_spec_decode_tokens)
-        while self.proposer is not None and self._sampled:
-            self._finished.append(self._collect(self._sampled.popleft(), drafting))
+        if self.proposer is not None and self._sampled:
+            drafting = set(scheduler_output.scheduled_spec_decode_tokens)
+            while self._sampled:
+                self._finished.append(self._collect(self._sampled.popleft(), drafting))
         update_states(self.batch, self.states, scheduler_output, self.device)
         if isinstance(self.proposer, DraftModelProposer):
             for req_id in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:

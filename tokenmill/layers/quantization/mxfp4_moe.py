@@ -3,6 +3,8 @@ on the CPU."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -23,15 +25,13 @@ class Mxfp4MoEMethod(UnquantizedMoEMethod):
                 raise ValueError(f"{layer.prefix}: MXFP4 experts need a {what} divisible by 32, not {n}")
         self.params_dtype = params_dtype
 
-        def loader(col_unit: int):
-            def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int) -> None:
-                layer.weight_loader(param, loaded, shard_id, expert_id, col_unit=col_unit)
-            return load
-
+        codes_loader = functools.partial(layer.weight_loader, col_unit=2)  # two codes a byte
+        exponents_loader = functools.partial(layer.weight_loader, col_unit=32)  # one a block of 32
         for name, rows, cols in (("w13", 2 * size, hidden_size), ("w2", hidden_size, size)):
             setattr(layer, f"{name}_weight",
-                    layer.make_param(torch.empty(num_experts, rows, cols // 2, dtype=torch.uint8), loader(2)))
-            exponents = layer.make_param(torch.empty(num_experts, rows, cols // 32, dtype=torch.uint8), loader(32))
+                    layer.make_param(torch.empty(num_experts, rows, cols // 2, dtype=torch.uint8), codes_loader))
+            exponents = layer.make_param(torch.empty(num_experts, rows, cols // 32, dtype=torch.uint8),
+                                         exponents_loader)
             exponents.dummy_range = (117, 121)  # random weights (load_format "dummy") of about 2^-8
             setattr(layer, f"{name}_weight_scale", exponents)
 

@@ -39,25 +39,22 @@ def profile_generation(llm, prompt: dict, params, num_decode_steps: int, path: s
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    if llm.llm_engine.config.parallel.world_size > 1:
-        raise SystemExit("bench latency --profile profiles one rank (the others run in processes of their own); "
-                         "run it without tensor or pipeline parallelism")
+    on_gpu = torch.cuda.is_available()
     llm.reset_prefix_cache()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         llm.generate([prompt], params, use_tqdm=False)
     averages = prof.key_averages()
     on_device = [e for e in averages if e.device_type.name == "CUDA"] or list(averages)
-    launches = sum(e.count for e in on_device)
-    total_us = sum(e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total
-                   for e in on_device)
-    lines = [f"{'kernel' if torch.cuda.is_available() else 'op':80s} {'calls':>7s} {'per step':>8s} "
-             f"{'total ms':>9s} {'share':>6s}"]
-    for e in sorted(on_device, key=lambda e: -(e.self_device_time_total if torch.cuda.is_available()
-                                               else e.self_cpu_time_total))[:40]:
-        us = e.self_device_time_total if torch.cuda.is_available() else e.self_cpu_time_total
-        lines.append(f"{e.key[:80]:80s} {e.count:7d} {e.count / num_decode_steps:8.1f} {us / 1e3:9.2f} "
-                     f"{us / max(total_us, 1):6.1%}")
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    launches, total_us = sum(e.count for e in on_device), sum(self_us(e) for e in on_device)
+    lines = [f"{'kernel' if on_gpu else 'op':80s} {'calls':>7s} {'per step':>8s} {'total ms':>9s} {'share':>6s}"]
+    for e in sorted(on_device, key=self_us, reverse=True)[:40]:
+        lines.append(f"{e.key[:80]:80s} {e.count:7d} {e.count / num_decode_steps:8.1f} {self_us(e) / 1e3:9.2f} "
+                     f"{self_us(e) / max(total_us, 1):6.1%}")
     lines.append(f"{launches} launches, {launches / num_decode_steps:.0f} per decode step; "
                  f"{total_us / 1e3:.1f} ms in them over {num_decode_steps} decode steps")
     with open(path, "w") as f:
@@ -71,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from tokenmill import LLM, SamplingParams
     from tokenmill.entrypoints.cli import STARTED
 
+    if args.profile and (args.tensor_parallel_size or 1) * (args.pipeline_parallel_size or 1) > 1:
+        raise SystemExit("bench latency --profile profiles one rank (the others run in processes of their own); "
+                         "run it without tensor or pipeline parallelism")
     model_name, args.model = args.model, model_path(args.model)
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", args.input_len + args.output_len)
