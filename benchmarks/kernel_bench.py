@@ -5,6 +5,7 @@
     python benchmarks/kernel_bench.py --fp8      # an e4m3 KV cache, then the FP8 GEMMs of Llama-3.1-8B
     python benchmarks/kernel_bench.py --moe      # only the fused MoE experts at three models' shapes
     python benchmarks/kernel_bench.py --moe --tune  # and their tile settings swept
+    python benchmarks/kernel_bench.py --moe --tune --moe-shapes qwen3-30b-a3b  # one model (~40 compiles a row)
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16; block ids shuffled across a
 cache with twice the blocks needed. Decode rows are timed eagerly with triton.testing.do_bench (median,
@@ -217,9 +218,9 @@ def moe_configs(tokens: int, num_experts: int) -> list:
             for st in (3, 4) if not (m == 128 and n == 128 and st == 4)]
 
 
-def moe_rows(copy_bw: float, tune: bool) -> None:
-    """One MoE layer's experts (bf16) at each model's shapes and 1..4,096 tokens, against its floor; with
-    `tune`, each tile setting of moe_configs, the best printed beside the default."""
+def moe_rows(copy_bw: float, tune: bool, names: list[str]) -> None:
+    """One MoE layer's experts (bf16) at the shapes of the models `names` (all when empty) and 1..4,096 tokens,
+    against its floor; with `tune`, each tile setting of moe_configs, the best printed beside the default."""
     from tokenmill.layers.fused_moe import experts_loop
     from tokenmill.layers.fused_moe_triton import fused_experts, gemm_config, moe_align_block_size
     from tokenmill.layers.quantization.mxfp4 import dequantize_mxfp4
@@ -228,6 +229,8 @@ def moe_rows(copy_bw: float, tune: bool) -> None:
     print(f"\n{'experts':18s} {'T':>5s} {'relerr':>8s} {'ms':>8s} {'align ms':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
           f"{'floor ms':>9s} {'x floor':>8s}")  # fmt: skip
     for name, num_experts, top_k, hidden, inter in MOE_SHAPES:
+        if names and name not in names:
+            continue
         mx = {}
         if name.endswith("mxfp4"):  # codes and exponents as FusedMoE keeps them; w13 / w2 their values
             for proj, rows, cols in (("w13", 2 * inter, hidden), ("w2", hidden, inter)):
@@ -278,6 +281,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep decode/prefill tile settings")
     parser.add_argument("--fp8", action="store_true", help="an e4m3 KV cache, then the FP8 GEMMs")
     parser.add_argument("--moe", action="store_true", help="only the fused MoE experts")
+    parser.add_argument("--moe-shapes", default="", help="comma-separated MOE_SHAPES names (default: all)")
     args = parser.parse_args()
     t0 = time.time()
     torch.manual_seed(0)
@@ -287,7 +291,7 @@ def main() -> None:
     print(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write); roofline uses it and "
           f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s")  # fmt: skip
     if args.moe:
-        moe_rows(copy_bw, args.tune)
+        moe_rows(copy_bw, args.tune, [n for n in args.moe_shapes.split(",") if n])
         print(f"\n(total {time.time() - t0:.0f} s)")
         return
 
