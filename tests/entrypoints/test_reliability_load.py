@@ -28,8 +28,10 @@ CLIENT_TIMEOUT_S = 600.0  # a request still unanswered after this long is lost (
 WORDS = ("river stone lantern garden copper window orchard signal harbor meadow thunder velvet compass ember "
          "glacier puzzle").split()
 STOP_STRINGS = ("e", ",", [".", "\n"], " the")
-# The frontend's and the engine core's resident memory together, after a second identical round, may exceed
-# what they held after the first by at most this much. Measured on this project's 2-core machine: +0.1 MiB
+# The frontend's and the engine core's resident memory together, after a third identical round, may exceed
+# what they held after the second by at most this much (the first lets caches settle: between the first and the
+# second the engine core grew by up to 35 MiB on this machine on 2026-12-07, at the commit before and after the
+# session's changes alike). Measured on this project's 2-core machine: +0.1 MiB
 # when it was quiet, +0.2, +5.0 and +15.1 MiB while other jobs shared it (allocator, torch and tokenizer
 # caches settling); 32 MiB is ~2 % of the ~1.7 GiB the two processes hold. It fails a leak of more than
 # ~0.5 MiB a request (64 a round: a request's tensors, say);
@@ -192,7 +194,7 @@ async def wait_for_metrics(server, condition, timeout_s: float = 120.0) -> dict[
 
 @pytest.fixture(scope="module")
 def load_rounds(start_server) -> dict:
-    """Two identical rounds of NUM_CLIENTS concurrent streaming clients against an unpressured server, with
+    """Three identical rounds of NUM_CLIENTS concurrent streaming clients against an unpressured server, with
     the metrics and the resident memory of both server processes after each, then the CPU time they use
     in IDLE_CPU_WINDOW_S of idling. The first round's texts are the reference for the pressured server.
     The server is stopped here, so that it does not compete for the CPU with the pressured one."""
@@ -200,7 +202,7 @@ def load_rounds(start_server) -> dict:
     jobs = make_jobs(NUM_CLIENTS)
     pids = (server.proc.pid, server.core_pid)
     rounds = []
-    for _ in range(2):
+    for _ in range(3):  # the third measures memory against the second, after the caches of the first settled
         started = time.monotonic()
         outcomes = asyncio.run(run_jobs(server.url, jobs))
         seconds = time.monotonic() - started
@@ -214,24 +216,25 @@ def load_rounds(start_server) -> dict:
 
 
 def test_load_every_request_completes_and_memory_stays_flat(load_rounds, record_reliability):
-    jobs, (first, second) = load_rounds["jobs"], load_rounds["rounds"]
+    jobs, (first, second, third) = load_rounds["jobs"], load_rounds["rounds"]
     problems = [check_outcomes(jobs, first["outcomes"]),
-                {**check_outcomes(jobs, second["outcomes"]), **differences(second["outcomes"], first["outcomes"])}]
-    growth = [after - before for before, after in zip(first["rss"], second["rss"])]
+                {**check_outcomes(jobs, second["outcomes"]), **differences(second["outcomes"], first["outcomes"])},
+                {**check_outcomes(jobs, third["outcomes"]), **differences(third["outcomes"], first["outcomes"])}]
+    growth = [after - before for before, after in zip(second["rss"], third["rss"])]
     record_reliability(
-        "load: 64 concurrent streaming clients, two identical rounds", clients=NUM_CLIENTS, requests=2 * len(jobs),
+        "load: 64 concurrent streaming clients, three identical rounds", clients=NUM_CLIENTS, requests=3 * len(jobs),
         lost_requests=sum(map(len, problems)),
-        server_errors=num_server_errors(first["outcomes"]) + num_server_errors(second["outcomes"]),
-        kv_leaked=max(first["metrics"]["vllm:kv_cache_usage_perc"], second["metrics"]["vllm:kv_cache_usage_perc"]),
+        server_errors=sum(num_server_errors(r["outcomes"]) for r in (first, second, third)),
+        kv_leaked=max(r["metrics"]["vllm:kv_cache_usage_perc"] for r in (first, second, third)),
         detail=f"{sum(job.n for job in jobs)} sequences a round, n = 2 and stop strings among them; rounds of "
                f"{first['seconds']:.0f} s and {second['seconds']:.0f} s; RSS of the server and its engine core "
-               f"{first['rss'][0] / 2**20:.0f} + {first['rss'][1] / 2**20:.0f} MiB after round 1, "
-               f"{growth[0] / 2**20:+.1f} and {growth[1] / 2**20:+.1f} MiB after round 2 (bound: "
+               f"{second['rss'][0] / 2**20:.0f} + {second['rss'][1] / 2**20:.0f} MiB after round 2, "
+               f"{growth[0] / 2**20:+.1f} and {growth[1] / 2**20:+.1f} MiB after round 3 (bound: "
                f"+{MAX_RSS_GROWTH_BYTES / 2**20:.0f} MiB together)")
     for number, round_problems in enumerate(problems, 1):
         assert not round_problems, f"round {number}:\n{describe(round_problems)}"
-    assert_idle(first["metrics"])
-    assert_idle(second["metrics"])
+    for r in (first, second, third):
+        assert_idle(r["metrics"])
     assert sum(growth) <= MAX_RSS_GROWTH_BYTES, f"RSS grew by {sum(growth) / 2**20:.1f} MiB between identical rounds"
 
 
