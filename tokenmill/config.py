@@ -187,17 +187,25 @@ def num_routed_experts(hf_config: Any) -> int:
         or getattr(hf_config, "n_routed_experts", None) or 0
 
 
+# What the expert-parallel ranks are, for messages: within one core, or over the data-parallel cores too
+EP_RANKS = {False: "tensor_parallel_size", True: "data_parallel_size x tensor_parallel_size"}
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    # MoE layers: each tensor-parallel rank holds whole experts, 1/tensor_parallel_size of them, instead of a
-    # slice of every expert (layers/fused_moe.py); attention stays tensor-parallel.
+    # MoE layers: each rank holds whole experts, 1/expert_parallel_size of them, instead of a slice of every
+    # expert (layers/fused_moe.py); attention stays tensor-parallel. With data_parallel_size > 1 the experts
+    # are spread over every core's ranks, which exchange tokens all-to-all and step together.
     enable_expert_parallel: bool = False
     # Engine cores behind one server, each of tensor x pipeline ranks (engine/dp_client.py); the rank is set
     # for each core's own config.
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    # Where the cores' ranks meet when expert parallelism spans them (one world of them all, on this host);
+    # chosen by the server's data-parallel client, 0 otherwise.
+    data_parallel_master_port: int = 0
     # "uni": one rank in the core's process; "mp": a process per further rank (the default above one rank)
     distributed_executor_backend: str | None = None
 
@@ -215,16 +223,27 @@ class ParallelConfig:
         _require(self.distributed_executor_backend != "uni" or self.world_size == 1, "distributed_executor_backend",
                  f"'uni' runs one rank; tensor_parallel_size={self.tensor_parallel_size} x "
                  f"pipeline_parallel_size={self.pipeline_parallel_size} needs 'mp'")
+        _require(not self.spans_cores or self.pipeline_parallel_size == 1, "pipeline_parallel_size",
+                 "must be 1 when enable_expert_parallel spreads the experts over data_parallel_size > 1 cores")
+        _require(not self.spans_cores or self.distributed_executor_backend != "ray", "distributed_executor_backend",
+                 "'ray' places ranks on several hosts; enable_expert_parallel over data_parallel_size > 1 cores "
+                 "joins the cores' ranks on this host ('mp')")
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
+    def spans_cores(self) -> bool:
+        """Expert parallelism over several data-parallel cores: their ranks form one world, the MoE layers
+        exchange tokens between them, and the cores step together."""
+        return self.enable_expert_parallel and self.data_parallel_size > 1
+
+    @property
     def expert_parallel_size(self) -> int:
-        """The ranks a MoE layer's experts are spread over: a stage's tensor-parallel ranks, or 1 without expert
-        parallelism. Data-parallel cores are separate engines, so it never spans them."""
-        return self.tensor_parallel_size if self.enable_expert_parallel else 1
+        """The ranks a MoE layer's experts are spread over: every core's tensor-parallel ranks with expert
+        parallelism (data_parallel_size x tensor_parallel_size), else 1."""
+        return self.tensor_parallel_size * self.data_parallel_size if self.enable_expert_parallel else 1
 
     def executor_backend(self) -> str:
         return self.distributed_executor_backend or ("uni" if self.world_size == 1 else "mp")
@@ -239,8 +258,8 @@ class ParallelConfig:
             sizes.append(("moe_intermediate_size", getattr(hf_config, "moe_intermediate_size", None)))
         num_experts = num_routed_experts(hf_config)
         _require(num_experts % ep == 0, "enable_expert_parallel",
-                 f"spreads the experts over the tensor_parallel_size ranks; the model's {num_experts} experts "
-                 f"are not divisible by {ep}")
+                 f"spreads the experts over the {EP_RANKS[self.spans_cores]} ranks; the model's {num_experts} "
+                 f"experts are not divisible by {ep}")
         for name, size in sizes:
             _require(size is None or size % tp == 0, "tensor_parallel_size",
                      f"must divide the model's {name} ({size}), got {tp}")
@@ -274,6 +293,8 @@ class EngineConfig:
         if spec is not None:
             _require(self.parallel.pipeline_parallel_size == 1, "speculative_config",
                      "does not work with pipeline_parallel_size > 1")
+            _require(not self.parallel.spans_cores, "speculative_config",
+                     "does not work with enable_expert_parallel over data_parallel_size > 1 cores")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -315,7 +336,9 @@ class EngineConfig:
             spec_disable_by_batch_size=spec.disable_by_batch_size if spec is not None else None,
             spec_disable_by_acceptance_rate=spec.disable_by_acceptance_rate if spec is not None else None,
             async_scheduling=self.scheduler.async_scheduling and pp == 1)
-        # A pipeline's stages hand activations over with send/recv between steps: no CUDA graphs there.
+        # A pipeline's stages hand activations over with send/recv between steps, and experts spread over cores
+        # exchange tokens in counts known only on the host: no CUDA graphs there.
         return dataclasses.replace(self, model=model, scheduler=scheduler,
                                    device=device.type if self.device == "auto" else self.device,
-                                   enforce_eager=self.enforce_eager or self.parallel.pipeline_parallel_size > 1)
+                                   enforce_eager=self.enforce_eager or self.parallel.pipeline_parallel_size > 1
+                                   or self.parallel.spans_cores)

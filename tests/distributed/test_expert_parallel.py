@@ -1,9 +1,11 @@
 """Expert parallelism on the CPU (gloo, the mp executor): each tensor-parallel rank holds 1/tp of the MoE
 layers' experts whole, attention stays tensor-parallel. Greedy tokens must equal one rank's on the same float32
-weights, with chunked prefills batched beside decodes."""
+weights, with chunked prefills batched beside decodes. Over data-parallel cores (a server's engine) the cores'
+ranks share the experts and exchange tokens all-to-all."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.config import EngineConfig
 from tokenmill.distributed import parallel_state
 
 KWARGS = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=256, kv_cache_memory_bytes=8 << 20)
@@ -56,3 +59,48 @@ def test_experts_that_do_not_divide_over_the_ranks_are_refused_naming_the_flag(t
     with pytest.raises(ValueError, match=r"enable_expert_parallel spreads the experts over the tensor_parallel_size "
                                          r"ranks; the model's 6 experts are not divisible by 4"):
         LLM(str(tmp_path), tensor_parallel_size=4, enable_expert_parallel=True, **KWARGS)
+
+
+def generate_over_cores(path: str, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+    """Greedy tokens of `prompts`, sent at once, from a server's engine (AsyncLLM) with `kwargs`."""
+    from tokenmill.engine.async_llm import AsyncLLM
+
+    engine_kwargs = {k: v for k, v in KWARGS.items() if k != "skip_tokenizer_init"}
+    engine = AsyncLLM(EngineConfig.from_kwargs(model=path, usage_context="serve", **engine_kwargs, **kwargs),
+                      startup_timeout_s=300)
+
+    async def run() -> list[list[int]]:
+        engine.start()
+
+        async def one(i: int, prompt: list[int]) -> list[int]:
+            outputs = [o async for o in engine.generate({"prompt_token_ids": prompt}, GREEDY, f"r{i}")]
+            return outputs[-1].outputs[0].token_ids
+
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_expert_parallel_over_data_parallel_cores_gives_one_cores_greedy_tokens(tp, tiny_model_dir):
+    """Two data-parallel cores (of tp ranks each) share the 8 experts, 4 / tp a rank, and exchange tokens
+    all-to-all: the greedy tokens equal one core's, for four requests spread over both cores (chunked beside
+    decodes) and for one request alone, whose core's steps the idle core joins with made-up ones."""
+    path = tiny_model_dir("qwen3_moe")
+    one = generate(path)
+    spread = dict(data_parallel_size=2, enable_expert_parallel=True, tensor_parallel_size=tp)
+    assert generate_over_cores(path, PROMPTS, max_num_batched_tokens=16, **spread) == one
+    assert generate_over_cores(path, PROMPTS[1:2], **spread) == one[1:2]
+
+
+def test_expert_parallel_over_cores_refuses_a_pipeline_ray_and_speculation():
+    spread = dict(data_parallel_size=2, enable_expert_parallel=True)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be 1 when enable_expert_parallel spreads"):
+        EngineConfig.from_kwargs(pipeline_parallel_size=2, **spread)
+    with pytest.raises(ValueError, match="speculative_config does not work with enable_expert_parallel over"):
+        EngineConfig.from_kwargs(speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **spread)
+    with pytest.raises(ValueError, match="distributed_executor_backend 'ray' places ranks on several hosts"):
+        EngineConfig.from_kwargs(distributed_executor_backend="ray", tensor_parallel_size=2, **spread)

@@ -70,8 +70,12 @@ class EngineCore:
         num_experts = num_routed_experts(source.hf_config)
         if config.parallel.enable_expert_parallel and num_experts:
             ep = config.parallel.expert_parallel_size
-            logger.info("expert parallelism: EP size %d (the tensor-parallel ranks), %d of the %d experts per rank",
-                        ep, num_experts // ep, num_experts)
+            logger.info("expert parallelism: EP size %d (the %s ranks), %d of the %d experts per rank", ep,
+                        "data-parallel cores' tensor-parallel" if config.parallel.spans_cores else "tensor-parallel",
+                        num_experts // ep, num_experts)
+        # Experts spread over data-parallel cores: every core runs a forward pass whenever any does
+        # (EngineCoreProc's lock-step loop), a made-up one when it has nothing scheduled.
+        self.lockstep = config.parallel.spans_cores
         self.executor = make_executor(config, source)
         try:
             self._start(config, source)
@@ -192,6 +196,8 @@ class EngineCore:
         with step_timer.phase("schedule"):
             scheduler_output = self.scheduler.schedule()
         info = self.executor.step("execute_model", scheduler_output)
+        if self.lockstep and not info.req_ids:  # nothing scheduled ran, but the other cores' steps need ours
+            self.executor.step("execute_dummy")
         step = InFlightStep(scheduler_output, info.req_ids, info.samples)
         self.in_flight.append(step)
         return step
@@ -250,6 +256,15 @@ class EngineCore:
                 self._sample(self.in_flight[0])
             outputs += self._finish_oldest()
         return outputs
+
+    def dummy_step(self) -> None:
+        """A forward pass of one made-up token (lock-step: another core has work, this one has none)."""
+        self.executor.step("execute_dummy")
+
+    def dp_sync(self, has_work: bool, stopping: bool) -> tuple[bool, bool]:
+        """(whether any data-parallel core has work, whether any is stopping), agreed by every core."""
+        any_work, any_stopping = self.worker.dp_sync([int(has_work), int(stopping)])
+        return bool(any_work), bool(any_stopping)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

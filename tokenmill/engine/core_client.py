@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 STARTUP_POLL_S = 0.5
 SHUTDOWN_TIMEOUT_S = 5.0
+# Idle cores in lock-step (expert parallelism over data-parallel cores) agree this often whether any has work:
+# a new request waits at most this long for the other cores; idle, each makes 100 small gloo all-reduces a second.
+LOCKSTEP_IDLE_POLL_S = 0.01
 
 
 # ---- frontend -> core ------------------------------------------------------------------------------
@@ -122,6 +125,8 @@ class EngineCoreProc:
         self.output = output_conn
 
     def run(self) -> None:
+        if self.core.lockstep:
+            return self._run_lockstep()
         while True:
             num_handled = 0
             if not self.core.has_unfinished_requests():
@@ -138,6 +143,32 @@ class EngineCoreProc:
             elif num_handled:
                 # Aborts that emptied the engine change the stats without a step: report them.
                 self.output.send(CoreOutputs([], self.core.stats()))
+
+    def _run_lockstep(self) -> None:
+        """The loop of a core whose experts other data-parallel cores share: each turn, the cores agree whether
+        any has work (and whether any is stopping); if one has, every core runs a step, a made-up one where
+        it has nothing to run, so their MoE layers exchange tokens together. While none has work each waits
+        for a message at most LOCKSTEP_IDLE_POLL_S between agreements; a shutdown stops them all together."""
+        stopping, any_work = False, False
+        while True:
+            num_handled = 0
+            if not any_work and not stopping and not self.core.has_unfinished_requests():
+                self.input.poll(LOCKSTEP_IDLE_POLL_S)  # every core idle: wait a little for a message
+            while not stopping and self.input.poll(0):
+                stopping = not self._handle(self.input.recv())
+                num_handled += 1
+            has_work = self.core.has_unfinished_requests()
+            any_work, any_stopping = self.core.dp_sync(has_work, stopping)
+            if any_stopping:
+                return
+            if has_work:
+                outputs = self.core.step()
+                self.output.send(CoreOutputs(outputs, self.core.stats()))
+            else:
+                if any_work:
+                    self.core.dummy_step()
+                if num_handled:  # aborts that emptied the engine change the stats without a step
+                    self.output.send(CoreOutputs([], self.core.stats()))
 
     def _handle(self, message: Any) -> bool:
         """Applies one message; False means shut down."""

@@ -4,7 +4,9 @@
                               +-> EngineCoreClient -> core process (DP rank 1: the next world_size GPUs)
                               ...
 
-Each core is a whole engine (its own scheduler, KV pool, and tensor/pipeline-parallel ranks). A new request
+Each core is a whole engine (its own scheduler, KV pool, and tensor/pipeline-parallel ranks); with expert
+parallelism the cores' ranks also share the MoE layers' experts, and the cores step together
+(distributed/parallel_state.py, EngineCoreProc._run_lockstep). A new request
 goes to the core with the fewest requests in flight, then the lowest KV-cache usage (its last step's); an
 abort goes to the core that holds the request. Every core's outputs reach the frontend as they come; the
 scheduler stats it sees, and a utility call's answer, are the cores' combined.
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.interface import EngineCoreRequest, SchedulerStats
+from tokenmill.distributed.net import free_port
 from tokenmill.engine.core_client import CoreMessage, CoreOutputs, CoreReady, EngineCoreClient, UtilityResult
 
 
@@ -36,10 +39,12 @@ def combined_stats(stats: list[SchedulerStats]) -> SchedulerStats:
 class DPCoreClient:
     def __init__(self, config: EngineConfig) -> None:
         size = config.parallel.data_parallel_size
+        port = free_port() if config.parallel.spans_cores else 0  # where the cores' ranks meet
         self.clients: list[EngineCoreClient] = []
         try:
             for dp_rank in range(size):
-                parallel = dataclasses.replace(config.parallel, data_parallel_rank=dp_rank)
+                parallel = dataclasses.replace(config.parallel, data_parallel_rank=dp_rank,
+                                               data_parallel_master_port=port)
                 self.clients.append(EngineCoreClient(dataclasses.replace(config, parallel=parallel)))
         except BaseException:
             self.shutdown()

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed.net import free_port
 from tokenmill.distributed.parallel_state import destroy_distributed
 from tokenmill.executor.base import Executor
 from tokenmill.source import ModelSource
@@ -36,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 class RankFailed(RuntimeError):
     """Another rank's worker raised or died."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_main() -> None:
@@ -99,7 +94,7 @@ class MultiprocExecutor(Executor):
         world_size = config.parallel.world_size
         parallel = config.parallel
         self.output_rank = (parallel.pipeline_parallel_size - 1) * parallel.tensor_parallel_size
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         self.conns: list[Connection] = []
         self.procs: list[subprocess.Popen] = []
         self._finalizer = weakref.finalize(self, _stop, self.conns, self.procs)

@@ -9,12 +9,12 @@ run over NCCL or gloo exactly as with `mp`; Ray only places and calls the worker
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import torch
 
 from tokenmill.config import EngineConfig
+from tokenmill.distributed.net import free_port
 from tokenmill.distributed.parallel_state import destroy_distributed
 from tokenmill.executor.base import Executor
 from tokenmill.executor.multiproc import RankFailed
@@ -59,7 +59,7 @@ class RayExecutor(Executor):
         self.placement_group = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
         ray.get(self.placement_group.ready())
         host = ray.util.get_node_ip_address()
-        init_method = f"tcp://{host}:{_free_port(host)}"
+        init_method = f"tcp://{host}:{free_port(host)}"
         actor_class = ray.remote(RayWorker)
 
         def placed(rank: int) -> PlacementGroupSchedulingStrategy:
@@ -113,9 +113,3 @@ class RayExecutor(Executor):
             except self._ray.exceptions.RayTaskError as e:
                 raise RankFailed(f"rank {rank}'s worker failed: {e.cause!r}") from None
         return results
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -31,6 +31,16 @@ The ranks already hold every token, so dispatch needs no all-to-all: each rank c
 all tokens and the all-reduce that tensor parallelism ends with combines them; no pair is computed twice, and
 the communication is the same [T, H] all-reduce. Loading copies a checkpoint expert into its owner only.
 
+Over data-parallel cores (data_parallel_size x tensor_parallel_size ranks, parallel_state.py) the ranks hold
+different tokens, so they exchange them (_forward_all_to_all):
+
+    each rank:  its tokens (a core's tensor-parallel ranks share its tokens: rank t takes the t-th slice)
+                -> router top-k -> (token, expert) pairs sorted by the rank holding the expert
+    dispatch:   all-to-all of the pairs' rows (and local expert ids); the counts are exchanged first
+    experts:    every received row through its one expert, weight 1
+    combine:    all-to-all back, each row weighted by its router weight and summed into its token; the core's
+                tensor-parallel ranks gather their slices
+
 How the experts' matrices are stored and multiplied is FusedMoE's `quant_method` (a MoEMethod, as a linear
 layer's is its LinearMethod): UnquantizedMoEMethod below, or the one the checkpoint's quantization config
 names (FP8: quantization/fp8_moe.py). Checkpoint tensors reach FusedMoE expert by expert, scales by the same
@@ -46,7 +56,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.distributed.parallel_state import get_ep_rank, get_ep_size, get_tp_rank, get_tp_size, tp_all_reduce
+from tokenmill.config import EP_RANKS
+from tokenmill.distributed.parallel_state import (
+    ep_all_to_all,
+    ep_exchanges_tokens,
+    get_ep_rank,
+    get_ep_size,
+    get_tp_rank,
+    get_tp_size,
+    tp_all_gather,
+    tp_all_reduce,
+)
 from tokenmill.layers.quantization import MoEMethod, QuantizationConfig
 from tokenmill.layers.quantization.base import WeightLoader
 
@@ -186,8 +206,9 @@ class FusedMoE(nn.Module):
         self.routing = routing
         ep_size = get_ep_size()
         if num_experts % ep_size:
-            raise ValueError(f"{prefix}: enable_expert_parallel spreads the experts over the tensor_parallel_size "
-                             f"ranks; the layer's {num_experts} experts are not divisible by {ep_size}")
+            raise ValueError(f"{prefix}: enable_expert_parallel spreads the experts over the "
+                             f"{EP_RANKS[ep_exchanges_tokens()]} ranks; the layer's {num_experts} experts are not "
+                             f"divisible by {ep_size}")
         # An expert-parallel rank holds whole experts; tensor parallelism alone splits each one.
         split, self.tp_rank = (1, 0) if ep_size > 1 else (get_tp_size(), get_tp_rank())
         self.tp_size = split  # the ranks each expert's intermediate dim is split over
@@ -243,9 +264,32 @@ class FusedMoE(nn.Module):
                 e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize,
                                                 e_score_correction_bias=e_score_correction_bias, **self.routing)
+        if ep_exchanges_tokens():
+            return self._forward_all_to_all(x, topk_weights, topk_ids)
         if self.expert_parallel:
             topk_ids = self.local_expert_ids(topk_ids)
         return tp_all_reduce(self.quant_method.apply(self, x, topk_weights, topk_ids))
+
+    def _forward_all_to_all(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                            ) -> torch.Tensor:
+        """Expert parallelism over data-parallel cores: this rank's tokens to their experts' ranks and back."""
+        num_tokens, tp, tp_rank = x.shape[0], get_tp_size(), get_tp_rank()
+        rows = -(-num_tokens // tp)  # this tensor-parallel rank's slice of the core's tokens
+        start, end = min(num_tokens, tp_rank * rows), min(num_tokens, (tp_rank + 1) * rows)
+        x, topk_weights, topk_ids = x[start:end], topk_weights[start:end], topk_ids[start:end]
+        owners = (topk_ids // self.num_local_experts).flatten()
+        order = torch.argsort(owners, stable=True)
+        token_of_pair = torch.div(order, self.top_k, rounding_mode="floor")
+        send_counts = torch.bincount(owners, minlength=get_ep_size()).tolist()
+        received, recv_counts = ep_all_to_all(x[token_of_pair], send_counts)
+        local_ids, _ = ep_all_to_all((topk_ids.flatten()[order] % self.num_local_experts).unsqueeze(1),
+                                     send_counts, recv_counts)
+        ones = torch.ones(local_ids.shape, dtype=topk_weights.dtype, device=x.device)
+        out = self.quant_method.apply(self, received, ones, local_ids) if received.shape[0] else received
+        returned, _ = ep_all_to_all(out, recv_counts, send_counts)
+        weighted = returned * topk_weights.flatten()[order].unsqueeze(1).to(returned.dtype)
+        combined = x.new_zeros((rows, x.shape[1])).index_add_(0, token_of_pair, weighted)
+        return tp_all_gather(combined, dim=0)[:num_tokens] if tp > 1 else combined[:num_tokens]
 
     def local_expert(self, expert_id: int) -> int | None:
         """The index among this rank's experts of checkpoint expert `expert_id`, None if another rank holds it."""

@@ -66,7 +66,7 @@ from tokenmill.worker.cuda_graphs import CudaGraphs, capture_sizes, mixed_captur
 from tokenmill.worker.input_batch import CachedRequestState, InputBatch, update_states
 from tokenmill.worker.kv_cache import KVCache
 from tokenmill.worker.sampling_inputs import SamplingInputs
-from tokenmill.worker.step_inputs import StepInputs
+from tokenmill.worker.step_inputs import StepInputs, made_up_metadata
 from tokenmill.worker.step_outputs import collect_sampled, compute_prompt_logprobs
 
 
@@ -267,6 +267,16 @@ class ModelRunner:
             self._unsampled.draft_token_ids = torch.tensor(draft_ids, dtype=torch.int64).to(self.device,
                                                                                             non_blocking=True)
         return self._unsampled.info
+
+    @torch.inference_mode()
+    def execute_dummy(self) -> None:
+        """A forward pass of one made-up token that reads block 0 and writes no slot: the step of a core with
+        nothing scheduled while the other cores' steps need the experts it holds."""
+        metadata, positions = made_up_metadata([1], [1], torch.zeros(1, 1, dtype=torch.int32),
+                                               torch.full((1,), -1, dtype=torch.int64), self.max_model_len,
+                                               self.device)
+        with set_forward_context(metadata, self.backend):
+            self.model(torch.zeros(1, dtype=torch.int64, device=self.device), positions)
 
     def _place_drafts(self, scheduler_output: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, int]]:
         """Writes each request's drafts after its last token (where the inputs are read from) and returns them

@@ -9,6 +9,8 @@ in this order (with several ranks, an executor makes each call on every rank's w
     initialize_cache(n, n_host)     the KV pool (and its host tier)
     compile_or_warm_up()            CUDA graphs, then warm-up steps, so no kernel compiles while serving
     execute_model / sample_tokens / finish_step     every step
+    execute_dummy                   a step of one made-up token, for a core with nothing to run while
+                                    other cores' steps need its experts (expert parallelism over cores)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from tokenmill.config import DeviceInfo, EngineConfig
 from tokenmill.core.interface import ModelRunnerOutput, SchedulerOutput
-from tokenmill.distributed.parallel_state import init_distributed
+from tokenmill.distributed.parallel_state import dp_sync, init_distributed
 from tokenmill.layers.fp8_format import FP8_DTYPE
 from tokenmill.layers.quantization.fp8 import check_fp8_device
 from tokenmill.source import ModelSource
@@ -57,10 +59,16 @@ class Worker:
                 raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
                                  f"{world_size * dp} needs as many GPUs; this host has {torch.cuda.device_count()}")
             torch.cuda.set_device(self.device)
-        if world_size > 1:
-            init_distributed(rank, world_size, config.parallel.tensor_parallel_size, distributed_init_method,
+        parallel = config.parallel
+        if parallel.spans_cores:  # one world of every core's ranks (distributed/parallel_state.py)
+            init_distributed(rank, world_size, parallel.tensor_parallel_size,
+                             f"tcp://127.0.0.1:{parallel.data_parallel_master_port}",
+                             "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S, True,
+                             parallel.data_parallel_rank, dp)
+        elif world_size > 1:
+            init_distributed(rank, world_size, parallel.tensor_parallel_size, distributed_init_method,
                              "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S,
-                             config.parallel.enable_expert_parallel)
+                             parallel.enable_expert_parallel)
         # GPU memory in use before this engine allocates anything (other processes, our CUDA context).
         self.initial_gpu_used = (lambda free, total: total - free)(*torch.cuda.mem_get_info()) \
             if self.device.type == "cuda" else 0
@@ -105,6 +113,12 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> StepInfo:
         return self.runner.execute_model(scheduler_output)
+
+    def execute_dummy(self) -> None:
+        self.runner.execute_dummy()
+
+    def dp_sync(self, flags: list[int]) -> list[int]:
+        return dp_sync(flags)
 
     def sample_tokens(self, grammar_bitmask: torch.Tensor | None = None) -> ModelRunnerOutput | None:
         return self.runner.sample_tokens(grammar_bitmask)
