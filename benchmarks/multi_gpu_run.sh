@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The runs over several GPUs of one host (issue 21's layouts), for a device call on a multi-GPU kind:
-#   TOKENMILL_COMMIT=<sha> bash benchmarks/multi_gpu_run.sh [correctness] [tp] [pp] [70b]
+#   TOKENMILL_COMMIT=<sha> bash benchmarks/multi_gpu_run.sh [correctness] [tp] [pp] [70b] [ep]
 # correctness: greedy tokens of TP=2, PP=2 and TP=2 x PP=2 equal one GPU's on a random-weight Llama (NCCL);
 # tp / pp: nano throughput and batch-1 latency of dummy Llama-3.1-8B at TP=2,4,8 (as many as the host has) and
-# PP=2, 4; 70b: dummy Llama-3.1-70B at TP=2/4/8 and TP=4 x PP=2. JSONs land in $OUT.
+# PP=2, 4; 70b: dummy Llama-3.1-70B at TP=2/4/8 and TP=4 x PP=2; ep: a server of dummy Qwen3-30B-A3B with its
+# experts over every GPU, as TP x EP and as DP x EP (cores exchanging tokens all-to-all), driven by bench serve
+# (needs the wheels of fetch_server_wheels.sh carried as .whl). JSONs land in $OUT.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENMILL_COMMIT=${TOKENMILL_COMMIT:?set TOKENMILL_COMMIT to the commit under test}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 TM="python3 -m tokenmill.entrypoints.cli"
 GPUS=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 STEPS=" ${*:-correctness tp pp} "
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if want correctness; then
@@ -52,5 +57,16 @@ fi
 if want 70b; then
   for tp in 2 4 8; do [ "$tp" -le "$GPUS" ] && run llama-3.1-70b-tp$tp --model llama-3.1-70b -tp $tp; done
   [ 8 -le "$GPUS" ] && run llama-3.1-70b-tp4-pp2 --model llama-3.1-70b -tp 4 -pp 2
+fi
+if want ep; then
+  QWEN=$(python3 -c "from tokenmill.entrypoints.cli.bench.presets import model_path; print(model_path('qwen3-30b-a3b'))")
+  for layout in tp dp; do
+    $TM serve "$QWEN" --load-format dummy --max-model-len 4096 --enable-expert-parallel -$layout $GPUS --port 8013 \
+      --disable-uvicorn-access-log > "$OUT/serve-qwen3-30b-a3b-$layout$GPUS-ep.log" 2>&1 &
+    for i in $(seq 1 150); do sleep 2; python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8013/health')" 2>/dev/null && break; done
+    timeout 200 $TM bench serve --base-url http://127.0.0.1:8013 --num-prompts 512 --input-len 512 --output-len 256 \
+      --request-rate inf --result-file "$OUT/serve-qwen3-30b-a3b-$layout$GPUS-ep.json" 2>&1 | tail -6
+    kill %1; wait
+  done
 fi
 ls "$OUT"
