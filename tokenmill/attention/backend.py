@@ -75,10 +75,12 @@ class AttentionBackend(ABC):
     @abstractmethod
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
+        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0, derived: dict | None = None,
     ) -> None:
         """Store key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped. An FP8
-        cache stores key / k_scale and value / v_scale. A one-plane (latent) cache takes value=None."""
+        cache stores key / k_scale and value / v_scale. A one-plane (latent) cache takes value=None.
+        `derived`: the step's AttentionMetadata.derived, where a backend may keep what it works out from
+        slot_mapping for the next layers."""
 
     @abstractmethod
     def forward(

@@ -44,16 +44,24 @@ class TorchAttentionBackend(AttentionBackend):
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | float = 1.0,
-                 v_scale: torch.Tensor | float = 1.0) -> None:
+                 v_scale: torch.Tensor | float = 1.0, derived: dict | None = None) -> None:
         num_tokens = slot_mapping.shape[0]
-        valid = slot_mapping >= 0
-        slots = slot_mapping[valid]
+        slots = None if derived is None else derived.get("torch_slots")
+        if slots is None:  # the valid slots and, if some are -1, the mask of their rows
+            valid = slot_mapping >= 0
+            slots = (slot_mapping, None) if bool(valid.all()) else (slot_mapping[valid], valid)
+            if derived is not None:
+                derived["torch_slots"] = slots
+        slots, valid = slots
         flat = kv_cache.view(kv_cache.shape[0], -1, *kv_cache.shape[-2:])
         for plane, (new, scale) in enumerate(((key, k_scale), (value, v_scale))[:kv_cache.shape[0]]):
-            new = new[:num_tokens][valid]
+            if new.shape[0] != num_tokens:
+                new = new[:num_tokens]
+            if valid is not None:
+                new = new[valid]
             if kv_cache.dtype == FP8_DTYPE:
                 new = (new.float() / scale).clamp(-FP8_MAX, FP8_MAX)
-            flat[plane, slots] = new.to(kv_cache.dtype)
+            flat[plane, slots] = new if new.dtype == kv_cache.dtype else new.to(kv_cache.dtype)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, *, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
@@ -61,9 +69,11 @@ class TorchAttentionBackend(AttentionBackend):
                 sliding_window: int | None = None, sinks: torch.Tensor | None = None,
                 value_dim: int | None = None) -> torch.Tensor:
         scales = (k_scale, v_scale)
-        out = query.new_zeros(*query.shape[:2], value_dim or query.shape[2])
         block_size = kv_cache.shape[2]
         plan = _plan(metadata, block_size)
+        if plan.decode is not None and plan.decode.every_row and query.shape[0] == metadata.num_reqs:
+            return self._decode(query, kv_cache, plan.decode, scale, None, scales, value_dim, sliding_window, sinks)
+        out = query.new_zeros(*query.shape[:2], value_dim or query.shape[2])
         starts, seq_lens = plan.starts, plan.seq_lens
         if plan.decode is not None:
             self._decode(query, kv_cache, plan.decode, scale, out, scales, value_dim, sliding_window, sinks)
@@ -82,15 +92,20 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def _decode(self, query, kv_cache, plan: _DecodePlan, scale, out, scales, value_dim, sliding_window,
-                sinks) -> None:
-        """All single-token queries at once, keys padded to the longest and masked."""
+                sinks) -> torch.Tensor:
+        """All single-token queries at once, keys padded to the longest and masked, into their rows of `out`;
+        or, when they are every row in order, as the output (out None)."""
         # index_select, not kv_cache[:, block_ids]: advanced indexing on the second dimension costs 2-3x as much
         kv = kv_cache.index_select(1, plan.block_ids.view(-1))  # [planes, B * max_blocks, block_size, H_kv, D]
         kv = kv.view(kv.shape[0], plan.block_ids.shape[0], -1, *kv_cache.shape[-2:])[:, :, :plan.num_keys]
         keys, values = split_planes(kv, value_dim)
         keys, values = widen(keys, scales[0], query.dtype), widen(values, scales[1], query.dtype)
-        q = query[plan.token_index].unsqueeze(1)  # [B, 1, H, D]
-        out[plan.token_index] = _sdpa(q, keys, values, plan.mask(sliding_window), scale, sinks)[:, 0]
+        q = (query if out is None else query[plan.token_index]).unsqueeze(1)  # [B, 1, H, D]
+        attended = _sdpa(q, keys, values, plan.mask(sliding_window), scale, sinks)[:, 0]
+        if out is None:
+            return attended
+        out[plan.token_index] = attended
+        return out
 
 
 def visible_keys(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -107,6 +122,7 @@ class _DecodePlan:
     num_keys: int  # the keys read
     query_pos: torch.Tensor  # [B, 1]: their positions
     token_index: torch.Tensor  # [B]: their rows of the query
+    every_row: bool  # they are the step's every row, in order
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by window: [B, 1, num_keys]
 
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
@@ -146,7 +162,8 @@ def _plan(metadata: AttentionMetadata, block_size: int) -> _Plan:
         # One request reads exactly its keys, unmasked; a batch reads whole blocks under its mask (cutting them
         # to the longest request changes SDPA's blocking, and the embedded model's greedy tokens with it)
         num_keys = lens[0] if len(rows) == 1 else max_blocks * block_size
-        decode = _DecodePlan(block_ids, num_keys, query_pos, torch.tensor([starts[i] for i in rows], device=device))
+        decode = _DecodePlan(block_ids, num_keys, query_pos, torch.tensor([starts[i] for i in rows], device=device),
+                             len(rows) == metadata.num_reqs == starts[-1] == metadata.num_actual_tokens)
     plan = metadata.derived["torch"] = _Plan(starts, seq_lens, decode)
     return plan
 
@@ -163,8 +180,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
-    q = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    q = q.reshape(batch, num_kv_heads, group * q_len, head_dim)
+    if q_len == 1:  # the heads of a KV head are already adjacent rows
+        q = q.reshape(batch, num_kv_heads, group, head_dim)
+    else:
+        q = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(batch, num_kv_heads, group * q_len, head_dim)
     if mask is None and sinks is not None:
         mask = torch.ones(batch, q_len, k.shape[1], dtype=torch.bool, device=q.device)
     if mask is not None:
@@ -176,5 +196,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
         mask = torch.cat([bias.expand(batch, num_kv_heads, -1, -1),
                           sink_logits.reshape(batch, num_kv_heads, group * q_len, 1)], dim=-1)
     o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    if q_len == 1:
+        return o.reshape(batch, 1, num_heads, -1)
     o = o.view(batch, num_kv_heads, group, q_len, -1).permute(0, 3, 1, 2, 4)
     return o.reshape(batch, q_len, num_heads, -1)

@@ -790,7 +790,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
 
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor | None, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0,
+        k_scale: torch.Tensor | float = 1.0, v_scale: torch.Tensor | float = 1.0, derived: dict | None = None,
     ) -> None:
         write_kv(key, value, kv_cache, slot_mapping, k_scale, v_scale)
 

@@ -94,12 +94,13 @@ class Attention(nn.Module):
         if not qkv.is_cuda:
             if q_norm is not None:
                 q, k = q_norm(q), k_norm(k)
-            q, k = self.rotary_emb(positions, q, k)
+            q, k = self.rotary_emb(positions, q, k, ctx.attn_metadata.derived)
         if self.calculate_kv_scales:
             tiny = torch.finfo(torch.float32).tiny  # an all-zero batch must not make the scale 0
             self.k_scale.copy_((k.abs().amax().float() / K_SCALE_CONSTANT).clamp_min(tiny))
             self.v_scale.copy_((v.abs().amax().float() / V_SCALE_CONSTANT).clamp_min(tiny))
             self.calculate_kv_scales = False
         if not fused_write:
-            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping, self.k_scale, self.v_scale)
+            ctx.backend.write_kv(k, v, self.kv_cache, slot_mapping, self.k_scale, self.v_scale,
+                                 ctx.attn_metadata.derived)
         return q, k, v

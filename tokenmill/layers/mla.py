@@ -64,7 +64,7 @@ class MLAAttention(Attention):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, q.shape[-1] - self.qk_nope_head_dim], dim=-1)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
         ctx.backend.write_kv(torch.cat([latent.unsqueeze(1), k_pe], dim=-1), None, self.kv_cache,
-                             ctx.attn_metadata.slot_mapping)
+                             ctx.attn_metadata.slot_mapping, derived=ctx.attn_metadata.derived)
         metadata = ctx.attn_metadata
         if self.is_last_layer and ctx.logits_rows is not None:
             q_nope, q_pe, metadata = q_nope[ctx.logits_rows], q_pe[ctx.logits_rows], ctx.logits_metadata

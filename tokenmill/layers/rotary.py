@@ -106,12 +106,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", freqs.cos() * factor, persistent=False)
         self.register_buffer("sin_cache", freqs.sin() * factor, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim] -> rotated. (On GPU the attention
-        layer applies the caches with `triton_ops.qk_norm_rope_inplace` instead.)"""
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin, self.interleaved), _rotate(k, cos, sin, self.interleaved)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, derived: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim] -> rotated. `derived`: the step's
+        AttentionMetadata.derived, where the tables gathered for its positions are kept for the next layers.
+        (On GPU the attention layer applies the caches with `triton_ops.qk_norm_rope_inplace` instead.)"""
+        if self.interleaved:
+            cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
+            sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
+            return _rotate_interleaved(q, cos, sin), _rotate_interleaved(k, cos, sin)
+        key = ("rope", id(self), q.dtype)
+        tables = None if derived is None else derived.get(key)
+        if tables is None:  # over the whole head: cos twice, sin negated then as is
+            cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+            tables = (torch.cat((cos, cos), -1).unsqueeze(1).to(q.dtype),
+                      torch.cat((-sin, sin), -1).unsqueeze(1).to(q.dtype))
+            if derived is not None:
+                derived[key] = tables
+        return _rotate_half(q, *tables), _rotate_half(k, *tables)
 
 
 _SHARED: dict[tuple, RotaryEmbedding] = {}
@@ -128,6 +140,11 @@ def get_rope(head_dim: int, max_position: int, theta: float, scaling: dict[str, 
     return _SHARED[key]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + [x2, x1] * [-sin, sin]: [x1 cos - x2 sin, x2 cos + x1 sin], HF's products and sums in four ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
