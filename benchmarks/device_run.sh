@@ -96,9 +96,11 @@ if want correctness; then
    timeout 90 python3 benchmarks/kernel_bench.py) 2>&1 | tee "$OUT/kernel_bench.txt" | tail -14
 fi
 if want suite; then
-  SUITE_TESTS=${SUITE_TESTS:-tests/gpu tests/attention tests/layers tests/models tests/spec_decode tests/worker}
-  # -v names each test as it ends (a run cut by the timeout still says which failed); -rfE sums them up at the end
-  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -v -n 8 --tb=short -rfE $SUITE_TESTS"
+  SUITE_TESTS=${SUITE_TESTS:-tests/attention tests/layers tests/models tests/spec_decode tests/worker}
+  # -v names each test as it ends (a run cut by the timeout still says which failed); -rfE sums them up at the end.
+  # tests/gpu run one at a time: each engine there sizes its KV cache from the whole GPU's free memory.
+  (echo "commit $TOKENMILL_COMMIT"; echo "command: python3 -m pytest -v --tb=short -rfE tests/gpu, then -n 8 $SUITE_TESTS"
+   timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -v -p no:xdist --tb=short -rfE -p no:cacheprovider -W ignore tests/gpu 2>&1
    timeout ${SUITE_TIMEOUT:-300} python3 -m pytest -v -n 8 --tb=short -rfE -p no:cacheprovider -W ignore $SUITE_TESTS 2>&1) \
     | tee "$OUT/gpu-tests.txt" | grep -E "^(FAILED|ERROR)|(FAILED|ERROR) tests/| passed| failed" | cut -c1-300 | tail -40
 fi

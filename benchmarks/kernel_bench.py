@@ -259,7 +259,7 @@ def moe_rows(copy_bw: float, tune: bool, names: list[str]) -> None:
             else:
                 err = float("nan")
             ms = bench_graph(functools.partial(fused_experts, x, *weights, topk_weights, topk_ids, **kwargs))
-            block_m = 16 if tokens <= num_experts else 64
+            block_m = gemm_config(tokens, num_experts, top_k).block_m
             align_ms = bench_graph(functools.partial(moe_align_block_size, topk_ids, block_m, num_experts))
             touched = int(topk_ids.unique().numel())
             nbytes = int(touched * 3 * inter * hidden * (0.5 + 1 / 32 if mx else 2)) + tokens * hidden * 2 * 2
@@ -272,7 +272,7 @@ def moe_rows(copy_bw: float, tune: bool, names: list[str]) -> None:
                                                         **kwargs)), config)
                          for config in moe_configs(tokens, num_experts)]
                 timed.sort(key=lambda timed_config: timed_config[0])
-                print(f"    default {gemm_config(tokens, num_experts)}: {ms:.4f} ms; best: "
+                print(f"    default {gemm_config(tokens, num_experts, top_k)}: {ms:.4f} ms; best: "
                       + "; ".join(f"{c} {t:.4f} ms" for t, c in timed[:3]))
 
 

@@ -70,6 +70,22 @@ def test_grouped_gemm_kernel_matches_float64_loop(num_tokens, top_k, dtype):
                                rtol=tolerance, atol=tolerance)
 
 
+def test_a_long_prompts_step_takes_128_row_tiles_and_matches_float64_loop():
+    """From 128 rows an expert on, the default tiles are 128 x 128 (8 warps): 530 tokens x 2 over the experts,
+    the last blocks partial."""
+    from tokenmill.layers.fused_moe_triton import fused_experts, gemm_config
+
+    num_tokens, top_k = 64 * NUM_EXPERTS + 18, 2
+    assert gemm_config(num_tokens, NUM_EXPERTS, top_k).block_m == 128
+    w13, w2 = random_experts(torch.float16, seed=3)
+    x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.float16)
+    router_logits = torch.randn(num_tokens, NUM_EXPERTS, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    topk_weights, topk_ids = select_experts(router_logits, top_k, renormalize=True)
+    out = fused_experts(x, w13, w2, topk_weights, topk_ids)
+    torch.testing.assert_close(out.double().cpu(), reference(x, w13, w2, topk_weights, topk_ids), rtol=1e-2,
+                               atol=1e-2)
+
+
 @pytest.mark.parametrize("top_k, renormalize, scale", [(1, False, 1.0), (2, True, 1.0), (6, False, 1.0),
                                                         (8, True, 2.5)])
 def test_softmax_topk_kernel_routes_as_select_experts(top_k, renormalize, scale):

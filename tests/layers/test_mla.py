@@ -4,6 +4,8 @@ and the latent cache's size."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,13 +52,14 @@ class Step:
         self.rotary = RotaryEmbedding(ROPE, 64, 10000.0, interleaved=True).double()
 
     def layer_output(self, dtype: torch.dtype, backend: str) -> torch.Tensor:
-        layer = MLAAttention(NUM_HEADS, LATENT, NOPE, ROPE, V_DIM, SCALE, self.rotary)
-        layer.kv_cache = self.cache.to(dtype)
-        metadata, positions = made_up_metadata(Q_LENS, SEQ_LENS, self.block_table, self.slot_mapping, 64,
-                                               torch.device("cpu"))
+        """The layer's output on the CPU, or through Triton on the GPU when there is one (else interpreted)."""
+        device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+        layer = MLAAttention(NUM_HEADS, LATENT, NOPE, ROPE, V_DIM, SCALE, copy.deepcopy(self.rotary)).to(device)
+        layer.kv_cache = self.cache.to(device, dtype)
+        metadata, positions = made_up_metadata(Q_LENS, SEQ_LENS, self.block_table, self.slot_mapping, 64, device)
         with set_forward_context(metadata, get_backend(backend)):
-            return layer(positions, self.q.to(dtype), self.latent.to(dtype), self.k_pe.to(dtype),
-                         self.kv_b.to(dtype)).double()
+            return layer(positions, *(t.to(device, dtype) for t in (self.q, self.latent, self.k_pe, self.kv_b))
+                         ).double().cpu()
 
     def expanded_reference(self) -> torch.Tensor:
         """Per-head keys [W_UK c | k_pe] and values W_UV c for every position, plain causal softmax."""

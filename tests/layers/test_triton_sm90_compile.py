@@ -9,10 +9,10 @@ from triton_sm90 import compile_specs
 from tokenmill.layers import fused_moe_triton as m
 
 
-def spec(kernel, types: dict, constexprs: dict) -> dict:
+def spec(kernel, types: dict, constexprs: dict, num_warps: int = 4) -> dict:
     signature = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in kernel.arg_names}
     return {"module": m.__name__, "kernel": kernel.fn.__name__, "signature": signature, "constexprs": constexprs,
-            "options": {"num_warps": 4, "num_stages": 3}}
+            "options": {"num_warps": num_warps, "num_stages": 3}}
 
 
 def moe_specs() -> list[dict]:
@@ -35,10 +35,12 @@ def moe_specs() -> list[dict]:
             types = {"a_ptr": a, "b_ptr": b, "c_ptr": "*bf16", "weights_ptr": "*fp32", "bias_ptr": "*bf16",
                      "a_scale_ptr": "*fp32", "b_scale_ptr": b_scale, "sorted_pair_ids_ptr": "*i32",
                      "block_expert_ids_ptr": "*i32", "num_rows_padded_ptr": "*i32"}
-            specs.append(spec(m._grouped_gemm_kernel, types,
-                              dict(PAIRS_PER_A_ROW=8 if first else 1, MUL_WEIGHT=not first, HAS_BIAS=not first,
-                                   SCALES=scales, SCALE_BLOCK_N=128, BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k,
-                                   DOT_PRECISION="tf32")))
+            for config in (m.gemm_config(1, 128), m.gemm_config(4096, 128, 8)):  # decode, long prompt
+                specs.append(spec(m._grouped_gemm_kernel, types,
+                                  dict(PAIRS_PER_A_ROW=8 if first else 1, MUL_WEIGHT=not first, HAS_BIAS=not first,
+                                       SCALES=scales, SCALE_BLOCK_N=128, BLOCK_M=config.block_m,
+                                       BLOCK_N=config.block_n, BLOCK_K=block_k, DOT_PRECISION="tf32"),
+                                  config.num_warps))
     return specs
 
 
