@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import shutil
+import time
 
 import pytest
 import torch
@@ -104,3 +105,42 @@ def test_expert_parallel_over_cores_refuses_a_pipeline_ray_and_speculation():
         EngineConfig.from_kwargs(speculative_config={"method": "ngram", "num_speculative_tokens": 2}, **spread)
     with pytest.raises(ValueError, match="distributed_executor_backend 'ray' places ranks on several hosts"):
         EngineConfig.from_kwargs(distributed_executor_backend="ray", tensor_parallel_size=2, **spread)
+
+
+def test_a_core_that_dies_ends_the_requests_of_cores_sharing_its_experts(tiny_model_dir):
+    """Cores in lock-step wait for one another: when one is killed mid-request, every request in flight ends with
+    an error at once (no core waits out the collectives' timeout), and the other core's process ends too."""
+    import psutil
+
+    from tokenmill.engine.async_llm import AsyncLLM
+    from tokenmill.engine.core_client import EngineDeadError
+
+    engine_kwargs = {k: v for k, v in KWARGS.items() if k != "skip_tokenizer_init"}
+    engine = AsyncLLM(EngineConfig.from_kwargs(model=tiny_model_dir("qwen3_moe"), usage_context="serve",
+                                               data_parallel_size=2, enable_expert_parallel=True, **engine_kwargs),
+                      startup_timeout_s=300)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    cores = [psutil.Process(client.pid) for client in engine.client.clients]
+
+    async def run() -> list:
+        engine.start()
+
+        async def one(i: int) -> BaseException | None:
+            try:
+                async for output in engine.generate({"prompt_token_ids": PROMPTS[i]}, long, f"r{i}"):
+                    if i == 0 and len(output.outputs[0].token_ids) == 5:
+                        cores[1].kill()
+            except EngineDeadError as e:
+                return e
+            return None
+
+        return await asyncio.wait_for(asyncio.gather(one(0), one(1)), timeout=60)
+
+    try:
+        started = time.monotonic()
+        errors = asyncio.run(run())
+        assert all(isinstance(e, EngineDeadError) for e in errors), errors
+        assert time.monotonic() - started < 60
+        cores[0].wait(timeout=30)  # the survivor's collectives fail once its peer is gone
+    finally:
+        engine.shutdown()
