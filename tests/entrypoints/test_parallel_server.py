@@ -1,6 +1,7 @@
 """The OpenAI server over a tensor-parallel engine (the embedded model split three ways on the CPU): it answers
 as one rank does, and a rank that dies ends every request in flight with an error, turns /health to 503 and
-stops the server. And over two data-parallel engine cores: a load spread over both, every request answered."""
+stops the server. And over two data-parallel engine cores: a load spread over both, every request answered;
+and two cores sharing a MoE model's experts (expert parallelism over the cores), answering as one core does."""
 
 from __future__ import annotations
 
@@ -79,3 +80,31 @@ def test_dp2_server_spreads_a_load_over_both_cores_and_answers_each_request_once
     for i in (0, 37):
         again = alone.completions.create(model=MODEL, prompt=prompts[i], max_tokens=8, temperature=0)
         assert again.choices[0].text == responses[i].choices[0].text
+
+
+def test_dp2_expert_parallel_server_answers_as_one_core_and_stops_on_ctrl_c(start_server, tiny_model_dir):
+    """`serve -dp 2 --enable-expert-parallel` on a MoE model: two cores sharing its experts, stepping together;
+    16 concurrent greedy requests get the same texts as one core gives, and Ctrl-C stops both cores and the
+    server cleanly."""
+    path = tiny_model_dir("qwen3_moe")
+    one, spread = (start_server([path, *args], plain=True) for args in ([], ["-dp", "2", "--enable-expert-parallel"]))
+    prompts = [f"Item {i}: the colour of the sky is" for i in range(16)]
+
+    def answers(server) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        model = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+
+        async def load() -> list[str]:
+            responses = await asyncio.gather(*(client.completions.create(model=model, prompt=p, max_tokens=8,
+                                                                         temperature=0) for p in prompts))
+            return [r.choices[0].text for r in responses]
+
+        return asyncio.run(load())
+
+    assert answers(spread) == answers(one)
+    cores = [p for p in psutil.Process(spread.proc.pid).children() if "_core_main" in " ".join(p.cmdline())]
+    assert len(cores) == 2
+    spread.proc.send_signal(signal.SIGINT)
+    assert spread.proc.wait(timeout=60) == 0
+    psutil.wait_procs(cores, timeout=10)
+    assert not any(core.is_running() for core in cores)
