@@ -118,3 +118,6 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
         if "step_phases" in r:
             print("    " + " ".join(f"{n}={v['seconds']:.2f}s/{v['calls']}" for n, v in r["step_phases"].items()))
 PY
+# A device call returns at most 8 files: the JSONs and logs travel as one archive (tar -xzf results.tgz here).
+(cd "$OUT" && ls *.json *.log > /tmp/packed 2>/dev/null; [ -s /tmp/packed ] && tar -czf results.tgz -T /tmp/packed \
+  && xargs rm -f < /tmp/packed)

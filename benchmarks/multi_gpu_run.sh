@@ -69,4 +69,7 @@ if want ep; then
     kill %1; wait
   done
 fi
+# A device call returns at most 8 files: the JSONs and logs travel as one archive (tar -xzf results.tgz here).
+(cd "$OUT" && ls *.json *.log > /tmp/packed 2>/dev/null; [ -s /tmp/packed ] && tar -czf results.tgz -T /tmp/packed \
+  && xargs rm -f < /tmp/packed)
 ls "$OUT"
