@@ -35,11 +35,13 @@ Over data-parallel cores (data_parallel_size x tensor_parallel_size ranks, paral
 different tokens, so they exchange them (_forward_all_to_all):
 
     each rank:  its tokens (a core's tensor-parallel ranks share its tokens: rank t takes the t-th slice)
-                -> router top-k -> (token, expert) pairs sorted by the rank holding the expert
-    dispatch:   all-to-all of the pairs' rows (and local expert ids); the counts are exchanged first
-    experts:    every received row through its one expert, weight 1
-    combine:    all-to-all back, each row weighted by its router weight and summed into its token; the core's
-                tensor-parallel ranks gather their slices
+                -> router top-k -> one row per (token, rank holding any of its experts), by rank
+    dispatch:   all-to-all of the rows, with their k local expert ids (E / ep, held elsewhere, for the experts
+                of other ranks) and router weights; the counts are exchanged first
+    experts:    the received rows as any step's tokens: each through its experts there, weighted and summed
+    combine:    all-to-all back, each token's rows (one per rank it went to) summed; the core's tensor-parallel
+                ranks gather their slices
+    A token whose k experts are on fewer than k ranks travels once per rank, not once per expert.
 
 How the experts' matrices are stored and multiplied is FusedMoE's `quant_method` (a MoEMethod, as a linear
 layer's is its LinearMethod): UnquantizedMoEMethod below, or the one the checkpoint's quantization config
@@ -277,18 +279,18 @@ class FusedMoE(nn.Module):
         rows = -(-num_tokens // tp)  # this tensor-parallel rank's slice of the core's tokens
         start, end = min(num_tokens, tp_rank * rows), min(num_tokens, (tp_rank + 1) * rows)
         x, topk_weights, topk_ids = x[start:end], topk_weights[start:end], topk_ids[start:end]
-        owners = (topk_ids // self.num_local_experts).flatten()
-        order = torch.argsort(owners, stable=True)
-        token_of_pair = torch.div(order, self.top_k, rounding_mode="floor")
-        send_counts = torch.bincount(owners, minlength=get_ep_size()).tolist()
-        received, recv_counts = ep_all_to_all(x[token_of_pair], send_counts)
-        local_ids, _ = ep_all_to_all((topk_ids.flatten()[order] % self.num_local_experts).unsqueeze(1),
-                                     send_counts, recv_counts)
-        ones = torch.ones(local_ids.shape, dtype=topk_weights.dtype, device=x.device)
-        out = self.quant_method.apply(self, received, ones, local_ids) if received.shape[0] else received
+        owners = topk_ids // self.num_local_experts
+        goes = torch.zeros(x.shape[0], get_ep_size(), dtype=torch.bool, device=x.device).scatter_(1, owners, True)
+        destination, token = goes.t().nonzero(as_tuple=True)  # one row per (rank, token), by rank
+        held = owners[token] == destination.unsqueeze(1)  # of the row's k experts, those its rank holds
+        ids = torch.where(held, topk_ids[token] % self.num_local_experts, self.num_local_experts)
+        send_counts = goes.sum(0).tolist()
+        received, recv_counts = ep_all_to_all(x[token], send_counts)
+        recv_ids, _ = ep_all_to_all(ids, send_counts, recv_counts)
+        recv_weights, _ = ep_all_to_all(topk_weights[token], send_counts, recv_counts)
+        out = self.quant_method.apply(self, received, recv_weights, recv_ids) if received.shape[0] else received
         returned, _ = ep_all_to_all(out, recv_counts, send_counts)
-        weighted = returned * topk_weights.flatten()[order].unsqueeze(1).to(returned.dtype)
-        combined = x.new_zeros((rows, x.shape[1])).index_add_(0, token_of_pair, weighted)
+        combined = x.new_zeros((rows, x.shape[1])).index_add_(0, token, returned)
         return tp_all_gather(combined, dim=0)[:num_tokens] if tp > 1 else combined[:num_tokens]
 
     def local_expert(self, expert_id: int) -> int | None:
