@@ -42,7 +42,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="default: 1; engine cores behind the server, each of -tp x -pp ranks")
     parser.add_argument("--enable-expert-parallel", "-ep", action=argparse.BooleanOptionalAction,
                         help="default: off; MoE layers' experts spread whole over the -tp ranks (each holds 1/tp of "
-                             "them) instead of every expert split over them; attention stays tensor-parallel")
+                             "them) instead of every expert split over them, and with -dp over every core's ranks "
+                             "(-dp x -tp, tokens exchanged all-to-all); attention stays tensor-parallel")
     parser.add_argument("--distributed-executor-backend", choices=EXECUTOR_BACKENDS,
                         help="uni: one rank in the engine's process; mp: a process per further rank (the default "
                              "above one rank); ray: a Ray actor per further rank (RAY_ADDRESS's cluster, else a "
