@@ -62,13 +62,18 @@ def test_experts_that_do_not_divide_over_the_ranks_are_refused_naming_the_flag(t
         LLM(str(tmp_path), tensor_parallel_size=4, enable_expert_parallel=True, **KWARGS)
 
 
-def generate_over_cores(path: str, prompts: list[list[int]], **kwargs) -> list[list[int]]:
-    """Greedy tokens of `prompts`, sent at once, from a server's engine (AsyncLLM) with `kwargs`."""
+def server_engine(path: str, **kwargs):
+    """A server's engine (AsyncLLM, which may run several cores) on `path` with KWARGS and `kwargs`."""
     from tokenmill.engine.async_llm import AsyncLLM
 
     engine_kwargs = {k: v for k, v in KWARGS.items() if k != "skip_tokenizer_init"}
-    engine = AsyncLLM(EngineConfig.from_kwargs(model=path, usage_context="serve", **engine_kwargs, **kwargs),
-                      startup_timeout_s=300)
+    return AsyncLLM(EngineConfig.from_kwargs(model=path, usage_context="serve", **engine_kwargs, **kwargs),
+                    startup_timeout_s=300)
+
+
+def generate_over_cores(path: str, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+    """Greedy tokens of `prompts`, sent at once, from a server's engine with `kwargs`."""
+    engine = server_engine(path, **kwargs)
 
     async def run() -> list[list[int]]:
         engine.start()
@@ -112,13 +117,9 @@ def test_a_core_that_dies_ends_the_requests_of_cores_sharing_its_experts(tiny_mo
     an error at once (no core waits out the collectives' timeout), and the other core's process ends too."""
     import psutil
 
-    from tokenmill.engine.async_llm import AsyncLLM
     from tokenmill.engine.core_client import EngineDeadError
 
-    engine_kwargs = {k: v for k, v in KWARGS.items() if k != "skip_tokenizer_init"}
-    engine = AsyncLLM(EngineConfig.from_kwargs(model=tiny_model_dir("qwen3_moe"), usage_context="serve",
-                                               data_parallel_size=2, enable_expert_parallel=True, **engine_kwargs),
-                      startup_timeout_s=300)
+    engine = server_engine(tiny_model_dir("qwen3_moe"), data_parallel_size=2, enable_expert_parallel=True)
     long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     cores = [psutil.Process(client.pid) for client in engine.client.clients]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tokenmill.distributed.net import free_port
 
 STARTUP_TIMEOUT_S = 300.0
 # Short contexts keep the long-prompt tests fast on CPU; 256 MiB of KV is ~5.8k tokens (45 KiB each).
@@ -28,12 +29,6 @@ PLAIN_SERVER_ARGS = [a for a in SERVER_ARGS
                      if a not in ("--tool-call-parser", "hermes", "--enable-auto-tool-choice", "--dtype", "float32")]
 CUSTOM_CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}[assistant] {% endif %}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

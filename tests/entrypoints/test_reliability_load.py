@@ -227,7 +227,8 @@ def test_load_every_request_completes_and_memory_stays_flat(load_rounds, record_
         server_errors=sum(num_server_errors(r["outcomes"]) for r in (first, second, third)),
         kv_leaked=max(r["metrics"]["vllm:kv_cache_usage_perc"] for r in (first, second, third)),
         detail=f"{sum(job.n for job in jobs)} sequences a round, n = 2 and stop strings among them; rounds of "
-               f"{first['seconds']:.0f} s and {second['seconds']:.0f} s; RSS of the server and its engine core "
+               f"{first['seconds']:.0f}, {second['seconds']:.0f} and {third['seconds']:.0f} s; RSS of the server and "
+               f"its engine core "
                f"{second['rss'][0] / 2**20:.0f} + {second['rss'][1] / 2**20:.0f} MiB after round 2, "
                f"{growth[0] / 2**20:+.1f} and {growth[1] / 2**20:+.1f} MiB after round 3 (bound: "
                f"+{MAX_RSS_GROWTH_BYTES / 2**20:.0f} MiB together)")

@@ -153,6 +153,8 @@ class ModelRunner:
         self._proposed: dict[str, list[int]] = {}
         # Set by calculate_kv_scales: the next step runs eagerly, its attention layers measuring the scales.
         self.kv_scales_pending = False
+        # execute_dummy's (metadata, input ids, positions), made at its first call
+        self._dummy_inputs: tuple[AttentionMetadata, torch.Tensor, torch.Tensor] | None = None
 
     def kv_bytes_per_block(self) -> int:
         """A block of the KV pool: the model's layers, and a draft model's."""
@@ -271,12 +273,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_dummy(self) -> None:
         """A forward pass of one made-up token that reads block 0 and writes no slot: the step of a core with
-        nothing scheduled while the other cores' steps need the experts it holds."""
-        metadata, positions = made_up_metadata([1], [1], torch.zeros(1, 1, dtype=torch.int32),
-                                               torch.full((1,), -1, dtype=torch.int64), self.max_model_len,
-                                               self.device)
+        nothing scheduled while the other cores' steps need the experts it holds. Its inputs are made once."""
+        if self._dummy_inputs is None:
+            metadata, positions = made_up_metadata([1], [1], torch.zeros(1, 1, dtype=torch.int32),
+                                                   torch.full((1,), -1, dtype=torch.int64), self.max_model_len,
+                                                   self.device)
+            self._dummy_inputs = (metadata, torch.zeros(1, dtype=torch.int64, device=self.device), positions)
+        metadata, input_ids, positions = self._dummy_inputs
         with set_forward_context(metadata, self.backend):
-            self.model(torch.zeros(1, dtype=torch.int64, device=self.device), positions)
+            self.model(input_ids, positions)
 
     def _place_drafts(self, scheduler_output: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, int]]:
         """Writes each request's drafts after its last token (where the inputs are read from) and returns them

@@ -59,16 +59,14 @@ class Worker:
                 raise ValueError(f"tensor_parallel_size x pipeline_parallel_size x data_parallel_size = "
                                  f"{world_size * dp} needs as many GPUs; this host has {torch.cuda.device_count()}")
             torch.cuda.set_device(self.device)
-        parallel = config.parallel
+        parallel, cores = config.parallel, (0, 1)  # (this core, of how many) in the world joined
         if parallel.spans_cores:  # one world of every core's ranks (distributed/parallel_state.py)
-            init_distributed(rank, world_size, parallel.tensor_parallel_size,
-                             f"tcp://127.0.0.1:{parallel.data_parallel_master_port}",
-                             "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S, True,
-                             parallel.data_parallel_rank, dp)
-        elif world_size > 1:
+            distributed_init_method = f"tcp://127.0.0.1:{parallel.data_parallel_master_port}"
+            cores = (parallel.data_parallel_rank, dp)
+        if world_size > 1 or parallel.spans_cores:
             init_distributed(rank, world_size, parallel.tensor_parallel_size, distributed_init_method,
                              "nccl" if self.device.type == "cuda" else "gloo", DIST_TIMEOUT_S,
-                             parallel.enable_expert_parallel)
+                             parallel.enable_expert_parallel, *cores)
         # GPU memory in use before this engine allocates anything (other processes, our CUDA context).
         self.initial_gpu_used = (lambda free, total: total - free)(*torch.cuda.mem_get_info()) \
             if self.device.type == "cuda" else 0
